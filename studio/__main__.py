@@ -1,0 +1,4 @@
+from studio.cli import main
+
+
+raise SystemExit(main())

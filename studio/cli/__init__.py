@@ -1,0 +1,53 @@
+"""`studio` command line: one subcommand per module, each exposing `register(subparsers)`.
+
+Every command module registers a parser whose `func` default takes the parsed args and returns an exit code.
+User-facing problems raise `StudioError`: printed as one line, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from studio.errors import StudioError
+
+
+# Literal and greppable: the order is the order of `studio --help`.
+COMMANDS = [
+    "studio.cli.generate",
+    "studio.cli.info",
+    "studio.cli.env",
+    "studio.world.cli",
+    "studio.cli.bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="LoRA Studio: train, keep and compose adapters.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a command group not built yet
+            if err.name != name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except StudioError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
