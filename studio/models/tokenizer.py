@@ -34,7 +34,7 @@ def bpe_vocab_file() -> Path:
 
 def _bytes_to_unicode() -> list[str]:
     # The GPT-2 / CLIP byte-to-printable-character table, in CLIP's order.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -50,7 +50,8 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     lines = gzip.open(bpe_vocab_file()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     symbols = _bytes_to_unicode()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
     return {token: i for i, token in enumerate(vocab)}, merges
 
 

@@ -1,0 +1,155 @@
+"""`studio.generate`: text to image on any supported base, with the parameters recorded in each PNG.
+
+Image i of a run uses its own CPU generator seeded `seed + i`, so an image is reproducible on its own (A1111's
+convention) and identical across processes and machines for the same model, device and dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from studio.errors import StudioError
+from studio.models import DEFAULT_MODEL, load_pipeline
+from studio.prompts import encode_prompt
+from studio.schedulers import SCHEDULERS, make_scheduler, scheduler_name
+
+
+@dataclass
+class GenerateConfig:
+    prompt: str = field(metadata={"help": "what to draw"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "studio-tiny, a diffusers folder, a .safetensors "
+                                                                 "checkpoint or a hub id"})
+    negative: str = field(default="", metadata={"help": "negative prompt"})
+    seed: int = field(default=0, metadata={"help": "seed of the first image; image i uses seed + i"})
+    steps: int = field(default=20, metadata={"help": "sampling steps"})
+    guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale (1 disables it)"})
+    size: str | None = field(default=None, metadata={"help": "WxH, default the model's native size",
+                                                      "metavar": "WxH"})
+    scheduler: str | None = field(default=None, metadata={"help": "sampler, default the model's own",
+                                                           "choices": list(SCHEDULERS)})
+    num_images: int = field(default=1, metadata={"help": "images to make; more than one also writes a grid"})
+    clip_skip: int | None = field(default=None, metadata={"help": "use the text encoder's k-th layer from the end"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise StudioError(f"--steps must be at least 1, got {self.steps}")
+        if self.num_images < 1:
+            raise StudioError(f"--num-images must be at least 1, got {self.num_images}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise StudioError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.size is not None:
+            parse_size(self.size)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError as err:
+        raise StudioError(f"--size must look like 512x512, got {size!r}") from err
+    if width < 8 or height < 8 or width % 8 or height % 8:
+        raise StudioError(f"--size {size}: width and height must be multiples of 8 (e.g. 64x64)")
+    return width, height
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StudioError(f"--device {device}: no CUDA device is available; use --device cpu")
+    return device
+
+
+@functools.lru_cache(maxsize=2)
+def cached_pipeline(model: str, device: str, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """One loaded pipeline per (model, device, dtype), shared by the CLI, UI and batch jobs of a process."""
+    return load_pipeline(model, device=device, dtype=dtype)
+
+
+@dataclass
+class GenerateResult:
+    images: list[Image.Image]
+    params: list[dict[str, Any]]  # one per image: everything needed to make it again
+
+
+def native_size(pipe: DiffusionPipeline) -> tuple[int, int]:
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side
+
+
+def generate(
+    config: GenerateConfig,
+    *,
+    pipe: DiffusionPipeline | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> GenerateResult:
+    """Make `config.num_images` images. `progress(step, total)` is called after every denoising step."""
+    device = resolve_device(config.device)
+    pipe = pipe or cached_pipeline(config.model, device)
+    own_scheduler = pipe.__dict__.setdefault("_studio_own_scheduler", pipe.scheduler)  # the model's own sampler
+    pipe.scheduler = make_scheduler(config.scheduler, own_scheduler.config) if config.scheduler else own_scheduler
+    width, height = parse_size(config.size) if config.size else native_size(pipe)
+    guided = config.guidance > 1.0
+    embeds = encode_prompt(pipe, config.prompt, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
+    generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.num_images)]
+
+    def on_step_end(_pipe: DiffusionPipeline, step: int, _t: Any, kwargs: dict) -> dict:
+        if progress is not None:
+            progress(step + 1, config.steps)
+        return {}
+
+    with torch.inference_mode():
+        images = pipe(
+            **embeds.as_pipeline_kwargs(),
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance,
+            width=width,
+            height=height,
+            num_images_per_prompt=config.num_images,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+        ).images
+    base = dataclasses.asdict(config)
+    base.update(size=f"{width}x{height}", scheduler=scheduler_name(pipe.scheduler), device=device, adapters=[])
+    base["version"] = _version()
+    params = [{**base, "seed": config.seed + i, "num_images": 1} for i in range(len(images))]
+    return GenerateResult(images, params)
+
+
+def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def output_paths(out: str | Path, count: int) -> tuple[list[Path], Path | None]:
+    """Where `count` images go for `--out FILE.png`: FILE.png alone, or FILE-000.png... plus FILE-grid.png."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise StudioError(f"--out must name a .png file, got {out}")
+    if count == 1:
+        return [out], None
+    return [out.with_name(f"{out.stem}-{i:03d}.png") for i in range(count)], out.with_name(f"{out.stem}-grid.png")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"lora-studio {version('lora-studio')}"
+    except PackageNotFoundError:
+        return "lora-studio"

@@ -1,0 +1,91 @@
+"""`studio generate` on tiny SD1, SD2 and SDXL folders: PNGs, parameters, determinism across processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.cli import main
+from studio.generate import GenerateConfig, generate
+from studio.pnginfo import parse_a1111, read_parameters
+from studio.schedulers import SCHEDULERS
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "studio", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_generate_is_identical_across_processes(kind: str, tiny_dirs: dict, tmp_path: Path, capsys) -> None:
+    args = ["generate", "--model", str(tiny_dirs[kind]), "--prompt", "a large red star on the left",
+            "--negative", "blurry", "--seed", "7", "--steps", "3"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    other = _cli([*args, "--out", str(tmp_path / "b.png")])
+    assert other.returncode == 0, other.stderr
+    a, b = _pixels(tmp_path / "a.png"), _pixels(tmp_path / "b.png")
+    assert a.shape == (32, 32, 3) and a.std() > 0
+    assert np.array_equal(a, b)
+
+    params = read_parameters(tmp_path / "a.png")
+    assert params["prompt"] == "a large red star on the left" and params["negative"] == "blurry"
+    assert (params["seed"], params["steps"], params["guidance"], params["size"]) == (7, 3, 7.5, "32x32")
+    assert params["model"] == str(tiny_dirs[kind]) and params["adapters"] == []
+
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "a.png")]) == 0
+    text = capsys.readouterr().out
+    parsed = parse_a1111(text)
+    assert parsed["prompt"] == "a large red star on the left" and parsed["Seed"] == "7" and parsed["Steps"] == "3"
+
+
+def test_num_images_writes_each_and_a_grid(tiny_dirs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "many.png"
+    code = main(["generate", "--model", str(tiny_dirs["sd1"]), "--prompt", "a blue ring", "--seed", "1",
+                 "--steps", "2", "--num-images", "3", "--out", str(out)])
+    assert code == 0
+    images = [_pixels(tmp_path / f"many-{i:03d}.png") for i in range(3)]
+    grid = _pixels(tmp_path / "many-grid.png")
+    assert grid.shape == (64, 64, 3)  # 2x2 cells of 32 px
+    assert np.array_equal(grid[:32, 32:], images[1])
+    assert [read_parameters(tmp_path / f"many-{i:03d}.png")["seed"] for i in range(3)] == [1, 2, 3]
+    # image i is reproducible alone with seed + i
+    alone = generate(GenerateConfig(prompt="a blue ring", model=str(tiny_dirs["sd1"]), seed=3, steps=2))
+    assert np.abs(np.asarray(alone.images[0], dtype=int) - images[2].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_runs_and_keeps_prediction_type(name: str, tiny_dirs: dict) -> None:
+    config = GenerateConfig(prompt="a white cross", model=str(tiny_dirs["sd2"]), steps=3, scheduler=name)
+    result = generate(config)
+    assert result.params[0]["scheduler"] == name
+    from studio.generate import cached_pipeline
+
+    pipe = cached_pipeline(str(tiny_dirs["sd2"]), "cpu")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_default_scheduler_is_restored_after_override(tiny_dirs: dict) -> None:
+    model = str(tiny_dirs["sd1"])
+    first = generate(GenerateConfig(prompt="a star", model=model, steps=2)).images[0]
+    generate(GenerateConfig(prompt="a star", model=model, steps=2, scheduler="euler_a"))
+    again = generate(GenerateConfig(prompt="a star", model=model, steps=2)).images[0]
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+
+
+def test_bad_flags_are_clear(tiny_dirs: dict, tmp_path: Path, capsys) -> None:
+    base = ["generate", "--model", str(tiny_dirs["sd1"]), "--prompt", "x"]
+    assert main([*base, "--size", "65x64", "--out", str(tmp_path / "x.png")]) == 2
+    assert "multiples of 8" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "x.jpg")]) == 2
+    assert ".png" in capsys.readouterr().err
