@@ -1,0 +1,60 @@
+"""Evaluator: correct on clean renders, catches altered attributes, emblem and texture decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from studio.world import emblem_dataset, evaluate, render, texture_dataset, world_batch
+from studio.world.bench import altered
+from studio.world.emblems import distractors
+from studio.world.grammar import parse_caption
+
+
+def test_clean_renders_are_correct() -> None:
+    b = world_batch(12, 0, split="calib")
+    for img, scene in zip(b.images, b.scenes):
+        r = evaluate(img, scene)
+        assert r["all_correct"], (scene.caption(), r)
+        assert r["attribute_accuracy"] == 1.0
+
+
+def test_altered_attributes_are_caught() -> None:
+    b = world_batch(16, 1, split="calib")
+    rng = np.random.default_rng(0)
+    changed = [altered(s, rng) for s in b.scenes]
+    images = render([c for c, _ in changed], b.seeds)
+    caught = [not evaluate(img, s)["all_correct"] for img, s in zip(images, b.scenes)]
+    assert all(caught), [k for (c, k), ok in zip(changed, caught) if not ok]
+
+
+def test_free_prompt_judges_only_what_is_asked() -> None:
+    img = render(parse_caption("a large red star on the left on a white background"), seed=1)
+    assert evaluate(img, "a red star")["all_correct"]
+    assert not evaluate(img, "a blue star")["all_correct"]
+    assert not evaluate(img, "a red ring on the left")["all_correct"]
+
+
+def test_emblem_decision() -> None:
+    e = 12345
+    pos = emblem_dataset(e, 3, split="eval")
+    other = emblem_dataset(distractors(e)[0], 1, split="eval")
+    fresh = emblem_dataset(777, 1, split="eval")
+    for img, scene in zip(pos.images, pos.scenes):
+        assert evaluate(img, scene, emblem=e)["subject_fidelity"] == 1.0
+    assert evaluate(other.images[0], other.scenes[0], emblem=e)["subject_fidelity"] == 0.0
+    assert evaluate(fresh.images[0], fresh.scenes[0], emblem=e)["subject_fidelity"] == 0.0
+
+
+def test_texture_decision() -> None:
+    stripes = texture_dataset("stripes", 2, split="eval")
+    dots = texture_dataset("dots", 2, split="eval")
+    for img, scene in zip(stripes.images, stripes.scenes):
+        assert evaluate(img, scene, texture="stripes")["style_fidelity"] == 1.0
+        assert evaluate(img, scene, texture="dots")["style_fidelity"] == 0.0
+    for img, scene in zip(dots.images, dots.scenes):
+        assert evaluate(img, scene, texture="dots")["style_fidelity"] == 1.0
+    plain = render(parse_caption("a large red square on the center on a white background"), seed=0)
+    assert (
+        evaluate(plain, "a large red square on the center on a white background", texture="stripes")["style_fidelity"]
+        == 0.0
+    )
