@@ -80,3 +80,15 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {kind: save_tiny(kind, root / kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def tiny_single_file(tiny_dirs: dict[str, Path]) -> Path:
+    """The tiny SD1 model written as one original-layout (LDM / A1111) `.safetensors` checkpoint."""
+    from studio.models import load_pipeline
+    from studio.models.single_file import save_single_file
+
+    out = tiny_dirs["sd1"].parent / "sd1-original.safetensors"
+    if not out.exists():
+        save_single_file(load_pipeline(str(tiny_dirs["sd1"])), out)
+    return out

@@ -49,6 +49,23 @@ def test_generate_is_identical_across_processes(kind: str, tiny_dirs: dict, tmp_
     assert parsed["prompt"] == "a large red star on the left" and parsed["Seed"] == "7" and parsed["Steps"] == "3"
 
 
+def test_original_layout_single_file_generates_like_its_folder(tiny_dirs: dict, tiny_single_file: Path,
+                                                               tmp_path: Path, capsys) -> None:
+    args = ["generate", "--prompt", "a small green triangle", "--seed", "3", "--steps", "3"]
+    assert main([*args, "--model", str(tiny_single_file), "--out", str(tmp_path / "file.png")]) == 0
+    other = _cli([*args, "--model", str(tiny_single_file), "--out", str(tmp_path / "file2.png")])
+    assert other.returncode == 0, other.stderr
+    assert main([*args, "--model", str(tiny_dirs["sd1"]), "--out", str(tmp_path / "folder.png")]) == 0
+    single = _pixels(tmp_path / "file.png")
+    assert single.std() > 0
+    assert np.array_equal(single, _pixels(tmp_path / "file2.png"))
+    assert np.array_equal(single, _pixels(tmp_path / "folder.png"))
+    assert read_parameters(tmp_path / "file.png")["model"] == str(tiny_single_file)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "file.png")]) == 0
+    assert parse_a1111(capsys.readouterr().out)["Seed"] == "3"
+
+
 def test_num_images_writes_each_and_a_grid(tiny_dirs: dict, tmp_path: Path) -> None:
     out = tmp_path / "many.png"
     code = main(["generate", "--model", str(tiny_dirs["sd1"]), "--prompt", "a blue ring", "--seed", "1",
