@@ -20,6 +20,7 @@ COMMANDS = [
     "studio.cli.env",
     "studio.world.cli",
     "studio.cli.bench",
+    "studio.cli.library",
 ]
 
 

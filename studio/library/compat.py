@@ -1,0 +1,184 @@
+"""Does an adapter fit a pipeline? Architecture (module names and shapes) must match; the checkpoint may differ.
+
+- `fingerprint`: sha256 over the adapted modules' `name:shape` lines of the base (16 hex digits).
+- `checkpoint_hash`: sha256 over every UNet / text-encoder tensor's name, shape and a sample of its values (the
+  first and last 4,096, in float32), cached per pipeline: cheap on SDXL, and any fine-tune changes it.
+Architecture mismatches raise a StudioError naming the first mismatched module; a checkpoint mismatch warns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+import weakref
+from typing import Any
+
+import torch
+
+from studio.errors import StudioError
+from studio.library.meta import COMPONENTS, AdapterMeta, BaseInfo
+
+
+_CHECKPOINT_CACHE: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+class CheckpointMismatchWarning(UserWarning):
+    """The adapter was made on another checkpoint of the same architecture."""
+
+
+def family_of(pipe: Any) -> str:
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return "unknown"
+    if getattr(pipe, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet.config.get("use_linear_projection") or unet.config.get("prediction_type") == "v_prediction":
+        return "sd2"
+    return "sd1"
+
+
+def base_shapes(pipe: Any, modules: list[str]) -> dict[str, tuple[int, ...] | None]:
+    """`<component>.<module>` -> the base weight shape in `pipe`, or None when the module is missing."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    cache: dict[str, dict[str, torch.nn.Module]] = {}
+    for full in modules:
+        component, name = full.split(".", 1)
+        if component not in cache:
+            model = getattr(pipe, component, None)
+            cache[component] = dict(model.named_modules()) if isinstance(model, torch.nn.Module) else {}
+        module = cache[component].get(name)
+        base = getattr(module, "base_layer", module)  # a module already wrapped by PEFT
+        weight = getattr(base, "weight", None)
+        out[full] = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    return out
+
+
+def fingerprint(shapes: dict[str, tuple[int, ...] | None]) -> str:
+    text = "\n".join(f"{name}:{list(shape) if shape else None}" for name, shape in sorted(shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def checkpoint_hash(pipe: Any) -> str:
+    try:
+        return _CHECKPOINT_CACHE[pipe]
+    except (KeyError, TypeError):
+        pass
+    h = hashlib.sha256()
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        for name, tensor in sorted(model.state_dict().items()):
+            if "lora_" in name or "lokr_" in name:
+                continue
+            name = name.replace(".base_layer.", ".")
+            flat = tensor.detach().reshape(-1)
+            sample = torch.cat([flat[:4096], flat[-4096:]]).to("cpu", torch.float32)
+            h.update(f"{component}.{name}:{list(tensor.shape)}".encode())
+            h.update(sample.numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    try:
+        _CHECKPOINT_CACHE[pipe] = digest
+    except TypeError:
+        pass
+    return digest
+
+
+def base_info(pipe: Any, modules: list[str], name: str = "") -> BaseInfo:
+    """What to store as an adapter's base when it is made on (or checked against) `pipe`."""
+    unet = getattr(pipe, "unet", None)
+    return BaseInfo(
+        family=family_of(pipe),
+        name=name or str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""),
+        fingerprint=fingerprint(base_shapes(pipe, modules)),
+        checkpoint=checkpoint_hash(pipe),
+        layers_per_block=int(unet.config.layers_per_block) if unet is not None else 2,
+    )
+
+
+def expected_shapes(meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The base weight shape each adapted module implies (LoKr: `(out, in * kernel)`, compared flattened)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for full in dict.fromkeys(k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in state_dict):
+        if meta.peft_type == "LORA":
+            a, b = state_dict[f"{full}.lora_A.weight"], state_dict[f"{full}.lora_B.weight"]
+            out[full] = (b.shape[0], *a.shape[1:])
+        else:
+            w1 = state_dict.get(f"{full}.lokr_w1")
+            if w1 is None:
+                w1 = state_dict[f"{full}.lokr_w1_a"] @ state_dict[f"{full}.lokr_w1_b"]
+            if f"{full}.lokr_w2" in state_dict:
+                w2_out, w2_in = state_dict[f"{full}.lokr_w2"].shape[0], state_dict[f"{full}.lokr_w2"][0].numel()
+            elif f"{full}.lokr_t2" in state_dict:
+                t2 = state_dict[f"{full}.lokr_t2"]
+                w2_out = state_dict[f"{full}.lokr_w2_a"].shape[1]
+                w2_in = state_dict[f"{full}.lokr_w2_b"].shape[1] * t2[0, 0].numel()
+            else:
+                w2_out, w2_in = state_dict[f"{full}.lokr_w2_a"].shape[0], state_dict[f"{full}.lokr_w2_b"].shape[1]
+            out[full] = (w1.shape[0] * w2_out, w1.shape[1] * w2_in)
+    return out
+
+
+def align_names(
+    pipe: Any, state_dict: dict[str, torch.Tensor], meta: AdapterMeta
+) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
+    """Add or drop the `text_model.` root of text-encoder modules to match the pipeline's CLIP classes."""
+    renames: dict[str, str] = {}
+    names: dict[str, set[str]] = {}
+    for full in dict.fromkeys(k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in state_dict):
+        component, module = full.split(".", 1)
+        if not component.startswith("text_encoder"):
+            continue
+        if component not in names:
+            model = getattr(pipe, component, None)
+            names[component] = {n for n, _ in model.named_modules()} if isinstance(model, torch.nn.Module) else set()
+        if module in names[component]:
+            continue
+        other = module.removeprefix("text_model.") if module.startswith("text_model.") else f"text_model.{module}"
+        if other in names[component]:
+            renames[full] = f"{component}.{other}"
+    if not renames:
+        return state_dict, meta
+    import copy
+
+    def rename(full: str) -> str:
+        return renames.get(full, full)
+
+    new_sd = {}
+    for key, value in state_dict.items():
+        head, tail = (
+            (key.rsplit(".", 2)[0], key[len(key.rsplit(".", 2)[0]) :])
+            if key.endswith(".weight")
+            else (key.rsplit(".", 1)[0], key[len(key.rsplit(".", 1)[0]) :])
+        )
+        new_sd[rename(head) + tail] = value
+    meta = copy.deepcopy(meta)
+    meta.alphas = {rename(k): v for k, v in meta.alphas.items()}
+    meta.ranks = {rename(k): v for k, v in meta.ranks.items()}
+    return new_sd, meta
+
+
+def check_compatible(pipe: Any, name: str, meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse an architecture mismatch (naming the first module); warn on another checkpoint of it."""
+    expected = expected_shapes(meta, state_dict)
+    actual = base_shapes(pipe, list(expected))
+    for module, shape in expected.items():
+        have = actual[module]
+        if have is None:
+            raise StudioError(
+                f"adapter {name!r} does not fit this pipeline: module {module} is missing (adapter base: "
+                f"{meta.base.family}); load it on a {meta.base.family} model"
+            )
+        fits = have == shape if meta.peft_type == "LORA" else (have[0], int(torch.Size(have[1:]).numel())) == shape
+        if not fits:
+            raise StudioError(
+                f"adapter {name!r} does not fit this pipeline: module {module} has shape {list(have)}, the adapter "
+                f"expects {list(shape)} (adapter base: {meta.base.family}); load it on a matching model"
+            )
+    if meta.base.checkpoint and meta.base.checkpoint != checkpoint_hash(pipe):
+        warnings.warn(
+            f"adapter {name!r} was made on another checkpoint ({meta.base.name or meta.base.checkpoint}) of this "
+            "architecture; it will load, but results may differ",
+            CheckpointMismatchWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,148 @@
+"""native <-> diffusers / PEFT / LyCORIS round trips, LoKr parity with PEFT, diffusers reading the canonical folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from library_helpers import make_kohya
+from peft import LoraConfig
+from peft.tuners.lokr.layer import LoKrLayer
+from safetensors.torch import load_file, save_file
+from tiny_models import BUILDERS
+
+from studio.errors import StudioError
+from studio.library import Library, delta_weight, export_adapter, import_adapter, load_adapters, unload_adapters
+from studio.library.formats.keys import to_kohya
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return BUILDERS["sd1"]()
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "peft"])
+def test_native_round_trip_is_exact(sd1, tmp_path, fmt: str) -> None:
+    make_kohya(sd1, tmp_path / "k.safetensors", "sd1", seed=4)
+    entry = import_adapter(tmp_path / "k.safetensors", name="native", pipe=sd1)
+    out = export_adapter("native", fmt, tmp_path / fmt)
+    back = import_adapter(out, name="back")
+    _same(entry.state_dict(), back.state_dict())
+    assert back.meta.alphas == entry.meta.alphas and back.meta.ranks == entry.meta.ranks
+
+
+def test_canonical_folder_is_read_by_diffusers_and_peft(tmp_path) -> None:
+    theirs, ours = BUILDERS["sd1"](), BUILDERS["sd1"]()
+    make_kohya(ours, tmp_path / "k.safetensors", "sd1", seed=5, alpha=2.0)
+    entry = import_adapter(tmp_path / "k.safetensors", name="canon", pipe=ours)
+    LoraConfig.from_pretrained(str(entry.folder))  # a valid PEFT config
+    theirs.load_lora_weights(str(entry.folder), weight_name="adapter_model.safetensors", adapter_name="canon")
+    load_adapters(ours, ["canon"])
+    ids = torch.tensor([[49406, 320, 1000] + [49407] * 74])
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ctx_a, ctx_b = theirs.text_encoder(ids)[0], ours.text_encoder(ids)[0]
+        assert (ctx_a - ctx_b).abs().max() < 1e-6
+        assert (theirs.unet(x, 10, ctx_a).sample - ours.unet(x, 10, ctx_a).sample).abs().max() < 1e-5
+
+
+def _lycoris_file(pipe, path, alpha_dtype=torch.float32) -> dict[str, tuple]:
+    """A LyCORIS LoKr file from known factors; returns module -> (w1, w2, scale) per LyCORIS's formula."""
+    g = torch.Generator().manual_seed(7)
+    tensors, expect = {}, {}
+    specs = {  # module: (w1 full?, w2 full?, rank, alpha)
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (True, False, 2, 3.0),  # 32x32 -> (4,8)(4,8)
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (True, True, 0, 7.0),  # alpha ignored
+        "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2": (False, False, 1, 0.5),  # 128 -> 32
+        "down_blocks.1.resnets.0.conv1": (True, True, 0, 1.0),  # conv 3x3, full factors
+    }
+    from peft.tuners.lokr.layer import factorization
+
+    for module, (full1, full2, r, alpha) in specs.items():
+        layer = pipe.unet.get_submodule(module)
+        out_dim = layer.weight.shape[0]
+        in_dim = layer.weight.shape[1]
+        (a, b), (c, d) = factorization(out_dim), factorization(in_dim)
+        k = tuple(layer.weight.shape[2:])
+        stem = to_kohya("unet", module, ldm=False)
+        if full1:
+            w1 = torch.randn(a, c, generator=g)
+            tensors[f"{stem}.lokr_w1"] = w1
+        else:
+            w1a, w1b = torch.randn(a, r, generator=g), torch.randn(r, c, generator=g)
+            tensors[f"{stem}.lokr_w1_a"], tensors[f"{stem}.lokr_w1_b"] = w1a, w1b
+            w1 = w1a @ w1b
+        if full2:
+            w2 = torch.randn(b, d, *k, generator=g) * 0.3
+            tensors[f"{stem}.lokr_w2"] = w2
+        else:
+            w2a, w2b = torch.randn(b, r, generator=g), torch.randn(r, d, generator=g) * 0.3
+            tensors[f"{stem}.lokr_w2_a"], tensors[f"{stem}.lokr_w2_b"] = w2a, w2b
+            w2 = w2a @ w2b
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=alpha_dtype)
+        scale = 1.0 if (full1 and full2) else alpha / r
+        expect[module] = (w1.double(), w2.double(), scale)
+    save_file(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya"})
+    return expect
+
+
+def test_lycoris_lokr_imports_exactly_and_matches_peft(tmp_path) -> None:
+    pipe = BUILDERS["sd1"]()
+    src = tmp_path / "lokr.safetensors"
+    expect = _lycoris_file(pipe, src)
+    entry = import_adapter(src, name="kron", pipe=pipe)
+    assert entry.meta.peft_type == "LOKR"
+    # LyCORIS -> library -> LyCORIS is bit exact, alpha included.
+    out = export_adapter("kron", "lycoris", tmp_path / "out.safetensors")
+    original, back = load_file(src), load_file(out)
+    _same(original, back)
+    # PEFT's LoKr layer rebuilds LyCORIS's delta within 1e-6.
+    base = {m: pipe.unet.get_submodule(m).weight.detach().clone() for m in expect}
+    load_adapters(pipe, ["kron"], [1.0])
+    worst = 0.0
+    for module, (w1, w2, scale) in expect.items():
+        layer = pipe.unet.get_submodule(module)
+        assert isinstance(layer, LoKrLayer)
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        ref = torch.kron(w1, w2) * scale
+        got = layer.get_delta_weight("kron").double()
+        worst = max(worst, float((got - ref.reshape(got.shape)).abs().max()))
+        ours = delta_weight(entry.meta, entry.state_dict(), f"unet.{module}").double()
+        worst = max(worst, float((ours - ref.reshape(ref.shape[0], -1)).abs().max()))
+    assert worst < 1e-6
+    # PEFT folders round-trip LoKr exactly as well.
+    peft_dir = export_adapter("kron", "peft", tmp_path / "peft")
+    _same(entry.state_dict(), import_adapter(peft_dir, name="kron-peft").state_dict())
+    unload_adapters(pipe)
+    for module, weight in base.items():
+        assert torch.equal(pipe.unet.get_submodule(module).weight, weight)
+
+
+def test_lokr_weights_and_mixed_type_refusal(tmp_path) -> None:
+    pipe = BUILDERS["sd1"]()
+    _lycoris_file(pipe, tmp_path / "lokr.safetensors")
+    make_kohya(pipe, tmp_path / "k.safetensors", "sd1", seed=8)
+    import_adapter(tmp_path / "lokr.safetensors", name="kron")
+    import_adapter(tmp_path / "k.safetensors", name="lora")
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = pipe.unet(x, 10, ctx).sample
+        load_adapters(pipe, ["kron"], [0.0])
+        assert (pipe.unet(x, 10, ctx).sample - base).abs().max() == 0
+        load_adapters(pipe, ["kron"], [0.5])
+        half = pipe.unet(x, 10, ctx).sample
+        assert (half - base).abs().max() > 1e-4
+        with pytest.raises(StudioError, match="cannot stack a LORA adapter on unet"):
+            load_adapters(pipe, ["lora"])
+        unload_adapters(pipe)
+        assert (pipe.unet(x, 10, ctx).sample - base).abs().max() == 0
+    assert np.isfinite(half.numpy()).all()
+    assert Library().get("kron").meta.lokr["decompose_both"] is True
