@@ -21,6 +21,7 @@ COMMANDS = [
     "studio.world.cli",
     "studio.cli.bench",
     "studio.cli.library",
+    "studio.cli.batch",
 ]
 
 

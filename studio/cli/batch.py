@@ -1,0 +1,31 @@
+"""`studio batch JOBS.jsonl --out DIR`: a job file of generations; `accelerate launch -m studio batch` shards it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch", help="run a JSONL job file (one `studio generate` per line); resumable, shardable with accelerate"
+    )
+    parser.add_argument("jobs", help='JSONL file, one job per line: {"prompt": "a red star", "seed": 3, ...}')
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default=None, help="override every job's device (default: the process's own)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from studio.batch import read_jobs, run_batch
+
+    jobs = read_jobs(args.jobs)  # every process validates the whole file before any work starts
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes meet over gloo
+    device = args.device or (str(state.device) if state.distributed_type.value != "NO" else None)
+    counts = run_batch(jobs, args.out, rank=state.process_index, world_size=state.num_processes, device=device)
+    state.wait_for_everyone()
+    print(json.dumps({"rank": state.process_index, **counts}))
+    return 0

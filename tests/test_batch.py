@@ -1,0 +1,89 @@
+"""`studio batch`: job files, sharding across two processes, and restart after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from studio.batch import read_jobs
+from studio.cli import main
+from studio.errors import StudioError
+from studio.pnginfo import read_parameters
+
+
+def _jobs(path: Path, model: Path, n: int) -> Path:
+    lines = [json.dumps({"prompt": f"a red star number {i}", "model": str(model), "seed": i, "steps": 2})
+             for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_job_file_errors_name_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a red star"}\n{"prompt": "x", "stepz": 3}\n')
+    with pytest.raises(StudioError, match=r"bad.jsonl:2: unknown option 'stepz'"):
+        read_jobs(bad)
+    bad.write_text('{"prompt": "a red star"}\nnot json\n')
+    with pytest.raises(StudioError, match=r":2: not JSON"):
+        read_jobs(bad)
+    bad.write_text('{"prompt": "a", "out": "x.png"}\n{"prompt": "b", "out": "x.png"}\n')
+    with pytest.raises(StudioError, match="two jobs write"):
+        read_jobs(bad)
+    bad.write_text('{"prompt": "a", "out": "../escape.png"}\n')
+    with pytest.raises(StudioError, match="relative .png"):
+        read_jobs(bad)
+    bad.write_text("\n# only a comment\n")
+    assert main(["batch", str(bad), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_two_processes_share_the_jobs_exactly_once(tiny_dirs: dict, tmp_path: Path) -> None:
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("accelerate's launcher is not installed beside this interpreter")
+    jobs = _jobs(tmp_path / "jobs.jsonl", tiny_dirs["sd1"], 20)
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "-m", "studio", "batch", str(jobs), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(20)]
+    params = [read_parameters(p) for p in pngs]
+    assert sorted(p["job"] for p in params) == list(range(20))  # each job exactly once
+    assert {p["rank"] for p in params} == {0, 1} and all(p["world_size"] == 2 for p in params)
+    assert all(p["prompt"] == f"a red star number {p['job']}" for p in params)
+
+
+def test_sigkill_then_restart_keeps_finished_files(tiny_dirs: dict, tmp_path: Path) -> None:
+    jobs = _jobs(tmp_path / "jobs.jsonl", tiny_dirs["sd1"], 20)
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-m", "studio", "batch", str(jobs), "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 300
+    while len(list(out.glob("*.png"))) < 7 and time.time() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    finished = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino, p.read_bytes()) for p in out.glob("*.png")}
+    assert 7 <= len(finished) < 20
+    missing = next(f"{i:05d}.png" for i in range(20) if f"{i:05d}.png" not in finished)
+    (out / f".{missing}.x1y2.tmp").write_bytes(b"\x89PNG half")  # what a kill mid-write leaves
+    assert main(["batch", str(jobs), "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 20 and not list(out.glob(".*"))  # no partial or temporary file remains
+    for name, (mtime, inode, data) in finished.items():
+        p = out / name
+        assert (p.stat().st_mtime_ns, p.stat().st_ino, p.read_bytes()) == (mtime, inode, data)
+    assert sorted(read_parameters(p)["job"] for p in pngs) == list(range(20))
