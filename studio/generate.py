@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from studio.prompts import encode_prompt
 from studio.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 
 
+DEFAULT_GUIDANCE = 7.5  # diffusers' default, for models that recommend none
+
+
 @dataclass
 class GenerateConfig:
     prompt: str = field(metadata={"help": "what to draw"})
@@ -32,7 +36,8 @@ class GenerateConfig:
     negative: str = field(default="", metadata={"help": "negative prompt"})
     seed: int = field(default=0, metadata={"help": "seed of the first image; image i uses seed + i"})
     steps: int = field(default=20, metadata={"help": "sampling steps"})
-    guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale (1 disables it)"})
+    guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (1 disables it); "
+                                                                   "default the model's recommended one, else 7.5"})
     size: str | None = field(default=None, metadata={"help": "WxH, default the model's native size",
                                                       "metavar": "WxH"})
     scheduler: str | None = field(default=None, metadata={"help": "sampler, default the model's own",
@@ -82,6 +87,16 @@ class GenerateResult:
     params: list[dict[str, Any]]  # one per image: everything needed to make it again
 
 
+def model_guidance(pipe: DiffusionPipeline) -> float:
+    """The guidance scale a model recommends (`studio.json` in its folder, written by studio training), else 7.5."""
+    folder = Path(str(getattr(pipe, "name_or_path", "") or ""))
+    try:
+        value = json.loads((folder / "studio.json").read_text()).get("guidance")
+    except (OSError, ValueError):
+        value = None
+    return float(value) if value is not None else DEFAULT_GUIDANCE
+
+
 def native_size(pipe: DiffusionPipeline) -> tuple[int, int]:
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return side, side
@@ -92,14 +107,19 @@ def generate(
     *,
     pipe: DiffusionPipeline | None = None,
     progress: Callable[[int, int], None] | None = None,
+    output_type: str = "pil",
 ) -> GenerateResult:
-    """Make `config.num_images` images. `progress(step, total)` is called after every denoising step."""
+    """Make `config.num_images` images. `progress(step, total)` is called after every denoising step.
+
+    `output_type` is diffusers': "pil" (the default), or "np" / "pt" for float images in [0, 1].
+    """
     device = resolve_device(config.device)
     pipe = pipe or cached_pipeline(config.model, device)
     own_scheduler = pipe.__dict__.setdefault("_studio_own_scheduler", pipe.scheduler)  # the model's own sampler
     pipe.scheduler = make_scheduler(config.scheduler, own_scheduler.config) if config.scheduler else own_scheduler
     width, height = parse_size(config.size) if config.size else native_size(pipe)
-    guided = config.guidance > 1.0
+    guidance = config.guidance if config.guidance is not None else model_guidance(pipe)
+    guided = guidance > 1.0
     embeds = encode_prompt(pipe, config.prompt, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
     generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.num_images)]
 
@@ -112,7 +132,8 @@ def generate(
         images = pipe(
             **embeds.as_pipeline_kwargs(),
             num_inference_steps=config.steps,
-            guidance_scale=config.guidance,
+            guidance_scale=guidance,
+            output_type=output_type,
             width=width,
             height=height,
             num_images_per_prompt=config.num_images,
@@ -120,7 +141,8 @@ def generate(
             callback_on_step_end=on_step_end,
         ).images
     base = dataclasses.asdict(config)
-    base.update(size=f"{width}x{height}", scheduler=scheduler_name(pipe.scheduler), device=device, adapters=[])
+    base.update(guidance=guidance, size=f"{width}x{height}", scheduler=scheduler_name(pipe.scheduler), device=device,
+                adapters=[])
     base["version"] = _version()
     params = [{**base, "seed": config.seed + i, "num_images": 1} for i in range(len(images))]
     return GenerateResult(images, params)

@@ -16,7 +16,7 @@ import time
 from studio.models import DEFAULT_MODEL
 
 
-def measure(model: str, steps: int, guidance: float, runs: int, size: str | None) -> dict[str, object]:
+def measure(model: str, steps: int, guidance: float | None, runs: int, size: str | None) -> dict[str, object]:
     import torch
 
     from studio.generate import GenerateConfig, cached_pipeline, generate
@@ -60,7 +60,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser = benches.add_parser("generate", help="seconds per image (median after a warm-up) and process start")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance", type=float, default=None, help="default the model's recommended one")
     parser.add_argument("--size", default=None, help="WxH, default the model's native size")
     parser.add_argument("--runs", type=int, default=10)
     parser.set_defaults(func=lambda args: print(json.dumps(

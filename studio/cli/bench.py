@@ -12,6 +12,7 @@ import importlib
 
 BENCHES = [
     "studio.world.bench",
+    "studio.world.base_bench",
     "studio.generate_bench",
 ]
 

@@ -2,7 +2,8 @@
 
 studio world render --prompt P --seed S --out F.png [--emblem SEED] [--texture NAME]
 studio world eval --image F.png --prompt P [--emblem SEED] [--texture NAME]      (prints JSON)
-studio world train-vae [--steps K] [--batch-size B] [--lr LR] [--seed S] [--out DIR] [--init DIR]
+studio world train-vae [--steps K] [--batch-size B] [--lr LR] [--seed S] [--out DIR] [--init DIR] [--texture-heavy]
+studio world train-base [--run DIR] [--steps K] [--max-minutes M] [--rehearsal] [--export [DIR]]
 studio world train-clip [--steps K] [--batch-size B] [--lr LR] [--seed S] [--out DIR]
 """
 
@@ -81,6 +82,7 @@ def _train_vae(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 threads=args.threads,
                 init=args.init,
+                texture_heavy=args.texture_heavy,
             ),
             indent=2,
         )
@@ -147,4 +149,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--out", default=None, help="output folder (default: the shipped one in assets/)")
         if name == "train-vae":
             p.add_argument("--init", default=None, help="continue from this saved VAE folder (a second stage)")
+            p.add_argument("--texture-heavy", action="store_true", help="half the batch textured scenes (stage 2)")
         p.set_defaults(func=lambda args, fn=fn: fn(args))
+
+    from studio.world.train_base import register_train_base
+
+    register_train_base(sub)

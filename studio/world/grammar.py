@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from studio.errors import StudioError
+
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "heart", "diamond")
@@ -192,3 +197,44 @@ def parse_caption(text: str) -> Scene:
     if len(positions) != len(set(positions)):
         raise StudioError(f"two objects share a position in {text!r}; give each object its own place")
     return Scene(objects=tuple(objects), background=background)
+
+
+def _place_phrases(position: str) -> list[str]:
+    """Ways users say a position; every one parses back to `position`."""
+    if position == "center":
+        return ["on the center", "in the center", "in the middle", "at the centre"]
+    if " " in position:  # a corner
+        return [f"on the {position}", f"in the {position} corner", f"at the {position}"]
+    if position in ("left", "right"):
+        return [f"on the {position}", f"on the {position} side", f"to the {position}"]
+    return [f"on the {position}", f"at the {position}", f"at the {position} of the picture"]
+
+
+def free_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A free phrasing of `scene` that differs from its caption, the small variations users write.
+
+    Per object: the size word may go, the position may be said differently (`in the center`, `at the top`, `in
+    the top left corner`) and, for a lone object, left out; the background clause may be reworded or left out.
+    `parse_caption` of the result gives the scene with the dropped attributes `None` and the rest unchanged.
+    """
+    for _ in range(20):
+        phrases = []
+        for o in scene.objects:
+            words = [w for w in (None if rng.random() < 0.4 else o.size, o.colour, o.shape) if w]
+            text = ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+            if o.position and not (len(scene.objects) == 1 and rng.random() < 0.3):
+                text += " " + str(rng.choice(_place_phrases(o.position)))
+            phrases.append(text)
+        # ", " only separates objects that all have a position (the parser splits at the next article).
+        text = phrases[0]
+        for phrase in phrases[1:]:
+            text += str(rng.choice([" and ", ", "])) if all(o.position for o in scene.objects) else " and "
+            text += phrase
+        bg = scene.background
+        if bg and rng.random() < 0.7:
+            text += str(rng.choice([f" on a {bg} background", f", {bg} background", f" with a {bg} background"]))
+        if rng.random() < 0.2:
+            text = text[0].upper() + text[1:]
+        if text != scene.caption():
+            return text
+    return scene.caption().replace(f" on a {bg} background", "") if bg else scene.caption().upper()

@@ -47,8 +47,12 @@ def build_vae():  # -> diffusers.AutoencoderKL
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def training_images(n: int, seed: int, split: str = "train") -> torch.Tensor:
-    """A VAE batch (n, 3, 64, 64) in [0, 1]: half base scenes, a quarter emblems, a quarter textured scenes."""
+def training_images(n: int, seed: int, split: str = "train", texture_heavy: bool = False) -> torch.Tensor:
+    """A VAE batch (n, 3, 64, 64) in [0, 1]: half base scenes, a quarter emblems, a quarter textured scenes.
+
+    `texture_heavy` turns the second half of the base scenes into textured ones (a quarter base, a half textured):
+    the second stage that teaches the VAE the fine periodic fills (grid, dots) the first stage blurs.
+    """
     rng = np.random.default_rng([0x7AE, 1 if split == "train" else 2, seed])
     scenes = []
     for i in range(n):
@@ -56,7 +60,7 @@ def training_images(n: int, seed: int, split: str = "train") -> torch.Tensor:
         k = int(rng.integers(1, 4))
         if kind == 1:
             scenes.append(random_scene(rng, k, emblem_seed=int(rng.integers(0, 1 << 30))))
-        elif kind == 2:
+        elif kind == 2 or (texture_heavy and kind == 3):
             tex = str(rng.choice(TEXTURES[1:]))
             scenes.append(
                 random_scene(rng, min(k, 2), texture=tex, background=str(rng.choice(["white", "gray", "beige"])))
@@ -126,6 +130,7 @@ def train_vae(
     save_every: int = 500,
     init: str | Path | None = None,
     warmup: int = 100,
+    texture_heavy: bool = False,
 ) -> dict:
     """Train the VAE (seeded, reproducible) and save it atomically in fp16 (also every `save_every` steps).
 
@@ -155,12 +160,14 @@ def train_vae(
         "lr": lr,
         "seed": seed,
         "init": None if init is None else str(init),
+        "texture_heavy": texture_heavy,
     }
     bar = tqdm(range(steps), desc="train-vae")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        x = to_model_range(training_images(batch_size, offset + step))  # (B, 3, 64, 64) in [-1, 1]
+        x = training_images(batch_size, offset + step, texture_heavy=texture_heavy)
+        x = to_model_range(x)  # (B, 3, 64, 64) in [-1, 1]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         # Reconstruction (L1 + MSE keeps edges sharp) plus the LDM KL regulariser with a tiny weight.

@@ -1,0 +1,129 @@
+"""The base-training recipe at a tiny scale: exact resume, outputs, and a standard diffusers export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from studio.errors import StudioError
+from studio.world.train_base import BaseTrainConfig, BaseTrainer, step_batch
+
+
+MICRO = {
+    "steps": 4,
+    "batch_size": 4,
+    "warmup": 1,
+    "save_every": 2,
+    "sample_every": 100,
+    "sample_steps": 2,
+    "unet": {"block_out_channels": [32, 32, 32]},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _flat(state: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        elif isinstance(value, (list, tuple)):
+            out.update({f"{key}.{i}": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
+        elif isinstance(value, torch.Tensor):
+            out[key] = value
+    return out
+
+
+def test_batches_are_a_function_of_seed_and_step() -> None:
+    config = BaseTrainConfig(**MICRO)
+    a, ca = step_batch(3, config, torch.device("cpu"))
+    b, cb = step_batch(3, config, torch.device("cpu"))
+    c, _ = step_batch(4, config, torch.device("cpu"))
+    assert a.shape == (4, 3, 64, 64) and -1 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and ca == cb and not torch.equal(a, c)
+    config = BaseTrainConfig(**{**MICRO, "batch_size": 400})
+    _, captions = step_batch(0, config, torch.device("cpu"))
+    empty = sum(c == "" for c in captions) / len(captions)
+    assert 0.05 < empty < 0.15  # 10% caption dropout for classifier-free guidance
+
+
+def test_stop_and_resume_gives_the_same_weights(tmp_path: Path) -> None:
+    straight = BaseTrainer(tmp_path / "a", BaseTrainConfig(**MICRO))
+    straight.train(progress=False)
+
+    first = BaseTrainer(tmp_path / "b", BaseTrainConfig(**MICRO))
+    first.train(max_minutes=0, progress=False)  # stops (checkpointed) after one step
+    assert first.step == 1
+    resumed = BaseTrainer(tmp_path / "b")  # a new process would do exactly this
+    assert resumed.step == 1
+    resumed.train(progress=False)
+
+    a, b = _flat(straight._state()), _flat(resumed._state())
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert straight.losses == resumed.losses and len(straight.losses) == 4
+    assert (tmp_path / "b" / "loss.png").is_file() and (tmp_path / "b" / "samples" / "step-000004.png").is_file()
+    assert json.loads((tmp_path / "b" / "losses.json").read_text()) == resumed.losses
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
+    BaseTrainer(tmp_path / "r", BaseTrainConfig(**MICRO)).train(max_minutes=0, progress=False)
+    with pytest.raises(StudioError, match="other settings"):
+        BaseTrainer(tmp_path / "r", BaseTrainConfig(**{**MICRO, "lr": 1e-3}))
+    with pytest.raises(StudioError, match="no run"):
+        BaseTrainer(tmp_path / "empty")
+
+
+def test_damaged_checkpoint_says_what_to_do(tmp_path: Path) -> None:
+    BaseTrainer(tmp_path / "d", BaseTrainConfig(**MICRO)).train(max_minutes=0, progress=False)
+    (tmp_path / "d" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(StudioError, match="delete it to restart"):
+        BaseTrainer(tmp_path / "d")
+
+
+def test_export_is_a_standard_diffusers_folder_equal_to_studio_generate(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from studio.generate import GenerateConfig, generate
+    from studio.world.base import export_base
+
+    trainer = BaseTrainer(tmp_path / "run", BaseTrainConfig(**{**MICRO, "steps": 2}))
+    trainer.train(progress=False)
+    # Training two steps leaves the UNet near its random start; perturb it so the check sees real weights.
+    pipe = trainer.ema_pipeline()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    out = export_base(pipe, tmp_path / "model", extra={"guidance": 4.0})
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert "model_index.json" in files and "unet/config.json" in files and "studio.json" in files
+    assert all(p.stat().st_size <= 16 * 2**20 for p in out.rglob("*"))
+    assert all(v.dtype == torch.float16 for v in _safetensors(out / "unet").values())
+
+    reference = StableDiffusionPipeline.from_pretrained(str(out))  # no other argument
+    assert reference.unet.dtype == torch.float32
+    prompt, seed = "a large red circle on the left on a white background", 5
+    expected = reference(prompt, num_inference_steps=4, guidance_scale=4.0, output_type="np",
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+    result = generate(GenerateConfig(prompt=prompt, model=str(out), seed=seed, steps=4), output_type="np")
+    assert result.params[0]["guidance"] == 4.0  # the model's recommended guidance is the default
+    ours = np.asarray(result.images[0])
+    assert expected.std() > 0.01
+    assert np.abs(ours - expected).max() < 1e-5
+
+
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        out.update(load_file(f))
+    return out
