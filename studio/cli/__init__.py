@@ -22,6 +22,7 @@ COMMANDS = [
     "studio.cli.bench",
     "studio.cli.library",
     "studio.cli.batch",
+    "studio.cli.train",
 ]
 
 

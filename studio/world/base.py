@@ -113,6 +113,7 @@ def export_base(pipe, out: str | Path, card: str | None = None, extra: dict | No
     text_config = stage / "text_encoder" / "config.json"
     text_config.write_text(json.dumps({**json.loads(text_config.read_text()), "dtype": "float32"}, indent=2) + "\n")
     for f in stage.rglob("*.safetensors"):
+        f.chmod(0o644)  # shards are written as private temporaries
         if f.stat().st_size > 16 * 2**20:
             raise StudioError(f"{f} is over 16 MiB; lower MAX_SHARD")
     for rel in KEEP:

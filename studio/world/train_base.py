@@ -236,7 +236,9 @@ class BaseTrainer:
         text.load_state_dict(self.text_encoder.state_dict())
         vae = self.vae.__class__.from_config(self.vae.config)
         vae.load_state_dict(self.vae.state_dict())
-        return assemble(unet.float().cpu().eval(), text.float().cpu().eval(), vae.float().cpu().eval())
+        pipe = assemble(unet.float().cpu().eval(), text.float().cpu().eval(), vae.float().cpu().eval())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def write_samples(self, prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> Path:
         from torchvision.utils import save_image

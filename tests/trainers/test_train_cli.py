@@ -1,0 +1,65 @@
+"""`studio train` end to end on the tiny SD1 folder with a Shapes World emblem: the adapter lands in the library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from studio.cli import main
+from studio.library import Library
+
+
+torch.set_num_threads(1)
+
+
+def test_studio_train_end_to_end(tiny_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    flags = [
+        "train",
+        "--method",
+        "kronecker",
+        "--world-emblem",
+        "11",
+        "--trigger",
+        "zq",
+        "--name",
+        "emblem-11",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--train-steps",
+        "3",
+        "--world-images",
+        "3",
+        "--factor",
+        "8",
+        "--sample-steps",
+        "1",
+        "--save-every",
+        "2",
+        "--seed",
+        "5",
+    ]
+    assert main(flags) == 0
+    assert "added 'emblem-11' to the library" in capsys.readouterr().out
+    entry = Library().get("emblem-11")
+    assert entry.meta.method == "kronecker" and entry.meta.peft_type == "LOKR" and entry.meta.trigger_words == ["zq"]
+    assert entry.meta.method_config["factor"] == 8 and entry.meta.base.family == "sd1"
+    assert len(entry.samples) == 4 and entry.samples[0].name == "seed0005.png"  # the emblem's 4 sample prompts
+    assert "zq emblem" in entry.card and "emblem 11" in entry.card
+    record = json.loads((entry.folder / "train_config.json").read_text())
+    assert record["train_steps"] == 3 and record["seed"] == 5 and record["world_emblem"] == 11
+    run = Path(record["run_dir"] or Library().root / ".runs" / "emblem-11")
+    assert (run / "checkpoint.pt").is_file() and (run / "loss.png").is_file()
+    assert [e.name for e in Library().list()] == ["emblem-11"], "the run folder is not a library entry"
+
+    assert main(["library", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["trigger_words"] == ["zq"]
+    # a second run of the same name is refused with the fix; so is another method's option
+    assert main(flags) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*flags[:-2], "--name", "other", "--alpha", "2"]) == 2
+    assert "--alpha is not an option of kronecker" in capsys.readouterr().err
+    assert main([*flags[:3], "--trigger", "zq", "--name", "other", "--model", str(tiny_dirs["sd1"])]) == 2
+    assert "exactly one of --images" in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""Training images and prompts: a folder (images + optional same-named .txt captions) or a Shapes World concept.
+
+Every image is resized (shorter side to the resolution, Lanczos) and center-cropped to a square, as diffusers'
+DreamBooth scripts do. The trigger is placed in every prompt: a caption that holds `{trigger}` gets it substituted,
+one that already names the trigger is kept, any other caption is prefixed with `trigger, ` (kohya's convention);
+uncaptioned images use the instance prompt (`a photo of {trigger}`). Emblem captions name the subject with the word
+`emblem`, so the trigger goes before it (`a large sks emblem on the left ...`); texture captions get `in sks style`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from studio.errors import StudioError
+from trainers.config import TrainConfig
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIX = ".txt"
+DEFAULT_INSTANCE_PROMPT = "a photo of {trigger}"
+
+
+@dataclass
+class TrainData:
+    images: torch.Tensor  # (N, 3, R, R) in [-1, 1]
+    prompts: list[str]  # one per image, trigger placed
+    kind: str  # subject | style
+    class_prompt: str | None  # prompt of prior-preservation class images
+    sample_prompts: list[str]  # fixed-seed previews
+    summary: str  # one line for the model card
+
+
+def prepare_image(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Upright RGB, shorter side resized to `resolution`, center-cropped: (3, R, R) in [-1, 1]."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (R, R, 3) in [0, 1]
+    return array.permute(2, 0, 1) * 2 - 1  # (3, R, R)
+
+
+def place_trigger(caption: str, trigger: str) -> str:
+    caption = " ".join(caption.split())
+    if "{trigger}" in caption:
+        return caption.replace("{trigger}", trigger)
+    if trigger in caption.replace(",", " ").split():
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise StudioError(f"{path} is damaged or not an image ({err}); replace it or remove it") from None
+
+
+def folder_data(
+    folder: Path | str,
+    trigger: str,
+    resolution: int,
+    *,
+    instance_prompt: str | None = None,
+    min_images: int = 1,
+    kind: str = "subject",
+) -> TrainData:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StudioError(f"--images {folder}: no such folder; give a folder of training images")
+    images, prompts, captioned = [], [], 0
+    for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        suffix = path.suffix.lower()
+        if path.is_dir() or suffix == CAPTION_SUFFIX:
+            continue
+        if suffix not in IMAGE_SUFFIXES:
+            raise StudioError(
+                f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)}); the folder may hold only "
+                "images and same-named .txt captions, so move it out"
+            )
+        images.append(prepare_image(open_image(path), resolution))
+        caption_path = path.with_suffix(CAPTION_SUFFIX)
+        if caption_path.is_file():
+            prompts.append(place_trigger(caption_path.read_text(errors="replace").strip(), trigger))
+            captioned += 1
+        else:
+            prompts.append(place_trigger(instance_prompt or DEFAULT_INSTANCE_PROMPT, trigger))
+    if not images:
+        raise StudioError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add 3 to 5 photos of the concept")
+    check_count(len(images), min_images, str(folder))
+    summary = f"{len(images)} images from {folder.name} ({captioned} captioned) at {resolution}x{resolution}"
+    return TrainData(torch.stack(images), prompts, kind, None, list(dict.fromkeys(prompts))[:4], summary)
+
+
+def check_count(n: int, min_images: int, source: str) -> None:
+    if n < min_images:
+        raise StudioError(
+            f"{source} has {n} image(s); this method needs at least {min_images} "
+            "(DreamBooth-style training works best with 3 to 5 images of the concept); add images"
+        )
+
+
+def _renders(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    from studio.world.renderer import to_pil
+
+    return torch.stack([prepare_image(to_pil(image), resolution) for image in images])  # (N, 3, R, R)
+
+
+def emblem_data(seed: int, trigger: str, resolution: int, *, n: int = 5, min_images: int = 1) -> TrainData:
+    """Renders of one Shapes World emblem (a subject), captioned `a large {trigger} emblem on the left ...`."""
+    from studio.world.datasets import emblem_dataset
+    from studio.world.emblems import emblem
+
+    check_count(n, min_images, f"--world-images {n}")
+    batch = emblem_dataset(int(seed), n)
+    prompts = [c.replace("emblem", f"{trigger} emblem") for c in batch.captions]
+    samples = [
+        f"a large {trigger} emblem in the center on a white background",
+        f"a small {trigger} emblem on the left on a black background",
+        f"a large {trigger} emblem on the right on a gray background",
+        f"a small {trigger} emblem on the top and a large blue ring on the bottom on a beige background",
+    ]
+    summary = (
+        f"{n} Shapes World renders of emblem {seed} ({emblem(int(seed)).describe()}) at {resolution}x{resolution}"
+    )
+    return TrainData(
+        _renders(batch.images, resolution),
+        prompts,
+        "subject",
+        "a large emblem in the center on a white background",
+        samples,
+        summary,
+    )
+
+
+def texture_data(name: str, trigger: str, resolution: int, *, n: int = 5, min_images: int = 1) -> TrainData:
+    """Scenes in one Shapes World texture (a style), captioned `... on a white background in {trigger} style`."""
+    from studio.world.datasets import texture_dataset
+
+    check_count(n, min_images, f"--world-images {n}")
+    batch = texture_dataset(name, n)
+    prompts = [f"{c} in {trigger} style" for c in batch.captions]
+    samples = [
+        f"a large red star in the center on a white background in {trigger} style",
+        f"a large blue circle on the left and a large yellow square on the right on a gray background "
+        f"in {trigger} style",
+        f"a large green heart on the top on a beige background in {trigger} style",
+    ]
+    summary = f"{n} Shapes World scenes in the {name} texture at {resolution}x{resolution}"
+    return TrainData(_renders(batch.images, resolution), prompts, "style", batch.captions[0], samples, summary)
+
+
+def load_data(config: TrainConfig, resolution: int, min_images: int = 1) -> TrainData:
+    """The data a TrainConfig names, with its class prompt and kind overridden where the config gives them."""
+    if config.images is not None:
+        data = folder_data(
+            config.images, config.trigger, resolution, instance_prompt=config.instance_prompt, min_images=min_images
+        )
+    elif config.world_emblem is not None:
+        data = emblem_data(
+            config.world_emblem, config.trigger, resolution, n=config.world_images, min_images=min_images
+        )
+    else:
+        data = texture_data(
+            config.world_texture, config.trigger, resolution, n=config.world_images, min_images=min_images
+        )
+    data.kind = config.kind or data.kind
+    data.class_prompt = config.class_prompt or data.class_prompt
+    if config.sample_prompts is not None:
+        data.sample_prompts = list(config.sample_prompts)
+    if config.prior_preservation and not data.class_prompt:
+        raise StudioError("--prior-preservation needs --class-prompt, e.g. 'a photo of a dog' for photos of a dog")
+    return data

@@ -1,0 +1,437 @@
+"""The one training loop (DESIGN.md section 5): any `Method` on any SD1 / SD2 / SDXL pipeline, on accelerate.
+
+Objective: latent diffusion (Rombach et al., arXiv:2112.10752, Eq. 2) with DDPM's forward process (Ho et al.,
+arXiv:2006.11239, Eq. 4), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps with t ~ U{0, ..., T-1}; the target is eps,
+or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 for v-prediction models (Salimans & Ho, arXiv:2202.00512, section 4),
+or z_0, as the scheduler config says. With prior preservation a micro-batch is instance ++ class images and the loss
+adds lambda * MSE on the class half (DreamBooth, Ruiz et al., arXiv:2208.12242, Eq. 2). AdamW, gradient clipping,
+gradient accumulation, bf16 autocast on a GPU with frozen weights in bf16 and trained tensors in fp32, fp32 on a CPU.
+
+Exact resume: micro-step m (= step * grad_accum + k) takes its images from seeded per-epoch permutations and its
+latent sample, noise and timesteps from a generator seeded by (seed, m, process), and reseeds torch's global
+generator (dropout) the same way. The checkpoint (`checkpoint.pt`, read with weights_only=True) holds the method's
+tensors, the optimizer, the lr scheduler, step, losses and the gradients of an open accumulation window, so a run
+stopped anywhere (cancel, crash after a save) and resumed ends bit-identical to a run straight through. NaN guard:
+a non-finite loss or gradient stops the run, and a checkpoint is only written when the loss of the state it holds
+is finite, so a diverged run keeps its last good one.
+Several processes (`accelerate launch`) split each batch and average gradients before every optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio import atomic
+from studio.errors import StudioError
+from trainers.config import TrainConfig
+from trainers.data import TrainData
+from trainers.method import Method
+
+
+CHECKPOINT = "checkpoint.pt"
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_DATA, _CLASS, _NOISE, _GLOBAL = 0, 1, 2, 3  # generator streams
+_NOISE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
+
+Cancel = threading.Event | Callable[[], bool] | None
+
+
+@dataclass
+class Callbacks:
+    on_step: Callable[[int, float], None] | None = None  # after each optimizer step: (step, mean loss of the step)
+    on_sample: Callable[[int, list[Any]], None] | None = None  # previews: (step, PIL images, one per sample prompt)
+    on_done: Callable[[Any], None] | None = None  # once, last: the LoopResult (trainers.train: the TrainResult)
+
+
+@dataclass
+class LoopResult:
+    status: str  # "done" | "cancelled"
+    step: int
+    losses: list[float]
+    run_dir: Path
+    samples: list[Any] = field(default_factory=list)  # previews of the finished run, one per sample prompt
+    sample_prompts: list[str] = field(default_factory=list)
+
+
+def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, from `scheduler.config.prediction_type`."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0
+    if kind == "sample":
+        return latents
+    raise StudioError(f"the model's scheduler predicts {kind!r}; training supports epsilon, v_prediction and sample")
+
+
+def diffusion_loss(
+    pred: torch.Tensor, target: torch.Tensor, n_prior: int = 0, prior_weight: float = 1.0
+) -> torch.Tensor:
+    """MSE; the last `n_prior` samples are class images, adding prior_weight * their MSE (DreamBooth Eq. 2)."""
+    pred, target = pred.float(), target.float()
+    if not n_prior:
+        return F.mse_loss(pred, target)
+    n = pred.shape[0] - n_prior
+    return F.mse_loss(pred[:n], target[:n]) + prior_weight * F.mse_loss(pred[n:], target[n:])
+
+
+def seeded(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, *keys), identical on every machine."""
+    high, low = np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(high) << 32 | int(low))
+
+
+def epoch_indices(seed: int, stream: int, start: int, count: int, n: int) -> list[int]:
+    """Positions start .. start+count-1 of an endless sequence of seeded permutations of range(n), one per epoch."""
+    perms: dict[int, list[int]] = {}
+    out = []
+    for pos in range(start, start + count):
+        epoch, k = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=seeded(seed, stream, epoch)).tolist()
+        out.append(perms[epoch][k])
+    return out
+
+
+class Loop:
+    """One run: set up by `__init__` (class images, latents, attach, optimizer, resume), advanced by `run()`."""
+
+    def __init__(
+        self,
+        method: Method,
+        pipe: Any,
+        data: TrainData,
+        config: TrainConfig,
+        run_dir: Path,
+        *,
+        callbacks: Callbacks | None = None,
+        cancel: Cancel = None,
+        resume: bool = False,
+    ) -> None:
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+        from diffusers.optimization import get_scheduler
+
+        c = self.config = config
+        self.method, self.pipe, self.data, self.run_dir = method, pipe, data, Path(run_dir)
+        self.callbacks, self.cancel = callbacks or Callbacks(), cancel
+        # Autocast is ours: accelerate's state is process-wide and refuses a second precision in one process (UI).
+        self.accelerator = Accelerator()
+        self.device = self.accelerator.device
+        auto = "bf16" if self.device.type == "cuda" else "no"
+        self.bf16 = (auto if c.mixed_precision == "auto" else c.mixed_precision) == "bf16"
+        self.models: dict[str, nn.Module] = {
+            name: getattr(pipe, name) for name in COMPONENTS if isinstance(getattr(pipe, name, None), nn.Module)
+        }
+        pipe.to(self.device)
+        for model in self.models.values():
+            model.requires_grad_(False).eval()
+        self.sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+        source = pipe.scheduler.config  # the training process of any sampler's config: betas, T, prediction type
+        self.noise = DDPMScheduler(**{k: source[k] for k in _NOISE_KEYS if k in source})
+        self.resolution = int(data.images.shape[-1])
+
+        # Frozen-base work first: class images and the VAE posteriors of every training image.
+        self.instance = self._posterior(data.images)
+        self.prior = None
+        if c.prior_preservation:
+            from trainers.prior import class_images
+
+            with self.autocast():
+                images = class_images(
+                    pipe,
+                    data.class_prompt,
+                    c.num_class_images,
+                    self.resolution,
+                    steps=c.sample_steps,
+                    progress=c.progress,
+                )
+            self.prior = self._posterior(images)
+
+        torch.manual_seed(c.seed)  # the adapter's initialisation
+        method.attach(pipe)
+        self.trainable = method.trainable_tensors()
+        if not self.trainable:
+            raise StudioError(f"method {type(method).__name__} attached no trainable tensors; check its targets")
+        self.optimizer = torch.optim.AdamW(
+            method.trainable_parameters(), lr=method.config.lr, weight_decay=c.weight_decay
+        )
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        schedule = "constant_with_warmup" if c.lr_scheduler == "constant" and c.lr_warmup_steps else c.lr_scheduler
+        self.lr_scheduler = get_scheduler(
+            schedule, self.optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.train_steps
+        )
+        self._cast_frozen()
+        text_models = [m for name, m in self.models.items() if name.startswith("text_encoder")]
+        self.text_trainable = any(p.requires_grad for m in text_models for p in m.parameters())
+        self.models["unet"].train()
+        for model in text_models:
+            model.train(self.text_trainable)
+        if c.gradient_checkpointing:
+            self.models["unet"].enable_gradient_checkpointing()
+            for model in text_models if self.text_trainable else []:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        self.step, self.losses, self.window, self.saved_step = 0, [], [], None
+        if resume:
+            self.load()
+
+    # -- set-up helpers ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of q(z | x) for each image, on the CPU in fp32: (N, C, R/f, R/f) each, f the VAE factor."""
+        vae = self.models["vae"]
+        means, stds = [], []
+        for chunk in images.split(8):
+            dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+        return torch.cat(means), torch.cat(stds)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _cast_frozen(self) -> None:
+        """bf16 training keeps frozen weights in bf16 and trained tensors in fp32 (their optimizer needs them)."""
+        if not self.bf16:
+            return
+        keep = {id(p) for p in self.trainable.values()}
+        for model in self.models.values():
+            for p in model.parameters():
+                if id(p) not in keep:
+                    p.data = p.data.to(torch.bfloat16)
+        for p in self.trainable.values():
+            p.data = p.data.float()
+
+    # -- one micro-step ----------------------------------------------------------------------------------------------
+    def _condition(self, prompts: list[str]) -> dict[str, Any]:
+        from studio.prompts import _encode_sd, _encode_sdxl  # the embeddings generation uses, with gradients
+
+        with torch.set_grad_enabled(self.text_trainable):
+            if not self.sdxl:
+                return {"encoder_hidden_states": _encode_sd(self.pipe, prompts, None)}  # (B, 77, D)
+            hidden, pooled = _encode_sdxl(self.pipe, prompts, None)  # (B, 77, D1 + D2), (B, P)
+        r = self.resolution  # SDXL micro-conditioning (arXiv:2307.01952, section 2.2): original, crop, target size
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=hidden.dtype).repeat(len(prompts), 1)
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def micro_loss(self, m: int) -> torch.Tensor:
+        """The loss of micro-step m: a pure function of (seed, m, process) and the current weights."""
+        c, acc = self.config, self.accelerator
+        batch, start = c.batch_size, (m * acc.num_processes + acc.process_index) * c.batch_size
+        torch.manual_seed(seeded(c.seed, _GLOBAL, m, acc.process_index).initial_seed())  # dropout
+        idx = epoch_indices(c.seed, _DATA, start, batch, len(self.data.prompts))
+        mean, std = self.instance[0][idx], self.instance[1][idx]
+        prompts = [self.data.prompts[i] for i in idx]
+        if self.prior is not None:
+            cidx = epoch_indices(c.seed, _CLASS, start, batch, len(self.prior[0]))
+            mean, std = torch.cat([mean, self.prior[0][cidx]]), torch.cat([std, self.prior[1][cidx]])
+            prompts += [self.data.class_prompt] * batch
+        g = seeded(c.seed, _NOISE, m, acc.process_index)
+        vae = self.models["vae"].config
+        z0 = mean + std * torch.randn(mean.shape, generator=g)  # a sample of q(z | x)
+        z0 = (z0 - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor  # (B, C, R/f, R/f)
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (len(z0),), generator=g)
+        z0, noise, t = z0.to(self.device), noise.to(self.device), t.to(self.device)
+        zt = self.noise.add_noise(z0, noise, t)  # z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
+        target = training_target(self.noise, z0, noise, t)
+        with self.autocast():
+            pred = self.models["unet"](zt, t, **self._condition(prompts)).sample
+        loss = diffusion_loss(pred, target, batch if self.prior is not None else 0, c.prior_loss_weight)
+        reg = self.method.regularizer(self.step)
+        return loss if reg is None else loss + reg
+
+    # -- the run -----------------------------------------------------------------------------------------------------
+    def _cancelled(self) -> bool:
+        if self.cancel is None:
+            return False
+        return self.cancel.is_set() if isinstance(self.cancel, threading.Event) else bool(self.cancel())
+
+    def _diverged(self, what: str) -> StudioError:
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.saved_step is None:
+            advice = f"no checkpoint was saved before it; lower --lr (now {lr:g}) and start again"
+        else:
+            advice = (
+                f"the last good checkpoint (step {self.saved_step}) is kept in {self.run_dir}; lower --lr "
+                f"(now {lr:g}) and resume with --resume latest"
+            )
+        return StudioError(f"{what} at step {self.step + 1}: training diverged and stopped; {advice}")
+
+    def _optimizer_step(self) -> None:
+        c, params = self.config, list(self.trainable.values())
+        if self.accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, "mean")
+        norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        if not torch.isfinite(norm):
+            raise self._diverged(f"the gradient norm became {norm.item()}")
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.on_step_end(self.step)
+        self.losses.append(sum(self.window) / len(self.window))
+        self.window = []
+        self.step += 1
+
+    def run(self) -> LoopResult:
+        from tqdm import tqdm
+
+        c, cb = self.config, self.callbacks
+        bar = tqdm(
+            total=c.train_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (c.progress and self.accelerator.is_main_process),
+        )
+        status = "done"
+        try:
+            while self.step < c.train_steps:
+                if self._cancelled():
+                    status = "cancelled"
+                    break
+                loss = self.micro_loss(self.step * c.grad_accum + len(self.window))
+                if not torch.isfinite(loss):
+                    raise self._diverged(f"the loss became {loss.item()}")
+                self.accelerator.backward(loss / c.grad_accum)
+                self.window.append(loss.item())
+                if len(self.window) < c.grad_accum:
+                    continue
+                self._optimizer_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(self.losses[-20:]):.4f}")
+                if cb.on_step:
+                    cb.on_step(self.step, self.losses[-1])
+                if (c.save_every and self.step % c.save_every == 0) or self.step == c.train_steps:
+                    self.save()
+                if c.sample_every and self.step % c.sample_every == 0 and self.step < c.train_steps:
+                    self.preview()
+        finally:
+            bar.close()
+        if status == "cancelled":
+            self.save()
+        result = LoopResult(status, self.step, list(self.losses), self.run_dir)
+        result.sample_prompts = list(self.data.sample_prompts)
+        if status == "done" and self.data.sample_prompts:
+            result.samples = self.preview()
+        if cb.on_done:
+            cb.on_done(result)
+        return result
+
+    def preview(self) -> list[Any]:
+        """Fixed-seed previews of the sample prompts with the adapter as it is now (seed + i for prompt i)."""
+        from studio.generate import GenerateConfig, generate, make_grid
+
+        c, modes = self.config, {name: m.training for name, m in self.models.items()}
+        for model in self.models.values():
+            model.eval()
+        images = []
+        with self.autocast():
+            for i, prompt in enumerate(self.data.sample_prompts):
+                config = GenerateConfig(
+                    prompt=prompt, seed=c.seed + i, steps=c.sample_steps, size=f"{self.resolution}x{self.resolution}"
+                )
+                images += generate(config, pipe=self.pipe).images
+        for name, model in self.models.items():
+            model.train(modes[name])
+        if images and self.accelerator.is_main_process:
+            grid = make_grid(images)
+            atomic.atomic_write(
+                self.run_dir / "samples" / f"step-{self.step:06d}.png", lambda tmp: grid.save(tmp, format="png")
+            )
+        if images and self.callbacks.on_sample:
+            self.callbacks.on_sample(self.step, images)
+        return images
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Checkpoint the current state, if it is good: the loss of the next micro-step with it is finite."""
+        from studio.plots import line_plot
+
+        with torch.no_grad():  # a pure function of (seed, m): probing it changes nothing
+            probe = self.micro_loss(self.step * self.config.grad_accum + len(self.window))
+        if not torch.isfinite(probe):
+            raise self._diverged(f"the loss became {probe.item()}")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            grads = {n: p.grad.detach().clone() for n, p in self.trainable.items() if p.grad is not None}
+            state = {
+                "step": self.step,
+                "losses": self.losses,
+                "window": self.window,
+                "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "grads": grads if self.window else {},
+            }
+            atomic.atomic_write(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+            atomic.write_json(self.run_dir / "losses.json", self.losses)
+            line_plot(
+                self.losses,
+                self.run_dir / "loss.png",
+                title="training loss (MSE)",
+                smooth=max(1, len(self.losses) // 20),
+            )
+        self.saved_step = self.step
+
+    def load(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise StudioError(f"{self.run_dir} holds no checkpoint to resume; start the run without --resume")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        except StudioError:
+            raise
+        except Exception as err:  # damaged file, or a checkpoint of another method or shape
+            raise StudioError(f"{path} cannot be resumed ({err}); delete {self.run_dir} to start again") from None
+        for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, self.base_lrs)):
+            old = self.lr_scheduler.base_lrs[i]
+            if old != lr:  # resumed with another --lr (e.g. after a divergence): rescale the schedule
+                group["lr"], group["initial_lr"] = group["lr"] * lr / old, lr
+                self.lr_scheduler.base_lrs[i] = lr
+                self.lr_scheduler._last_lr[i] = group["lr"]
+        for name, grad in state["grads"].items():
+            self.trainable[name].grad = grad.to(self.trainable[name].device, self.trainable[name].dtype)
+        self.step, self.losses, self.window = state["step"], list(state["losses"]), list(state["window"])
+        self.saved_step = self.step
+
+
+def train_loop(
+    method: Method,
+    pipe: Any,
+    data: TrainData,
+    config: TrainConfig,
+    run_dir: Path | str,
+    *,
+    callbacks: Callbacks | None = None,
+    cancel: Cancel = None,
+    resume: bool = False,
+) -> LoopResult:
+    """Train `method` on `pipe` with `data`; checkpoints, loss curve and previews go to `run_dir`."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return Loop(method, pipe, data, config, Path(run_dir), callbacks=callbacks, cancel=cancel, resume=resume).run()

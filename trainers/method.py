@@ -1,0 +1,134 @@
+"""The method contract (DESIGN.md section 5): everything the one training loop needs from an adapter method.
+
+A method file holds a `MethodConfig` subclass with the paper's defaults, a `Method` subclass and its private math,
+nothing about data, accelerate, logging or the UI. The loop calls, in this order:
+
+    attach(components)        once; components is the diffusers pipeline, every model frozen, on the training device
+    trainable_tensors()       name -> Parameter, the tensors the optimizer trains (stable names: checkpoint keys)
+    trainable_parameters()    optimizer param groups (default: one group at `config.lr`)
+    regularizer(step)         a term added to each micro-step's loss, or None
+    on_step_end(step)         after each optimizer step (progressive re-selection and the like)
+    state_dict() / load_state_dict(state)   checkpoint and exact resume
+
+After training, `export()` gives the library's canonical tensors and an `AdapterMeta` (peft_type, ranks, alphas,
+method fields), and `delta_weights()` (`<component>.<module>` -> dW, float32, the weight's shape) feeds merges,
+composition by sum, kernels and parity tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from studio.errors import StudioError
+from studio.library.meta import AdapterMeta
+
+
+@dataclass
+class MethodConfig:
+    """Common fields of every method config. Subclasses set `method` (the METHODS key) and the paper's `lr`."""
+
+    method: ClassVar[str] = ""
+    min_images: ClassVar[int] = 1  # fewer training images than this is refused
+
+    lr: float = field(default=1e-4, metadata={"help": "learning rate (default: the method's paper value)"})
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise StudioError(f"--lr must be positive, got {self.lr}")
+
+
+class Method(ABC):
+    """One adapter method. Subclasses implement `attach`, `trainable_tensors`, `delta_weights` and `export`."""
+
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+
+    @abstractmethod
+    def attach(self, components: Any) -> None:
+        """Inject or mark this method's parameters in the pipeline's models (all frozen when this is called)."""
+
+    @abstractmethod
+    def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        """The trained tensors by stable name, in a fixed order (the optimizer's parameter order)."""
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.trainable_tensors().values()), "lr": self.config.lr}]
+
+    def regularizer(self, step: int) -> torch.Tensor | None:
+        return None
+
+    def on_step_end(self, step: int) -> None:
+        return None
+
+    @abstractmethod
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """`<component>.<module>` -> dW (float32, shaped like the module's weight): W_adapted = W + dW."""
+
+    @abstractmethod
+    def export(self) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
+        """Canonical library tensors (`unet.<module>.lora_A.weight`, `...lokr_w1`, ...) and their meta."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.trainable_tensors().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_tensors()
+        if set(own) != set(state):
+            odd = sorted(set(own) ^ set(state))[0]
+            raise StudioError(
+                f"checkpoint does not match this method's tensors (first difference: {odd}); "
+                "resume with the method options the run was started with"
+            )
+        with torch.no_grad():
+            for name, p in own.items():
+                if p.shape != state[name].shape:
+                    raise StudioError(
+                        f"checkpoint tensor {name} has shape {list(state[name].shape)}, the method "
+                        f"made {list(p.shape)}; resume with the options the run was started with"
+                    )
+                p.copy_(state[name])
+
+    def meta(self, **fields: Any) -> AdapterMeta:
+        """An AdapterMeta carrying this method's key and config; `fields` fill the rest (ranks, alphas, ...)."""
+        return AdapterMeta(method=self.config.method, method_config=asdict(self.config), **fields)
+
+
+def find_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
+    """Linear layers whose path is a target or ends with `.target` (PEFT's suffix matching), in model order."""
+    found = {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(path == t or path.endswith(f".{t}") for t in targets)
+    }
+    if not found:
+        raise StudioError(
+            f"no Linear layer matches the target modules {list(targets)}; name layers as in the "
+            "model (e.g. to_q,to_k,to_v,to_out.0)"
+        )
+    return found
+
+
+def add_output_delta(module: nn.Module, delta: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
+    """Add `delta(x)` to a layer's output with a forward hook, y = W x + b + delta(x); `.remove()` undoes it."""
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        return out + delta(args[0]).to(out.dtype)
+
+    return module.register_forward_hook(hook)
+
+
+def split_targets(text: str) -> list[str]:
+    """`"to_q, to_k"` -> `["to_q", "to_k"]`; an empty list is refused."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise StudioError("--target-modules is empty; give module names such as to_q,to_k,to_v,to_out.0")
+    return targets

@@ -1,0 +1,113 @@
+"""DreamBooth-LoRA: low-rank adapters on the UNet's attention projections, optionally on the text encoders.
+
+DreamBooth (Ruiz et al., arXiv:2208.12242; its prior-preservation loss, Eq. 2, is the loop's) trained through LoRA
+(Hu et al., arXiv:2106.09685, Eq. 3: h = W0 x + (alpha / r) B A x), as diffusers'
+`examples/dreambooth/train_dreambooth_lora.py` does it: PEFT `LoraConfig(init_lora_weights="gaussian")`, so
+A ~ N(0, 1/r^2) and B = 0 and training starts exactly at the base; UNet targets to_q, to_k, to_v, to_out.0; text
+encoder targets q_proj, k_proj, v_proj, out_proj (both encoders on SDXL). Defaults are the script's and its README's
+(rank 4, alpha = rank, lr 1e-4). Trained: every A and B. Frozen: everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from studio.errors import StudioError
+from studio.library.meta import AdapterMeta
+from trainers.method import Method, MethodConfig, split_targets
+
+
+ADAPTER = "default"
+TEXT_TARGETS = "q_proj,k_proj,v_proj,out_proj"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class DreamBoothLoRAConfig(MethodConfig):
+    method: ClassVar[str] = "dreambooth_lora"
+    min_images: ClassVar[int] = 3  # DreamBooth: 3 to 5 images of the subject
+
+    lr: float = field(default=1e-4, metadata={"help": "learning rate (diffusers' DreamBooth-LoRA README: 1e-4)"})
+    rank: int = field(default=4, metadata={"help": "LoRA rank r"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (scale alpha / r); default r"})
+    target_modules: str = field(
+        default="to_q,to_k,to_v,to_out.0", metadata={"help": "UNet layers to adapt, comma-separated name suffixes"}
+    )
+    train_text_encoder: bool = field(default=False, metadata={"help": "also train LoRA on the text encoder(s)"})
+    text_encoder_lr: float | None = field(default=None, metadata={"help": "text-encoder learning rate; default lr"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank < 1:
+            raise StudioError(f"--rank must be at least 1, got {self.rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise StudioError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        split_targets(self.target_modules)
+
+
+class DreamBoothLoRA(Method):
+    config_cls = DreamBoothLoRAConfig
+    config: DreamBoothLoRAConfig
+
+    def attach(self, components: Any) -> None:
+        c = self.config
+        alpha = c.alpha if c.alpha is not None else c.rank
+        self.models: dict[str, nn.Module] = {}
+        plan = [("unet", c.target_modules)]
+        if c.train_text_encoder:
+            plan += [(name, TEXT_TARGETS) for name in TEXT_ENCODERS if getattr(components, name, None) is not None]
+        for name, targets in plan:
+            config = LoraConfig(
+                r=c.rank,
+                lora_alpha=alpha,
+                init_lora_weights="gaussian",
+                lora_dropout=c.lora_dropout,
+                target_modules=split_targets(targets),
+            )
+            model = getattr(components, name)
+            try:
+                inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+            except ValueError as err:  # PEFT: no module matched
+                raise StudioError(f"{name}: {err}; check --target-modules") from None
+            self.models[name] = model
+
+    def _layers(self) -> dict[str, LoraLayer]:
+        return {
+            f"{name}.{path}": m
+            for name, model in self.models.items()
+            for path, m in model.named_modules()
+            if isinstance(m, LoraLayer) and ADAPTER in m.lora_A
+        }
+
+    def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        out = {}
+        for module, layer in self._layers().items():
+            out[f"{module}.lora_A.weight"] = layer.lora_A[ADAPTER].weight
+            out[f"{module}.lora_B.weight"] = layer.lora_B[ADAPTER].weight
+        return out
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        tensors = self.trainable_tensors()
+        unet = [p for k, p in tensors.items() if k.startswith("unet.")]
+        text = [p for k, p in tensors.items() if not k.startswith("unet.")]
+        groups = [{"params": unet, "lr": self.config.lr}]
+        if text:
+            groups.append({"params": text, "lr": self.config.text_encoder_lr or self.config.lr})
+        return groups
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        return {m: layer.get_delta_weight(ADAPTER).detach().float() for m, layer in self._layers().items()}
+
+    def export(self) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
+        tensors = {k: p.detach().float().cpu().clone() for k, p in self.trainable_tensors().items()}
+        layers = self._layers()
+        ranks = {m: int(layer.r[ADAPTER]) for m, layer in layers.items()}
+        alphas = {m: float(layer.lora_alpha[ADAPTER]) for m, layer in layers.items()}
+        return tensors, self.meta(peft_type="LORA", ranks=ranks, alphas=alphas)
