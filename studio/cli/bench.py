@@ -14,6 +14,7 @@ BENCHES = [
     "studio.world.bench",
     "studio.world.base_bench",
     "studio.generate_bench",
+    "trainers.bench",
 ]
 
 
