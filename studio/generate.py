@@ -6,11 +6,12 @@ convention) and identical across processes and machines for the same model, devi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from PIL import Image
 
 from studio.errors import StudioError
 from studio.models import DEFAULT_MODEL, load_pipeline
+from studio.prompt_tags import split_lora_tags
 from studio.prompts import encode_prompt
 from studio.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 
@@ -97,6 +99,31 @@ def model_guidance(pipe: DiffusionPipeline) -> float:
     return float(value) if value is not None else DEFAULT_GUIDANCE
 
 
+@contextlib.contextmanager
+def prompt_adapters(pipe: DiffusionPipeline, tags: list[tuple[str, float]]) -> Iterator[dict[str, float]]:
+    """Load the library adapters a prompt's tags name for the duration of the block; yields the active set.
+
+    Adapters the caller loaded before (`studio.load_adapters`) stay, tagged ones are weighted as tagged, and the
+    ones loaded here are removed afterwards, so a cached pipeline returns to what it was.
+    """
+    from studio.library.load import load_adapters, loaded_adapters, unload_adapters
+
+    before = loaded_adapters(pipe)
+    if not tags:
+        yield before
+        return
+    names, weights = zip(*tags)
+    try:
+        active = load_adapters(pipe, list(names), list(weights))
+        yield active
+    finally:
+        added = [n for n in loaded_adapters(pipe) if n not in before]
+        if added:
+            unload_adapters(pipe, added)
+        if before:
+            load_adapters(pipe, list(before), list(before.values()))  # the caller's weights again
+
+
 def native_size(pipe: DiffusionPipeline) -> tuple[int, int]:
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return side, side
@@ -120,29 +147,31 @@ def generate(
     width, height = parse_size(config.size) if config.size else native_size(pipe)
     guidance = config.guidance if config.guidance is not None else model_guidance(pipe)
     guided = guidance > 1.0
-    embeds = encode_prompt(pipe, config.prompt, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
-    generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.num_images)]
+    prompt, tags = split_lora_tags(config.prompt)  # A1111 `<lora:name:w>` tags select library adapters
+    with prompt_adapters(pipe, tags) as active:
+        embeds = encode_prompt(pipe, prompt, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
+        generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.num_images)]
 
-    def on_step_end(_pipe: DiffusionPipeline, step: int, _t: Any, kwargs: dict) -> dict:
-        if progress is not None:
-            progress(step + 1, config.steps)
-        return {}
+        def on_step_end(_pipe: DiffusionPipeline, step: int, _t: Any, kwargs: dict) -> dict:
+            if progress is not None:
+                progress(step + 1, config.steps)
+            return {}
 
-    with torch.inference_mode():
-        images = pipe(
-            **embeds.as_pipeline_kwargs(),
-            num_inference_steps=config.steps,
-            guidance_scale=guidance,
-            output_type=output_type,
-            width=width,
-            height=height,
-            num_images_per_prompt=config.num_images,
-            generator=generators,
-            callback_on_step_end=on_step_end,
-        ).images
+        with torch.inference_mode():
+            images = pipe(
+                **embeds.as_pipeline_kwargs(),
+                num_inference_steps=config.steps,
+                guidance_scale=guidance,
+                output_type=output_type,
+                width=width,
+                height=height,
+                num_images_per_prompt=config.num_images,
+                generator=generators,
+                callback_on_step_end=on_step_end,
+            ).images
     base = dataclasses.asdict(config)
     base.update(guidance=guidance, size=f"{width}x{height}", scheduler=scheduler_name(pipe.scheduler), device=device,
-                adapters=[])
+                adapters=[{"name": n, "weight": w} for n, w in active.items()])
     base["version"] = _version()
     params = [{**base, "seed": config.seed + i, "num_images": 1} for i in range(len(images))]
     return GenerateResult(images, params)
