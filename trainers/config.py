@@ -33,6 +33,9 @@ class TrainConfig:
     world_texture: str | None = field(
         default=None, metadata={"help": "train on this Shapes World texture (style)", "metavar": "NAME"}
     )
+    world_scenes: bool = field(
+        default=False, metadata={"cli": False}
+    )  # endless random Shapes World scenes: the embedded base's own training (`studio world train-base`)
     model: str = field(
         default=DEFAULT_MODEL,
         metadata={"help": "base model: studio-tiny, a diffusers folder, a .safetensors checkpoint or a hub id"},
@@ -93,9 +96,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        if not self.trigger.strip() or self.trigger != self.trigger.strip():
+        if (not self.trigger.strip() and not self.world_scenes) or self.trigger != self.trigger.strip():
             raise StudioError(f"--trigger must be a non-empty word without surrounding spaces, got {self.trigger!r}")
         sources = [s for s in (self.images, self.world_emblem, self.world_texture) if s is not None]
+        sources += [True] if self.world_scenes else []
         if len(sources) != 1:
             raise StudioError("give exactly one of --images DIR, --world-emblem SEED, --world-texture NAME")
         positive = {

@@ -9,6 +9,7 @@ uncaptioned images use the instance prompt (`a photo of {trigger}`). Emblem capt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,14 @@ class TrainData:
     class_prompt: str | None  # prompt of prior-preservation class images
     sample_prompts: list[str]  # fixed-seed previews
     summary: str  # one line for the model card
+    # An endless source instead of `images`: (start, count) -> images (count, 3, R, R) in [-1, 1] and their prompts,
+    # a pure function of its arguments (base training renders fresh Shapes World scenes for every step).
+    stream: Callable[[int, int], tuple[torch.Tensor, list[str]]] | None = None
+    resolution: int | None = None  # of `stream`'s images
+
+    @property
+    def size(self) -> int:
+        return int(self.resolution if self.stream is not None else self.images.shape[-1])
 
 
 def prepare_image(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -148,10 +148,11 @@ class Loop:
         self.sdxl = isinstance(pipe, StableDiffusionXLPipeline)
         source = pipe.scheduler.config  # the training process of any sampler's config: betas, T, prediction type
         self.noise = DDPMScheduler(**{k: source[k] for k in _NOISE_KEYS if k in source})
-        self.resolution = int(data.images.shape[-1])
+        self.resolution = data.size
 
-        # Frozen-base work first: class images and the VAE posteriors of every training image.
-        self.instance = self._posterior(data.images)
+        # Frozen-base work first: class images and the VAE posteriors of every training image (a stream's are
+        # computed batch by batch).
+        self.instance = self._posterior(data.images) if data.stream is None else None
         self.prior = None
         if c.prior_preservation:
             from trainers.prior import class_images
@@ -197,11 +198,11 @@ class Loop:
 
     # -- set-up helpers ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _posterior(self, images: torch.Tensor, chunk_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of q(z | x) for each image, on the CPU in fp32: (N, C, R/f, R/f) each, f the VAE factor."""
         vae = self.models["vae"]
         means, stds = [], []
-        for chunk in images.split(8):
+        for chunk in images.split(chunk_size):
             dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
             means.append(dist.mean.float().cpu())
             stds.append(dist.std.float().cpu())
@@ -239,9 +240,13 @@ class Loop:
         c, acc = self.config, self.accelerator
         batch, start = c.batch_size, (m * acc.num_processes + acc.process_index) * c.batch_size
         torch.manual_seed(seeded(c.seed, _GLOBAL, m, acc.process_index).initial_seed())  # dropout
-        idx = epoch_indices(c.seed, _DATA, start, batch, len(self.data.prompts))
-        mean, std = self.instance[0][idx], self.instance[1][idx]
-        prompts = [self.data.prompts[i] for i in idx]
+        if self.data.stream is None:
+            idx = epoch_indices(c.seed, _DATA, start, batch, len(self.data.prompts))
+            mean, std = self.instance[0][idx], self.instance[1][idx]
+            prompts = [self.data.prompts[i] for i in idx]
+        else:
+            images, prompts = self.data.stream(start, batch)  # (B, 3, R, R) in [-1, 1]
+            mean, std = self._posterior(images, chunk_size=len(images))
         if self.prior is not None:
             cidx = epoch_indices(c.seed, _CLASS, start, batch, len(self.prior[0]))
             mean, std = torch.cat([mean, self.prior[0][cidx]]), torch.cat([std, self.prior[1][cidx]])

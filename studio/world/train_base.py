@@ -1,15 +1,14 @@
 """`studio world train-base`: train the embedded base on Shapes World, in resumable chunks.
 
-Latent diffusion training (Rombach et al., arXiv:2112.10752, eq. 2: L = E ||eps - eps_theta(z_t, t, tau(y))||^2
-with z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, DDPM forward process of Ho et al., arXiv:2006.11239, eq. 4),
-on accelerate: bf16 autocast on a GPU, fp32 on the CPU. Captions are dropped (empty) 10% of the time so the
-model learns the unconditional prediction classifier-free guidance needs (Ho & Salimans, arXiv:2207.12598,
-section 3.2). An EMA of the UNet (diffusers' `EMAModel`) is what ships.
+The `full` method (trainers/methods/full.py: every UNet weight, an EMA that ships) on the shared training loop
+(trainers/loop.py: latent diffusion's objective, Rombach et al., arXiv:2112.10752, eq. 2; accelerate; bf16 on a
+GPU, fp32 on the CPU; exact resume). What is the base's own is its data: an endless stream of fresh Shapes World
+scenes, every micro-batch a pure function of (seed, micro-batch index); captions dropped (empty) 10% of the time
+so the model learns the unconditional prediction classifier-free guidance needs (Ho & Salimans,
+arXiv:2207.12598, section 3.2), and a quarter written in free phrasings as users write them.
 
-Every step's data, noise, timesteps and caption dropout come from generators seeded by (seed, step), so a run
-stopped at any step and resumed from its checkpoint gives the same weights as a run straight through. The run
-folder holds `checkpoint.pt` (all training state, loaded with `weights_only=True`), `loss.png`, `losses.json`
-and `samples/step-NNNNNN.png` grids of fixed prompts.
+The run folder holds `config.json`, `checkpoint.pt` (read with `weights_only=True`), `loss.png`, `losses.json` and
+`samples/step-NNNNNN.png` grids of fixed prompts; re-running the same command resumes it.
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ class BaseTrainConfig:
     save_every: int = 500
     sample_every: int = 1000
     sample_steps: int = 20
-    sample_guidance: float = 5.0
+    guidance: float = 5.0  # the guidance the exported model recommends (its studio.json)
     unet: dict = field(default_factory=dict)  # overrides of base.UNET_CONFIG (rehearsals use a smaller one)
     vae: str = ""  # VAE folder; default the shipped one
     clip: str = ""  # world CLIP folder; default the shipped one
@@ -85,22 +85,23 @@ def step_batch(step: int, config: BaseTrainConfig, device: torch.device) -> tupl
     return to_model_range(batch.images), _captions(batch.scenes, rng, config)
 
 
-def encode_text(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:  # noqa: ANN001
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]  # (B, 77, width): last hidden state, as SD conditions on
+def scene_stream(config: BaseTrainConfig) -> Callable[[int, int], tuple[torch.Tensor, list[str]]]:
+    """The base's data for the shared loop: (start, count) -> `step_batch` of micro-batch start // count."""
+
+    def stream(start: int, count: int) -> tuple[torch.Tensor, list[str]]:
+        return step_batch(start // count, replace(config, batch_size=count), torch.device("cpu"))
+
+    return stream
 
 
 class BaseTrainer:
-    """Holds the models and state of one run folder; `train(max_minutes)` advances it and checkpoints."""
+    """One run folder of base training: the `full` method (trainers/methods/full.py) on the shared loop."""
 
     def __init__(self, run_dir: str | Path, config: BaseTrainConfig | None = None) -> None:
-        from accelerate import Accelerator
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-
-        from studio.models.tokenizer import clip_tokenizer
+        from studio.models.tokenizer import clip_tokenizer  # noqa: F401 (fail early without open_clip's BPE)
         from studio.world import base
         from studio.world.vae import VAE_DIR, load_vae
+        from trainers.methods.full import Full, FullConfig
 
         self.run_dir = Path(run_dir)
         saved = self.run_dir / "config.json"
@@ -112,151 +113,76 @@ class BaseTrainer:
             raise StudioError(f"{self.run_dir} holds a run with other settings; resume it without options, "
                               "or start a new run in another folder")
         self.config = config
-        self.accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-        device = self.accelerator.device
-        torch.manual_seed(config.seed)  # weight initialisation
-        self.unet = base.build_unet({**base.UNET_CONFIG, **config.unet}).to(device).train()
-        self.text_encoder = base.initial_text_encoder(config.clip or None).to(device)
-        self.text_encoder.requires_grad_(config.train_text_encoder).train(config.train_text_encoder)
-        self.vae = load_vae(config.vae or VAE_DIR).to(device).requires_grad_(False)
-        self.tokenizer = clip_tokenizer()
-        self.noise = base.noise_scheduler()
-        groups = [{"params": list(self.unet.parameters()), "lr": config.lr}]
-        if config.train_text_encoder:
-            groups.append({"params": list(self.text_encoder.parameters()), "lr": config.lr * config.text_lr_scale})
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=1e-2)
-        self.lr_scheduler = get_scheduler("cosine", self.optimizer, num_warmup_steps=config.warmup,
-                                          num_training_steps=config.steps)
-        self.ema = EMAModel(self.unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
-        self.ema.to(device)
-        self.step, self.losses, self.seconds = 0, [], 0.0
-        if (self.run_dir / "checkpoint.pt").is_file():
-            self._load()
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not saved.is_file():
             atomic.write_json(saved, asdict(config))
+        torch.manual_seed(config.seed)  # the UNet's initialisation
+        unet = base.build_unet({**base.UNET_CONFIG, **config.unet})
+        text = base.initial_text_encoder(config.clip or None)
+        self.pipe = base.assemble(unet, text, load_vae(config.vae or VAE_DIR))
+        self.pipe.set_progress_bar_config(disable=True)
+        self.method = Full(FullConfig(lr=config.lr, ema_decay=config.ema_decay, text_lr_scale=config.text_lr_scale,
+                                      train_text_encoder=config.train_text_encoder))
+        self.loop = None
+        self._resume = (self.run_dir / "checkpoint.pt").is_file()
+        if self._resume:
+            self._state_on_disk()  # a damaged checkpoint is reported now, before any work
 
-    # -- state ---------------------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        state = {
-            "step": self.step,
-            "seconds": self.seconds,
-            "losses": self.losses,
-            "unet": self.unet.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-        }
-        if self.config.train_text_encoder:
-            state["text_encoder"] = self.text_encoder.state_dict()
-        return state
-
-    def save(self) -> None:
-        atomic.atomic_write(self.run_dir / "checkpoint.pt", lambda tmp: torch.save(self._state(), tmp))
-
-    def _load(self) -> None:
+    def _state_on_disk(self) -> dict:
         path = self.run_dir / "checkpoint.pt"
         try:
-            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise StudioError(f"{path} is damaged ({err}); delete it to restart the run from step 0") from err
-        self.unet.load_state_dict(state["unet"])
-        if "text_encoder" in state:
-            self.text_encoder.load_state_dict(state["text_encoder"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.step, self.seconds, self.losses = state["step"], state["seconds"], list(state["losses"])
 
-    # -- training ------------------------------------------------------------------------------------------------
-    def loss_at(self, step: int) -> torch.Tensor:
-        """The training loss of step `step` (eq. 2 of the LDM paper) with the current weights."""
-        device = self.accelerator.device
-        images, captions = step_batch(step, self.config, device)
-        gen = torch.Generator(device=device).manual_seed(self.config.seed * 7_919 + step)
-        with torch.no_grad():
-            latents = self.vae.encode(images).latent_dist.sample(gen)  # (B, 4, 16, 16)
-            latents = latents * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen, device=device)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
-        noisy = self.noise.add_noise(latents, noise, t)  # z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
-        with torch.set_grad_enabled(self.config.train_text_encoder):
-            context = encode_text(self.tokenizer, self.text_encoder, captions, device)  # (B, 77, width)
-        with self.accelerator.autocast():
-            pred = self.unet(noisy, t, context).sample
-        return torch.nn.functional.mse_loss(pred.float(), noise)
+    def train_config(self, progress: bool = True):  # -> trainers.TrainConfig
+        from trainers.config import TrainConfig
 
-    def train(self, max_minutes: float | None = None, progress: bool = True) -> dict:
-        """Train until `config.steps` or `max_minutes`, checkpointing every `save_every` steps and at the end."""
-        from tqdm import tqdm
+        c = self.config
+        return TrainConfig(
+            trigger="", name="studio-tiny", world_scenes=True, train_steps=c.steps, batch_size=c.batch_size,
+            lr_scheduler="cosine", lr_warmup_steps=c.warmup, save_every=c.save_every, sample_every=c.sample_every,
+            sample_steps=c.sample_steps, sample_prompts=list(SAMPLE_PROMPTS), seed=c.seed, run_dir=str(self.run_dir),
+            progress=progress,
+        )
 
-        start, last_save = time.time(), self.step
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="train-base", disable=not progress)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        while self.step < self.config.steps:
-            loss = self.loss_at(self.step)
-            if not torch.isfinite(loss):
-                raise StudioError(
-                    f"loss became {loss.item()} at step {self.step}; the last good checkpoint is kept in "
-                    f"{self.run_dir} (step {last_save}); lower --lr and resume"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(loss)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.ema.step(self.unet.parameters())
-            self.step += 1
-            self.losses.append(round(loss.item(), 5))
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
-            done = self.step == self.config.steps
-            out_of_time = max_minutes is not None and time.time() - start > 60 * max_minutes
-            if self.step % self.config.sample_every == 0 or done:
-                self.write_samples()
-            if self.step % self.config.save_every == 0 or done or out_of_time:
-                self.seconds += time.time() - start
-                start = time.time()
-                self.save()
-                last_save = self.step
-                self.write_loss_curve()
-            if out_of_time:
-                break
-        bar.close()
-        return {"step": self.step, "steps": self.config.steps, "seconds": round(self.seconds, 1),
-                "loss_last_100": float(np.mean(self.losses[-100:])) if self.losses else math.nan}
+    def train(self, max_minutes: float | None = None, progress: bool = True, cancel=None) -> dict:  # noqa: ANN001
+        """Train until `config.steps`, `max_minutes` or `cancel()`; a stop leaves a checkpoint to resume from."""
+        from trainers.data import TrainData
+        from trainers.loop import Loop
 
-    # -- outputs -------------------------------------------------------------------------------------------------
+        if self.loop is None:
+            data = TrainData(torch.zeros(0, 3, 64, 64), [], "base", None, list(SAMPLE_PROMPTS), "Shapes World scenes",
+                             stream=scene_stream(self.config), resolution=64)
+            self.loop = Loop(self.method, self.pipe, data, self.train_config(progress), self.run_dir,
+                             resume=self._resume)
+        deadline = None if max_minutes is None else time.time() + 60 * max_minutes
+        self.loop.cancel = lambda: (deadline is not None and time.time() >= deadline) or bool(cancel and cancel())
+        start = time.time()
+        result = self.loop.run()
+        self._resume = True
+        return {"status": result.status, "step": result.step, "steps": self.config.steps,
+                "seconds": round(time.time() - start, 1),
+                "loss_last_100": float(np.mean(result.losses[-100:])) if result.losses else math.nan}
+
+    @property
+    def step(self) -> int:
+        return self.loop.step if self.loop is not None else int(self._state_on_disk()["step"]) if self._resume else 0
+
+    @property
+    def losses(self) -> list[float]:
+        return list(self.loop.losses) if self.loop is not None else []
+
     def ema_pipeline(self):  # -> diffusers.StableDiffusionPipeline (EMA UNet, float32, CPU copies)
-        from studio.world.base import assemble, build_unet
+        from studio.world.base import assemble
 
-        unet = build_unet(self.unet.config)
-        self.ema.copy_to(unet.parameters())
-        text = self.text_encoder.__class__(self.text_encoder.config)
-        text.load_state_dict(self.text_encoder.state_dict())
-        vae = self.vae.__class__.from_config(self.vae.config)
-        vae.load_state_dict(self.vae.state_dict())
-        pipe = assemble(unet.float().cpu().eval(), text.float().cpu().eval(), vae.float().cpu().eval())
+        text = self.pipe.text_encoder.__class__(self.pipe.text_encoder.config)
+        text.load_state_dict(self.pipe.text_encoder.state_dict())
+        vae = self.pipe.vae.__class__.from_config(self.pipe.vae.config)
+        vae.load_state_dict(self.pipe.vae.state_dict())
+        pipe = assemble(self.method.ema_unet(), text.float().cpu().eval(), vae.float().cpu().eval())
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def write_samples(self, prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> Path:
-        from torchvision.utils import save_image
-
-        pipe = self.ema_pipeline()
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            images = pipe(list(prompts), num_inference_steps=self.config.sample_steps, generator=gen,
-                          guidance_scale=self.config.sample_guidance, output_type="pt").images  # (N, 3, 64, 64)
-        path = self.run_dir / "samples" / f"step-{self.step:06d}.png"
-        atomic.atomic_write(path, lambda tmp: save_image(images, tmp, nrow=len(prompts) // 2, format="png"))
-        return path
-
-    def write_loss_curve(self) -> Path:
-        from studio.plots import line_plot
-
-        atomic.write_json(self.run_dir / "losses.json", self.losses)
-        return line_plot(self.losses, self.run_dir / "loss.png", title="train-base loss (epsilon MSE)", smooth=50)
 
 
 REHEARSAL = {  # the whole recipe at a CPU-minutes scale: same code path, smaller UNet and batch
@@ -287,7 +213,7 @@ def run_train_base(args) -> int:  # noqa: ANN001 (argparse.Namespace)
     summary = trainer.train(max_minutes=args.max_minutes)
     if args.export is not None and summary["step"] == trainer.config.steps:
         out = Path(args.export) if args.export else BASE_DIR
-        extra = {"guidance": trainer.config.sample_guidance, "training": {**asdict(trainer.config), **summary}}
+        extra = {"guidance": trainer.config.guidance, "training": {**asdict(trainer.config), **summary}}
         export_base(trainer.ema_pipeline(), out, extra=extra, card=args.card.read_text() if args.card else None)
         summary["exported"] = str(out)
     print(json.dumps(summary, indent=2))

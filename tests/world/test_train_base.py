@@ -54,27 +54,46 @@ def test_batches_are_a_function_of_seed_and_step() -> None:
     assert 0.05 < empty < 0.15  # 10% caption dropout for classifier-free guidance
 
 
+def _checkpoint(run: Path) -> dict[str, torch.Tensor]:
+    return _flat(torch.load(run / "checkpoint.pt", weights_only=True))
+
+
 def test_stop_and_resume_gives_the_same_weights(tmp_path: Path) -> None:
     straight = BaseTrainer(tmp_path / "a", BaseTrainConfig(**MICRO))
-    straight.train(progress=False)
+    assert straight.train(progress=False)["status"] == "done"
 
     first = BaseTrainer(tmp_path / "b", BaseTrainConfig(**MICRO))
-    first.train(max_minutes=0, progress=False)  # stops (checkpointed) after one step
+    assert first.train(progress=False, cancel=lambda: first.step >= 1)["status"] == "cancelled"
     assert first.step == 1
     resumed = BaseTrainer(tmp_path / "b")  # a new process would do exactly this
     assert resumed.step == 1
     resumed.train(progress=False)
 
-    a, b = _flat(straight._state()), _flat(resumed._state())
-    assert a.keys() == b.keys() and len(a) > 50
+    a, b = _checkpoint(tmp_path / "a"), _checkpoint(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) > 100 and any(k.startswith("method.ema.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert straight.losses == resumed.losses and len(straight.losses) == 4
     assert (tmp_path / "b" / "loss.png").is_file() and (tmp_path / "b" / "samples" / "step-000004.png").is_file()
     assert json.loads((tmp_path / "b" / "losses.json").read_text()) == resumed.losses
+    ema = straight.method.ema_unet().state_dict()
+    live = straight.pipe.unet.state_dict()
+    assert any(not torch.equal(ema[k], live[k]) for k in live)  # the EMA, not the live weights, ships
+
+
+def test_the_ema_moves_towards_the_trained_weights(tmp_path: Path) -> None:
+    trainer = BaseTrainer(tmp_path / "e", BaseTrainConfig(**MICRO))
+    start = {k: v.clone() for k, v in trainer.pipe.unet.state_dict().items()}
+    trainer.train(progress=False)
+    ema, live = trainer.method.ema_unet().state_dict(), trainer.pipe.unet.state_dict()
+    key = "conv_in.weight"
+    assert not torch.equal(live[key], start[key])
+    moved, total = (ema[key] - start[key]).norm(), (live[key] - start[key]).norm()
+    assert 0 < moved <= total * 1.0001
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
-    BaseTrainer(tmp_path / "r", BaseTrainConfig(**MICRO)).train(max_minutes=0, progress=False)
+    run = BaseTrainer(tmp_path / "r", BaseTrainConfig(**MICRO))
+    run.train(progress=False, cancel=lambda: run.step >= 1)
     with pytest.raises(StudioError, match="other settings"):
         BaseTrainer(tmp_path / "r", BaseTrainConfig(**{**MICRO, "lr": 1e-3}))
     with pytest.raises(StudioError, match="no run"):
@@ -82,7 +101,8 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
 
 
 def test_damaged_checkpoint_says_what_to_do(tmp_path: Path) -> None:
-    BaseTrainer(tmp_path / "d", BaseTrainConfig(**MICRO)).train(max_minutes=0, progress=False)
+    run = BaseTrainer(tmp_path / "d", BaseTrainConfig(**MICRO))
+    run.train(progress=False, cancel=lambda: run.step >= 1)
     (tmp_path / "d" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(StudioError, match="delete it to restart"):
         BaseTrainer(tmp_path / "d")
