@@ -16,6 +16,7 @@ from studio.errors import StudioError
 # Literal and greppable: the order is the order of `studio --help`.
 COMMANDS = [
     "studio.cli.generate",
+    "studio.cli.compose",
     "studio.cli.info",
     "studio.cli.env",
     "studio.world.cli",

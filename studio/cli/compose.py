@@ -1,0 +1,83 @@
+"""`studio compose`: `studio generate` with several library adapters and a composer (merge, switch, composite).
+
+Adapters come from `--adapters NAME[:W][,NAME[:W]...]` and from `<lora:name:w>` tags in the prompt; each PNG
+records the adapters, the composer and its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from studio.cli.options import add_dataclass_arguments, from_namespace
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from studio.generate import GenerateConfig
+
+    parser = subparsers.add_parser("compose", help="generate with several adapters composed (merge, switch, ...)")
+    add_dataclass_arguments(parser, GenerateConfig, required=("prompt",))
+    parser.add_argument(
+        "--adapters",
+        default="",
+        metavar="NAME[:W],...",
+        help="library adapters and weights, e.g. corgi:0.8,watercolor (prompt tags add more)",
+    )
+    parser.add_argument(
+        "--composer",
+        default="merge",
+        metavar="NAME",
+        help="how the adapters combine: merge (default), switch or composite",
+    )
+    parser.add_argument("--tau", type=int, default=None, help="switch: steps each adapter stays active (default 5)")
+    parser.add_argument(
+        "--order",
+        default=None,
+        metavar="A,B,...",
+        help="switch: adapter order (default subject, style, content, then the rest)",
+    )
+    parser.add_argument("--fused", action="store_true", help="merge: bake the weighted sum into the weights")
+    parser.add_argument(
+        "--schedule",
+        default="constant",
+        metavar="SPEC",
+        help="per-step weight multiplier for every adapter: constant or linear:START:END",
+    )
+    parser.add_argument("--out", required=True, help="output FILE.png (several images: FILE-000.png... + grid)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import composers
+    from studio.generate import GenerateConfig, cached_pipeline, make_grid, output_paths, resolve_device
+    from studio.pnginfo import save_png
+    from studio.prompt_tags import split_lora_tags
+
+    prompt, tags = split_lora_tags(args.prompt)
+    adapters = composers.AdapterSet.parse(args.adapters, tags).resolve()
+    adapters.schedules = [composers.parse_schedule(args.schedule)] * len(adapters.names)
+    values = {"tau": args.tau, "order": args.order.split(",") if args.order else None, "fused": args.fused or None}
+    composer_config = composers.make_config(args.composer, {k: v for k, v in values.items() if v is not None})
+    args.prompt = prompt
+    config = from_namespace(GenerateConfig, args)
+    paths, grid_path = output_paths(args.out, config.num_images)
+    pipe = cached_pipeline(config.model, resolve_device(config.device))  # load (and fail) before the progress bar
+    with tqdm(total=config.steps, desc=f"compose ({args.composer})", unit="step") as bar:
+        result = composers.compose(
+            config,
+            adapters,
+            args.composer,
+            composer_config,
+            pipe=pipe,
+            progress=lambda step, total: bar.update(step - bar.n),
+        )
+    if args.schedule != "constant":
+        result.params = [{**p, "schedule": args.schedule} for p in result.params]
+    for image, params, path in zip(result.images, result.params, paths):
+        save_png(image, path, params)
+        print(path)
+    if grid_path is not None:
+        save_png(make_grid(result.images), grid_path, {**result.params[0], "num_images": config.num_images})
+        print(grid_path)
+    return 0

@@ -1,0 +1,50 @@
+"""`studio compose` end to end on the tiny SD1 folder with two library adapters."""
+
+from __future__ import annotations
+
+import numpy as np
+from composer_helpers import add_random_adapter
+from PIL import Image
+
+from studio.cli import main
+from studio.models import load_pipeline
+from studio.pnginfo import read_parameters
+
+
+def test_compose_cli_writes_pngs_that_record_adapters_and_composer(tiny_dirs, tmp_path, capsys) -> None:
+    model = str(tiny_dirs["sd1"])
+    pipe = load_pipeline(model)
+    add_random_adapter(pipe, "alpha", 1, kind="style")
+    add_random_adapter(pipe, "beta", 2, kind="subject")
+    common = ["--model", model, "--steps", "2", "--size", "32x32", "--seed", "3"]
+    out = tmp_path / "switch.png"
+    flags = "--adapters alpha:0.8 --composer switch --tau 1 --order beta,alpha".split()
+    assert main(["compose", *common, "--prompt", "a red star <lora:beta:0.5>", *flags, "--out", str(out)]) == 0
+    params = read_parameters(out)
+    assert params["prompt"] == "a red star"
+    assert params["adapters"] == [{"name": "alpha", "weight": 0.8}, {"name": "beta", "weight": 0.5}]
+    assert params["composer"] == "switch"
+    assert params["composer_config"] == {"tau": 1, "order": ["beta", "alpha"]}
+    assert params["seed"] == 3 and params["steps"] == 2
+
+    plain = tmp_path / "plain.png"
+    assert main(["generate", *common, "--prompt", "a red star", "--out", str(plain)]) == 0
+    assert np.abs(np.asarray(Image.open(out), dtype=float) - np.asarray(Image.open(plain), dtype=float)).max() > 0
+
+    merged = tmp_path / "merge.png"
+    flags = "--adapters alpha,beta:0.5 --composer composite --num-images 2".split()
+    assert main(["compose", *common, "--prompt", "a red star", *flags, "--out", str(merged)]) == 0
+    assert (tmp_path / "merge-000.png").is_file() and (tmp_path / "merge-grid.png").is_file()
+    assert read_parameters(tmp_path / "merge-001.png")["seed"] == 4
+
+    capsys.readouterr()
+    assert main(["compose", *common, "--prompt", "x", "--adapters", "alpha", "--tau", "2", "--out", str(out)]) == 2
+    assert "--tau does not apply to --composer merge" in capsys.readouterr().err
+    for flags, message in [
+        (["--adapters", "nobody"], "nobody"),
+        ([], "no adapters given"),
+        (["--adapters", "alpha", "--composer", "blend"], "unknown composer 'blend'"),
+        (["--adapters", "alpha", "--composer", "merge", "--fused", "--schedule", "linear:1:0"], "fused merge"),
+    ]:
+        assert main(["compose", *common, "--prompt", "x", *flags, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
