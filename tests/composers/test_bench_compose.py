@@ -1,0 +1,53 @@
+"""`studio bench compose` scores every composer and the controls on the fixed pairs and writes table and grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from composer_helpers import add_random_adapter
+from PIL import Image
+
+from composers.bench import adapter_names, cases, score_image
+from studio.cli import main
+from studio.generate import cached_pipeline
+
+
+def test_cases_cover_both_categories_with_distinct_triggers() -> None:
+    all_cases = cases()
+    assert sum(c.category == "two_subjects" for c in all_cases) >= 6
+    assert sum(c.category == "subject_style" for c in all_cases) >= 6
+    triggers = [t for t, _ in adapter_names().values()]
+    assert len(set(triggers)) == len(triggers) == 6
+    for case in all_cases:
+        assert all(t not in case.caption.split() for t in triggers) and case.prompt != case.caption
+
+
+def test_score_image_judges_the_asked_emblems() -> None:
+    from composers.bench import _scene
+    from studio.world.renderer import render
+
+    case = next(c for c in cases() if c.category == "two_subjects")
+    right = render(_scene(case), 0)  # an exact render of the asked pair
+    swapped = render(_scene(type(case)(**{**case.__dict__, "emblems": case.emblems[::-1]})), 0)
+    assert score_image(right, case)["composition_success"] == 1.0
+    assert score_image(swapped, case)["composition_success"] == 0.0
+
+
+def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    library = tmp_path / "bench-lib"
+    monkeypatch.setenv("STUDIO_LIBRARY", str(library))
+    pipe = cached_pipeline(str(tiny_dirs["sd1"]), "cpu")
+    for i, name in enumerate(adapter_names()):
+        add_random_adapter(pipe, name, seed=i)
+    out = tmp_path / "out"
+    assert main(["bench", "compose", "--model", str(tiny_dirs["sd1"]), "--library", str(library), "--seeds", "1",
+                 "--steps", "2", "--pairs", "1", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["rows"]) == ["merge", "switch", "composite", "alone", "none"]
+    assert report["cases"] == 2 and report["rows"]["alone"]["time_ratio"] == 1.0
+    assert report["rows"]["composite"]["time_ratio"] > report["rows"]["merge"]["time_ratio"]  # k UNet passes
+    table = (out / "compose-bench.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 6 and "| composite |" in table
+    grid = Image.open(out / "compose-bench-grid.png")
+    assert grid.size[1] > 5 * 32 and grid.size[0] > 2 * 32  # 5 rows x 2 cases of 32-px tiles
