@@ -135,7 +135,7 @@ class Loop:
         self.method, self.pipe, self.data, self.run_dir = method, pipe, data, Path(run_dir)
         self.callbacks, self.cancel = callbacks or Callbacks(), cancel
         # Autocast is ours: accelerate's state is process-wide and refuses a second precision in one process (UI).
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU processes meet over gloo
         self.device = self.accelerator.device
         auto = "bf16" if self.device.type == "cuda" else "no"
         self.bf16 = (auto if c.mixed_precision == "auto" else c.mixed_precision) == "bf16"
@@ -193,6 +193,7 @@ class Loop:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         self.step, self.losses, self.window, self.saved_step = 0, [], [], None
+        self.seen: list[int] = []  # data positions (first sample of each micro-batch) this process trained on
         if resume:
             self.load()
 
@@ -317,7 +318,9 @@ class Loop:
                 if self._cancelled():
                     status = "cancelled"
                     break
-                loss = self.micro_loss(self.step * c.grad_accum + len(self.window))
+                m = self.step * c.grad_accum + len(self.window)
+                self.seen.append((m * self.accelerator.num_processes + self.accelerator.process_index) * c.batch_size)
+                loss = self.micro_loss(m)
                 if not torch.isfinite(loss):
                     raise self._diverged(f"the loss became {loss.item()}")
                 self.accelerator.backward(loss / c.grad_accum)
@@ -337,6 +340,7 @@ class Loop:
             bar.close()
         if status == "cancelled":
             self.save()
+        self._record_rank(status)
         result = LoopResult(status, self.step, list(self.losses), self.run_dir)
         result.sample_prompts = list(self.data.sample_prompts)
         if status == "done" and self.data.sample_prompts:
@@ -344,6 +348,19 @@ class Loop:
         if cb.on_done:
             cb.on_done(result)
         return result
+
+    def _record_rank(self, status: str) -> None:
+        """`ranks/rank-N.json`: what this process trained on and a digest of its final weights (ranks must agree)."""
+        import hashlib
+
+        acc = self.accelerator
+        digest = hashlib.sha256()
+        for name, p in self.trainable.items():
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        record = {"rank": acc.process_index, "world_size": acc.num_processes, "status": status, "step": self.step,
+                  "positions": self.seen, "weights_sha256": digest.hexdigest()}
+        atomic.write_json(self.run_dir / "ranks" / f"rank-{acc.process_index}.json", record)
 
     def preview(self) -> list[Any]:
         """Fixed-seed previews of the sample prompts with the adapter as it is now (seed + i for prompt i)."""

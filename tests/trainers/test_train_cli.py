@@ -63,3 +63,29 @@ def test_studio_train_end_to_end(tiny_dirs: dict[str, Path], capsys: pytest.Capt
     assert "--alpha is not an option of kronecker" in capsys.readouterr().err
     assert main([*flags[:3], "--trigger", "zq", "--name", "other", "--model", str(tiny_dirs["sd1"])]) == 2
     assert "exactly one of --images" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_share_the_data_and_agree(tiny_dirs: dict, tmp_path: Path) -> None:
+    """`accelerate launch -m studio train` on two CPU processes: both ranks ran, each on its own shard of the data,
+    their final weights agree, and the library holds the adapter once."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    if shutil.which(str(launcher)) is None:
+        pytest.skip("accelerate's launcher is not installed beside this interpreter")
+    library = tmp_path / "lib"
+    env = {**os.environ, "STUDIO_LIBRARY": str(library), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+           "-m", "studio", "train", "--method", "dreambooth_lora", "--world-emblem", "3", "--trigger", "sks",
+           "--name", "two", "--model", str(tiny_dirs["sd1"]), "--train-steps", "3", "--sample-steps", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((library / ".runs" / "two" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 and r["step"] == 3 for r in ranks)
+    assert not set(ranks[0]["positions"]) & set(ranks[1]["positions"])  # each its own shard
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # gradients were averaged: one model
+    assert [e["name"] for e in map(json.loads, (library / "index.jsonl").read_text().splitlines())] == ["two"]
