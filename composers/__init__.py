@@ -98,6 +98,26 @@ def apply(
     return handle
 
 
+def from_options(
+    prompt: str,
+    adapters: str = "",
+    composer: str = "merge",
+    *,
+    tau: int | None = None,
+    order: str | None = None,
+    fused: bool = False,
+    schedule: str = "constant",
+) -> tuple[str, AdapterSet, Any]:
+    """The CLI's and the UI's options as (prompt without its `<lora:...>` tags, adapter set, composer config)."""
+    from studio.prompt_tags import split_lora_tags
+
+    text, tags = split_lora_tags(prompt)
+    adapter_set = AdapterSet.parse(adapters, tags).resolve()
+    adapter_set.schedules = [parse_schedule(schedule)] * len(adapter_set.names)
+    values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None}
+    return text, adapter_set, make_config(composer, {k: v for k, v in values.items() if v is not None})
+
+
 def compose(
     config: Any,
     adapter_set: AdapterSet,
@@ -127,6 +147,7 @@ def compose(
 __all__ = [
     "COMPOSERS",
     "AdapterSet",
+    "from_options",
     "AttentionStore",
     "CaptureAttnProcessor",
     "CompositeConfig",

@@ -52,14 +52,11 @@ def run(args: argparse.Namespace) -> int:
     import composers
     from studio.generate import GenerateConfig, cached_pipeline, make_grid, output_paths, resolve_device
     from studio.pnginfo import save_png
-    from studio.prompt_tags import split_lora_tags
 
-    prompt, tags = split_lora_tags(args.prompt)
-    adapters = composers.AdapterSet.parse(args.adapters, tags).resolve()
-    adapters.schedules = [composers.parse_schedule(args.schedule)] * len(adapters.names)
-    values = {"tau": args.tau, "order": args.order.split(",") if args.order else None, "fused": args.fused or None}
-    composer_config = composers.make_config(args.composer, {k: v for k, v in values.items() if v is not None})
-    args.prompt = prompt
+    args.prompt, adapters, composer_config = composers.from_options(
+        args.prompt, args.adapters, args.composer, tau=args.tau, order=args.order, fused=args.fused,
+        schedule=args.schedule,
+    )
     config = from_namespace(GenerateConfig, args)
     paths, grid_path = output_paths(args.out, config.num_images)
     pipe = cached_pipeline(config.model, resolve_device(config.device))  # load (and fail) before the progress bar

@@ -1,0 +1,65 @@
+"""The Batch tab: `studio batch` on an uploaded JSONL job file, with progress; the images come back as one zip."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+
+from studio.batch import read_jobs, run_batch
+from studio.ui.errors import shows_errors
+
+
+def run_batch_file(
+    path: str | None, progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
+) -> tuple[list[str], str, str]:
+    """Run every job of a JSONL file; returns (image paths, summary, zip of the output folder)."""
+    if not path:
+        raise gr.Error('upload a JSONL job file: one JSON object per line, e.g. {"prompt": "a red star"}')
+    jobs = read_jobs(path)
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="studio-batch-"))
+    images = out_dir / "images"
+    total = sum(int(job.options.get("num_images", 1)) for job in jobs)  # images reported by on_image (not grids)
+    made: list[str] = []
+
+    def on_image(file: Path) -> None:
+        made.append(str(file))
+        if progress is not None:
+            progress(len(made), total)
+
+    counts = run_batch(jobs, images, on_image=on_image, progress=False)
+    archive = shutil.make_archive(str(out_dir / "batch"), "zip", root_dir=images)
+    files = sorted(str(p) for p in images.rglob("*.png"))
+    return files, f"{counts['made']} of {counts['jobs']} jobs made {len(files)} PNG files", archive
+
+
+def build_batch_tab() -> None:
+    gr.Markdown(
+        "One job per line, keys are the long flags of `studio generate` without dashes, e.g. "
+        '`{"prompt": "a large red star on the left on a white background", "seed": 3, "steps": 20}`; '
+        '`"out"` names a job\'s file.'
+    )
+    with gr.Row():
+        with gr.Column():
+            upload = gr.File(label="JSONL job file", elem_id="batch-file")
+            start = gr.Button("Run batch", variant="primary", elem_id="batch-start")
+            summary = gr.Textbox(label="result", elem_id="batch-summary")
+            archive = gr.File(label="all images as a zip", elem_id="batch-zip")
+        with gr.Column():
+            gallery = gr.Gallery(label="images", columns=4, format="png", elem_id="batch-gallery")
+
+    @shows_errors
+    def on_run(path: str | None, progress: gr.Progress = gr.Progress()) -> tuple[list[str], str, str]:  # noqa: B008
+        return run_batch_file(path, progress=lambda done, total: progress((done, total), desc="images"))
+
+    start.click(
+        on_run,
+        inputs=upload,
+        outputs=[gallery, summary, archive],
+        api_name="batch",
+        concurrency_id="pipeline",
+        concurrency_limit=1,
+    )

@@ -1,0 +1,108 @@
+"""The Compose tab: several library adapters in one image (`composers.compose`), and a weight-sweep grid of two.
+
+Adapters come from the adapters field (`NAME[:W],...`) and from `<lora:name:w>` tags in the prompt, exactly as
+`studio compose` takes them (`composers.from_options`). The sweep draws one image per weight pair of two adapters,
+the first adapter's weights down the rows and the second's across, with the same seed everywhere.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+import composers
+from studio.generate import GenerateConfig, make_grid
+from studio.models import DEFAULT_MODEL
+from studio.pnginfo import a1111_text, save_png
+from studio.ui.errors import shows_errors
+
+
+SWEEP_WEIGHTS = (0.0, 0.5, 1.0)
+
+
+def run_compose(
+    fields: dict[str, Any], progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
+) -> tuple[list[str], str]:
+    """Compose; returns (PNG paths with their parameters, A1111 parameters text)."""
+    prompt, adapters, config = composers.from_options(
+        fields["prompt"], fields.get("adapters") or "", fields.get("composer") or "merge",
+        tau=int(fields["tau"]) if fields.get("tau") else None, order=fields.get("order") or None,
+    )
+    generate_config = GenerateConfig(prompt=prompt, model=fields.get("model") or DEFAULT_MODEL,
+                                     seed=int(fields.get("seed") or 0), steps=int(fields.get("steps") or 20))
+    result = composers.compose(generate_config, adapters, fields.get("composer") or "merge", config,
+                               progress=progress)
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="studio-compose-"))
+    paths = []
+    for i, (image, params) in enumerate(zip(result.images, result.params)):
+        paths.append(str(save_png(image, out_dir / f"compose-{i:03d}.png", params)))
+    return paths, "\n\n".join(a1111_text(p) for p in result.params)
+
+
+def run_sweep(
+    fields: dict[str, Any],
+    weights: tuple[float, ...] = SWEEP_WEIGHTS,
+    progress: Callable[[int, int], None] | None = None,
+) -> Image.Image:
+    """A grid of weighted merges of the first two adapters: row i = first adapter at weights[i], column j = second."""
+    from studio.errors import StudioError
+
+    prompt, adapters, _ = composers.from_options(fields["prompt"], fields.get("adapters") or "")
+    if len(adapters.names) != 2:
+        raise StudioError(f"the sweep takes exactly two adapters, got {len(adapters.names)}; name two in Adapters")
+    a, b = adapters.names
+    config = GenerateConfig(prompt=prompt, model=fields.get("model") or DEFAULT_MODEL,
+                            seed=int(fields.get("seed") or 0), steps=int(fields.get("steps") or 20))
+    images = []
+    for i, wa in enumerate(weights):
+        for j, wb in enumerate(weights):
+            pair = composers.AdapterSet([a, b], [wa, wb])
+            images += composers.compose(config, pair, "merge").images
+            if progress is not None:
+                progress(i * len(weights) + j + 1, len(weights) ** 2)
+    return make_grid(images, columns=len(weights))
+
+
+def build_compose_tab() -> None:
+    with gr.Row():
+        with gr.Column():
+            form = {
+                "model": gr.Textbox(DEFAULT_MODEL, label="Model", elem_id="compose-model"),
+                "prompt": gr.Textbox("", label="Prompt (<lora:name:weight> tags add adapters)", lines=2,
+                                     elem_id="compose-prompt"),
+                "adapters": gr.Textbox("", label="Adapters NAME[:W],NAME[:W]...", elem_id="compose-adapters"),
+                "composer": gr.Radio(list(composers.COMPOSERS), value="merge", label="Composer",
+                                     elem_id="compose-composer"),
+                "tau": gr.Number(5, label="Switch: steps per adapter (tau)", precision=0),
+                "order": gr.Textbox("", label="Switch: order a,b,... (empty: subject, style, then the rest)"),
+                "seed": gr.Number(0, label="Seed", precision=0, elem_id="compose-seed"),
+                "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="compose-steps"),
+            }
+            with gr.Row():
+                button = gr.Button("Compose", variant="primary", elem_id="compose-button")
+                sweep = gr.Button("Weight sweep of two adapters", elem_id="compose-sweep")
+        with gr.Column():
+            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="compose-gallery")
+            info = gr.Textbox(label="Parameters", lines=4, elem_id="compose-info")
+            grid = gr.Image(label=f"Sweep: rows first adapter, columns second, weights {SWEEP_WEIGHTS}",
+                            type="pil", format="png", elem_id="compose-grid")
+
+    def values_of(values: dict) -> dict[str, Any]:
+        return {name: values[component] for name, component in form.items()}
+
+    @shows_errors
+    def on_compose(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str]:  # noqa: B008
+        return run_compose(values_of(values), progress=lambda s, t: progress((s, t), desc="denoising"))
+
+    @shows_errors
+    def on_sweep(values: dict, progress: gr.Progress = gr.Progress()) -> Image.Image:  # noqa: B008
+        return run_sweep(values_of(values), progress=lambda s, t: progress((s, t), desc="sweep"))
+
+    shared = {"concurrency_id": "pipeline", "concurrency_limit": 1}  # the pipeline cache is shared with Generate
+    button.click(on_compose, inputs=set(form.values()), outputs=[gallery, info], api_name="compose", **shared)
+    sweep.click(on_sweep, inputs=set(form.values()), outputs=grid, api_name="sweep", **shared)

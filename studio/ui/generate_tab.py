@@ -1,0 +1,134 @@
+"""The Generate tab: `studio.generate` with its sampler, several images shown as a grid, PNG parameters read back.
+
+Images are written as `studio generate` writes them (`save_png`: A1111 `parameters` plus the studio's JSON), so a
+downloaded image carries its parameters, and dropping such a PNG (or an A1111 one) fills the form again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from studio.generate import GenerateConfig, generate, make_grid, output_paths
+from studio.models import DEFAULT_MODEL
+from studio.pnginfo import a1111_text, read_parameters, save_png
+from studio.schedulers import SAMPLER_NAMES, SCHEDULERS
+from studio.ui.errors import shows_errors
+from studio.ui.fields import form_values
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(GenerateConfig) if f.name not in ("clip_skip", "device"))
+# A1111 `parameters` keys -> GenerateConfig fields (studio PNGs carry the fields themselves as JSON)
+A1111_KEYS = {"Steps": "steps", "CFG scale": "guidance", "Seed": "seed", "Size": "size", "Model": "model"}
+
+
+def config_from_form(fields: dict[str, Any]) -> GenerateConfig:
+    """The form's values as a GenerateConfig; empty optional fields mean "the model's own"."""
+    return GenerateConfig(**form_values(GenerateConfig, fields))
+
+
+def run_generate(
+    fields: dict[str, Any], progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
+) -> tuple[list[str], str, list[str]]:
+    """Generate; returns (image paths, A1111 parameters text, downloadable files: the images and a grid)."""
+    config = config_from_form(fields)
+    result = generate(config, progress=progress)
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="studio-generate-"))
+    paths, grid_path = output_paths(out_dir / "image.png", len(result.images))
+    for image, params, path in zip(result.images, result.params, paths):
+        save_png(image, path, params)
+    files = [str(p) for p in paths]
+    if grid_path is not None:
+        save_png(make_grid(result.images), grid_path, {**result.params[0], "num_images": config.num_images})
+        files.append(str(grid_path))
+    text = "\n\n".join(a1111_text(p) for p in result.params)
+    return [str(p) for p in paths], text, files
+
+
+def fields_from_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """Form fields from `read_parameters`: the studio's JSON as is, or A1111's parsed text mapped onto our names."""
+    if "Steps" not in params and "Seed" not in params:
+        return {k: params[k] for k in FIELDS if k in params and k != "num_images"}
+    fields = {"prompt": params.get("prompt", ""), "negative": params.get("negative", "")}
+    for key, name in A1111_KEYS.items():
+        if key in params:
+            fields[name] = params[key]
+    if params.get("Sampler") in SAMPLER_NAMES:
+        fields["scheduler"] = SAMPLER_NAMES[params["Sampler"]]
+    for name, cast in (("steps", int), ("seed", int), ("guidance", float)):
+        if name in fields:
+            fields[name] = cast(fields[name])
+    return fields
+
+
+def read_png(path: str | None) -> tuple[str, dict[str, Any]]:
+    """(A1111 text, form fields) of a dropped PNG."""
+    if not path:
+        return "", {}
+    fields = fields_from_parameters(read_parameters(path))
+    return a1111_text(fields), fields
+
+
+def build_generate_tab() -> None:
+    with gr.Row():
+        with gr.Column():
+            form = {
+                "model": gr.Textbox(DEFAULT_MODEL, label="Model", elem_id="gen-model"),
+                "prompt": gr.Textbox(
+                    "a large red star on the left on a white background",
+                    label="Prompt (<lora:name:weight> tags work)",
+                    lines=2,
+                    elem_id="gen-prompt",
+                ),
+                "negative": gr.Textbox("", label="Negative prompt", elem_id="gen-negative"),
+                "seed": gr.Number(0, label="Seed (image i uses seed + i)", precision=0, elem_id="gen-seed"),
+                "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="gen-steps"),
+                "guidance": gr.Textbox("", label="Guidance (empty: the model's recommended)", elem_id="gen-guidance"),
+                "scheduler": gr.Dropdown(
+                    ["", *SCHEDULERS], value="", label="Sampler (empty: the model's own)", elem_id="gen-sampler"
+                ),
+                "size": gr.Textbox("", label="Size WxH (empty: the model's native)", elem_id="gen-size"),
+                "num_images": gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count"),
+            }
+            button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+        with gr.Column():
+            gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gen-gallery")
+            info = gr.Textbox(label="Parameters", lines=4, elem_id="gen-info")
+            files = gr.File(label="PNG files (with their parameters) and the grid", file_count="multiple")
+    with gr.Accordion("Read the parameters of a PNG", open=False):
+        with gr.Row():
+            dropped = gr.File(label="Drop a PNG made by the studio or A1111", type="filepath", elem_id="png-drop")
+            with gr.Column():
+                dropped_text = gr.Textbox(label="Its parameters", lines=4, elem_id="png-info")
+                dropped_fields = gr.State({})
+                use = gr.Button("Use these parameters")
+
+    @shows_errors
+    def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str, list]:  # noqa: B008
+        fields = {name: values[component] for name, component in form.items()}
+        return run_generate(fields, progress=lambda step, total: progress((step, total), desc="denoising"))
+
+    button.click(
+        on_generate,
+        inputs=set(form.values()),
+        outputs=[gallery, info, files],
+        api_name="generate",
+        concurrency_id="pipeline",  # one shared pipeline cache with the Batch tab: one run at a time
+        concurrency_limit=1,
+    )
+
+    @shows_errors
+    def on_drop(path: str | None) -> tuple[str, dict]:
+        return read_png(path)
+
+    dropped.change(on_drop, inputs=dropped, outputs=[dropped_text, dropped_fields], api_name="read_png")
+
+    def on_use(fields: dict) -> list:
+        return [gr.update(value=fields[name]) if name in fields else gr.skip() for name in form]
+
+    use.click(on_use, inputs=dropped_fields, outputs=list(form.values()))

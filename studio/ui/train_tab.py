@@ -1,0 +1,193 @@
+"""The Train tab: `trainers.train` through the job queue, with live progress, loss curve, previews, cancel, resume.
+
+The form's fields are `TrainConfig`'s (see `studio.ui.fields`); `configs_from_mapping` turns them into the method
+and run configs exactly as `studio train` does. A finished run lands in the library (the Library tab shows it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from studio.errors import StudioError
+from studio.library.store import check_name
+from studio.ui.errors import shows_errors
+from studio.ui.fields import field_input, form_values
+from studio.ui.jobs import Job, JobQueue
+from studio.ui.uploads import check_uploads, dataset_dir, save_dataset
+from studio.world.textures import TEXTURES
+from trainers import METHODS, Callbacks, TrainConfig, configs_from_mapping, train
+
+
+EMBLEM, TEXTURE, UPLOAD = "Shapes World emblem", "Shapes World texture", "Upload images"
+SOURCE_FIELDS = ("source", "uploads", "world_emblem", "world_texture")
+# The main settings shown in the form (the rest keep TrainConfig's defaults, as `studio train` without the flag).
+MAIN_ROWS = (("trigger", "name"), ("model",), ("train_steps", "rank", "lr"), ("batch_size", "resolution", "seed"))
+MORE_FIELDS = (
+    "world_images",
+    "sample_every",
+    "sample_steps",
+    "save_every",
+    "lr_scheduler",
+    "grad_accum",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "prior_preservation",
+    "class_prompt",
+    "instance_prompt",
+)
+
+
+def train_options(form: dict[str, Any], *, resume: bool = False) -> tuple[dict[str, Any], list[Path]]:
+    """Flat `studio train` options from the form, and the checked uploads (empty unless images are uploaded)."""
+    values = dict(form)
+    source, uploads = values.pop("source"), values.pop("uploads")
+    emblem, texture = values.pop("world_emblem"), values.pop("world_texture")
+    method = values.pop("method")
+    options = {"method": method, **form_values(TrainConfig, values), "progress": False}
+    if resume:
+        options["resume"] = "latest"
+    checked: list[Path] = []
+    if source == EMBLEM:
+        if emblem is None:
+            raise StudioError("give the emblem's seed (any whole number picks one emblem)")
+        options["world_emblem"] = int(emblem)
+    elif source == TEXTURE:
+        options["world_texture"] = texture
+    else:
+        folder = dataset_dir(check_name(options.get("name", "")))
+        if not (resume and folder.is_dir()):  # a resumed run keeps the images it started with
+            checked = check_uploads(uploads)
+        options["images"] = str(folder)
+    return options, checked
+
+
+def submit_training(jobs: JobQueue, form: dict[str, Any], *, resume: bool = False) -> Job:
+    """Check the form, then queue the run; it starts when the jobs ahead of it are done."""
+    options, uploads = train_options(form, resume=resume)
+    method, config = configs_from_mapping(options)
+    jobs.check_free(config.name)
+    if uploads:
+        save_dataset(uploads, dataset_dir(config.name))
+
+    def work(job: Job) -> tuple[str, str]:
+        callbacks = Callbacks(on_step=job.report_step, on_sample=job.report_previews)
+        result = train(method, config, callbacks=callbacks, cancel=job.cancel)
+        if result.status == "done":
+            return "done", f"{config.name} is in the library ({result.step} steps, final loss {result.losses[-1]:.4f})"
+        return "cancelled", f"{config.name} stopped at step {result.step} of {config.train_steps}; Resume continues it"
+
+    label = f"{config.name} ({method.method}{', resumed' if resume else ''})"
+    return jobs.submit(label, config.train_steps, work, key=config.name)
+
+
+def job_rows(jobs: JobQueue) -> list[list[Any]]:
+    return [[j.id, j.label, j.state, f"{j.step}/{j.total}", jobs.status(j)] for j in reversed(jobs.jobs())]
+
+
+def job_view(jobs: JobQueue, job_id: int | None, seen: tuple[int, int]) -> tuple[Any, ...]:
+    """(status, loss curve, previews, jobs table, seen) of the watched job.
+
+    `seen` is the (version, preview version) the page shows: unchanged curves and previews are not sent again.
+    A job that failed since the last look also pops up its error.
+    """
+    job = jobs.get(job_id)
+    if job is None:
+        return "no training yet", gr.skip(), gr.skip(), job_rows(jobs), seen
+    version, preview_version = seen
+    if job.version == version:
+        return jobs.status(job), gr.skip(), gr.skip(), job_rows(jobs), seen
+    if job.state == "failed":
+        gr.Warning(jobs.status(job))
+    curve = pd.DataFrame(job.losses, columns=["step", "loss"])
+    previews = list(job.previews) if job.preview_version != preview_version else gr.skip()
+    return jobs.status(job), curve, previews, job_rows(jobs), (job.version, job.preview_version)
+
+
+def build_train_tab(jobs: JobQueue) -> None:
+    with gr.Row():
+        with gr.Column():
+            form: dict[str, Any] = {
+                "method": gr.Dropdown(list(METHODS), value="dreambooth_lora", label="method", elem_id="train-method"),
+                "source": gr.Radio([EMBLEM, TEXTURE, UPLOAD], value=EMBLEM, label="data", elem_id="train-source"),
+                "world_emblem": field_input(TrainConfig, "world_emblem", value=7),
+                "world_texture": gr.Dropdown(
+                    list(TEXTURES), value="stripes", label="texture (a style)", visible=False, elem_id="train-texture"
+                ),
+                "uploads": gr.File(
+                    file_count="multiple",
+                    label="training images (3 to 5 work well; same-named .txt files are captions; "
+                    "at most 200 images of 20 MB each)",
+                    visible=False,
+                    elem_id="train-uploads",
+                ),
+            }
+            for row in MAIN_ROWS:
+                with gr.Row():
+                    form.update({name: field_input(TrainConfig, name) for name in row})
+            with gr.Accordion("More settings", open=False):
+                form.update({name: field_input(TrainConfig, name) for name in MORE_FIELDS})
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+                resume = gr.Button("Resume", elem_id="train-resume")
+        with gr.Column():
+            status = gr.Textbox("no training yet", label="status", elem_id="train-status")
+            curve = gr.LinePlot(x="step", y="loss", label="loss", height=220, elem_id="train-loss")
+            previews = gr.Gallery(label="previews", columns=4, format="png", elem_id="train-previews")
+            table = gr.Dataframe(
+                headers=["job", "adapter", "state", "step", "status"], label="job queue", elem_id="train-jobs"
+            )
+    watched, seen = gr.State(None), gr.State((-1, -1))
+
+    def on_source(source: str) -> tuple[Any, ...]:
+        return (
+            gr.update(visible=source == EMBLEM),
+            gr.update(visible=source == TEXTURE),
+            gr.update(visible=source == UPLOAD),
+            gr.update(visible=source != UPLOAD),
+        )
+
+    form["source"].change(
+        on_source,
+        inputs=form["source"],
+        outputs=[form["world_emblem"], form["world_texture"], form["uploads"], form["world_images"]],
+    )
+
+    def submit(values: dict, resume_run: bool) -> tuple[int, str, tuple[int, int]]:
+        job = submit_training(jobs, {name: values[c] for name, c in form.items()}, resume=resume_run)
+        return job.id, jobs.status(job), (-1, -1)
+
+    start.click(
+        shows_errors(lambda values: submit(values, False)),
+        inputs=set(form.values()),
+        outputs=[watched, status, seen],
+        concurrency_limit=None,
+        trigger_mode="multiple",
+        api_name="train",
+    )
+    resume.click(
+        shows_errors(lambda values: submit(values, True)),
+        inputs=set(form.values()),
+        outputs=[watched, status, seen],
+        concurrency_limit=None,
+        api_name="resume",
+    )
+
+    def on_cancel(job_id: int | None) -> str:
+        job = jobs.cancel(job_id) if job_id is not None else None
+        return jobs.status(job) if job else "no job to cancel"
+
+    cancel.click(on_cancel, inputs=watched, outputs=status, concurrency_limit=None)
+
+    timer = gr.Timer(1.0)
+    timer.tick(
+        lambda job_id, version: job_view(jobs, job_id, version),
+        inputs=[watched, seen],
+        outputs=[status, curve, previews, table, seen],
+        concurrency_limit=None,
+        show_progress="hidden",
+    )

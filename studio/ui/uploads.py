@@ -1,0 +1,72 @@
+"""Training images uploaded in the page: checked (count, size, readable image), then copied into a dataset folder.
+
+The folder is `$STUDIO_LIBRARY/.datasets/<adapter name>` (hidden, so the library ignores it). It outlives the run,
+because resuming a stopped run needs the same `--images` folder. Same-named `.txt` files are captions, as in
+`studio train --images DIR`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from studio.errors import StudioError
+from studio.paths import library_dir
+from trainers.data import CAPTION_SUFFIX, IMAGE_SUFFIXES, open_image
+
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image
+MAX_IMAGES = 200  # per dataset
+
+
+def dataset_dir(name: str) -> Path:
+    """Where the uploaded images of adapter `name` are kept."""
+    return library_dir() / ".datasets" / name
+
+
+def check_uploads(files: Sequence[str | Path] | None) -> list[Path]:
+    """The uploaded files as paths, or a StudioError that names the first bad file and what to do."""
+    paths = [Path(f) for f in files or []]
+    images = [p for p in paths if p.suffix.lower() != CAPTION_SUFFIX]
+    if not images:
+        raise StudioError(
+            "no training images: upload 3 to 5 images of the concept, or pick a Shapes World emblem or texture"
+        )
+    if len(images) > MAX_IMAGES:
+        raise StudioError(f"{len(images)} images uploaded; a dataset holds at most {MAX_IMAGES}, so pick the best")
+    names = [p.name for p in paths]
+    for name in names:
+        if names.count(name) > 1:
+            raise StudioError(f"two uploads are named {name}; rename one of them")
+    stems = {p.stem for p in images}
+    for path in paths:
+        if path.suffix.lower() == CAPTION_SUFFIX:
+            if path.stem not in stems:
+                raise StudioError(f"{path.name} is a caption of no uploaded image; upload {path.stem}.png with it")
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise StudioError(f"{path.name} is not an image; upload {', '.join(IMAGE_SUFFIXES)} files")
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise StudioError(
+                f"{path.name} is {size / 2**20:.1f} MB; images over {MAX_IMAGE_BYTES // 2**20} MB are refused, "
+                "so resize it (training uses the model's resolution anyway)"
+            )
+        try:
+            open_image(path)
+        except StudioError:
+            raise StudioError(
+                f"{path.name} is damaged or not an image; upload {', '.join(IMAGE_SUFFIXES)} files"
+            ) from None
+    return paths
+
+
+def save_dataset(paths: Sequence[Path], folder: Path) -> Path:
+    """Replace `folder`'s contents with the checked uploads `paths`."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for path in paths:
+        shutil.copyfile(path, folder / path.name)
+    return folder

@@ -1,0 +1,45 @@
+"""The Compose tab's actions: compose with adapters from the field and from prompt tags; the two-adapter sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from composer_helpers import add_random_adapter
+
+from studio.errors import StudioError
+from studio.generate import cached_pipeline
+from studio.pnginfo import read_parameters
+from studio.ui.compose_tab import SWEEP_WEIGHTS, run_compose, run_sweep
+
+
+@pytest.fixture()
+def two_adapters(tiny_dirs: dict) -> str:
+    pipe = cached_pipeline(str(tiny_dirs["sd1"]), "cpu")
+    add_random_adapter(pipe, "alpha", seed=1)
+    add_random_adapter(pipe, "beta", seed=2)
+    return str(tiny_dirs["sd1"])
+
+
+def test_compose_records_adapters_from_field_and_tags(two_adapters: str, tmp_path: Path) -> None:
+    fields = {"model": two_adapters, "prompt": "a red star <lora:beta:0.5>", "adapters": "alpha:0.8",
+              "composer": "switch", "tau": 1, "seed": 2, "steps": 3}
+    paths, text = run_compose(fields, out_dir=tmp_path)
+    params = read_parameters(paths[0])
+    assert params["composer"] == "switch" and params["prompt"] == "a red star"
+    assert {a["name"]: a["weight"] for a in params["adapters"]} == {"alpha": 0.8, "beta": 0.5}
+    assert 'Lora weights: "alpha: 0.8, beta: 0.5"' in text  # A1111 quotes values that hold commas
+
+
+def test_sweep_grid_corner_is_the_base_and_cells_differ(two_adapters: str) -> None:
+    fields = {"model": two_adapters, "prompt": "a blue ring", "adapters": "alpha,beta", "seed": 1, "steps": 2}
+    grid = np.asarray(run_sweep(fields))
+    n = len(SWEEP_WEIGHTS)
+    h, w = grid.shape[0] // n, grid.shape[1] // n
+    cells = [grid[i * h:(i + 1) * h, j * w:(j + 1) * w].astype(int) for i in range(n) for j in range(n)]
+    base = np.asarray(run_sweep({**fields, "adapters": "alpha,beta"}, weights=(0.0,))).astype(int)
+    assert np.array_equal(cells[0], base)  # weights (0, 0): the model alone
+    assert np.abs(cells[-1] - cells[0]).max() > 0 and np.abs(cells[1] - cells[n]).max() > 0
+    with pytest.raises(StudioError, match="exactly two adapters"):
+        run_sweep({**fields, "adapters": "alpha"})

@@ -1,0 +1,89 @@
+"""The Train tab: the form becomes `studio train` options; runs go through the queue; cancel, resume, library."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from studio.errors import StudioError
+from studio.library import Library
+from studio.ui.jobs import JobQueue
+from studio.ui.train_tab import EMBLEM, TEXTURE, UPLOAD, job_view, submit_training, train_options
+from studio.ui.uploads import dataset_dir
+from trainers import configs_from_mapping
+
+
+def _form(**changes: Any) -> dict[str, Any]:
+    form = {
+        "method": "dreambooth_lora", "source": EMBLEM, "uploads": None, "world_emblem": 3, "world_texture": "dots",
+        "trigger": "sks", "name": "emb", "model": "studio-tiny", "train_steps": 2, "rank": "", "lr": "",
+        "batch_size": 1, "resolution": "", "seed": 0, "world_images": 3, "sample_every": 0, "sample_steps": 1,
+        "save_every": 0, "lr_scheduler": "constant", "grad_accum": 1, "mixed_precision": "auto",
+        "gradient_checkpointing": False, "prior_preservation": False, "class_prompt": "", "instance_prompt": "",
+    }  # fmt: skip
+    return {**form, **changes}
+
+
+def test_the_form_maps_onto_train_config_like_the_cli() -> None:
+    options, uploads = train_options(_form(rank="8", lr="0.001"))
+    method, config = configs_from_mapping(options)
+    assert uploads == [] and config.world_emblem == 3 and config.world_texture is None and config.images is None
+    assert method.rank == 8 and method.lr == 0.001 and config.resolution is None and config.class_prompt is None
+    assert config.progress is False and config.resume is None
+    _, config = configs_from_mapping(train_options(_form(source=TEXTURE), resume=True)[0])
+    assert config.world_texture == "dots" and config.world_emblem is None and config.resume == "latest"
+    with pytest.raises(StudioError, match="rank must be a whole number"):
+        train_options(_form(rank="4.5"))
+
+
+def test_uploaded_images_are_checked_and_kept_for_the_run(tmp_path: Path) -> None:
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), "red").save(image)
+    options, uploads = train_options(_form(source=UPLOAD, uploads=[str(image)], name="mine"))
+    assert options["images"] == str(dataset_dir("mine")) and uploads == [image]
+    with pytest.raises(StudioError, match="no training images"):
+        train_options(_form(source=UPLOAD, uploads=[]))
+    with pytest.raises(StudioError, match="is not a slug"):
+        train_options(_form(source=UPLOAD, uploads=[str(image)], name="Bad Name"))
+
+
+def test_bad_settings_are_refused_before_anything_is_queued() -> None:
+    jobs = JobQueue()
+    with pytest.raises(StudioError, match="--train-steps must be at least 1"):
+        submit_training(jobs, _form(train_steps=0))
+    with pytest.raises(StudioError, match="unknown method"):
+        submit_training(jobs, _form(method="nope"))
+    assert jobs.jobs() == []
+
+
+def test_train_cancel_resume_and_the_result_in_the_library(tiny_dirs: dict) -> None:
+    jobs = JobQueue()
+    form = _form(model=str(tiny_dirs["sd1"]), train_steps=12, save_every=0)
+    job = submit_training(jobs, form)
+    deadline = time.time() + 60
+    while job.step < 1:
+        assert time.time() < deadline and not job.finished, jobs.status(job)
+        time.sleep(0.01)
+    jobs.cancel(job.id)
+    assert jobs.wait(job, timeout=60) and job.state == "cancelled", jobs.status(job)
+    assert "Resume continues it" in job.message and "emb" not in Library()
+    again = submit_training(jobs, form)  # a new start does not overwrite the stopped run
+    assert jobs.wait(again, timeout=60) and "already holds a run of 'emb'" in jobs.status(again)
+    resumed = submit_training(jobs, form, resume=True)
+    assert jobs.wait(resumed, timeout=120), jobs.status(resumed)
+    assert resumed.state == "done", jobs.status(resumed)
+    assert resumed.step == 12 and resumed.previews and "emb" in Library()
+    status, curve, previews, rows, seen = job_view(jobs, resumed.id, (-1, -1))
+    assert status.startswith("done: emb is in the library (12 steps")
+    assert seen == (resumed.version, resumed.preview_version)
+    assert list(curve.columns) == ["step", "loss"] and curve["step"].iloc[-1] == 12 and len(previews) == 4
+    assert [row[2] for row in rows] == ["done", "failed", "cancelled"]
+    assert job_view(jobs, resumed.id, seen)[:3] == (status, gr.skip(), gr.skip())  # unchanged plots: not resent
+    assert job_view(jobs, resumed.id, (seen[0] - 1, seen[1]))[2] == gr.skip()  # a new loss, the same previews
+    with pytest.warns(UserWarning, match="already holds a run"):  # a failure pops up once, as a toast
+        job_view(jobs, again.id, (-1, -1))
