@@ -197,6 +197,20 @@ def output_paths(out: str | Path, count: int) -> tuple[list[Path], Path | None]:
     return [out.with_name(f"{out.stem}-{i:03d}.png") for i in range(count)], out.with_name(f"{out.stem}-grid.png")
 
 
+def save_result(result: GenerateResult, out: str | Path) -> list[Path]:
+    """Write `result` as `studio generate --out` does: FILE.png, or FILE-000.png... and FILE-grid.png, each PNG with
+    its parameters; returns the paths written (the grid last)."""
+    from studio.pnginfo import save_png
+
+    paths, grid_path = output_paths(out, len(result.images))
+    for image, params, path in zip(result.images, result.params, paths):
+        save_png(image, path, params)
+    if grid_path is None:
+        return paths
+    save_png(make_grid(result.images), grid_path, {**result.params[0], "num_images": len(result.images)})
+    return [*paths, grid_path]
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -50,15 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import composers
-    from studio.generate import GenerateConfig, cached_pipeline, make_grid, output_paths, resolve_device
-    from studio.pnginfo import save_png
+    from studio.generate import GenerateConfig, cached_pipeline, output_paths, resolve_device, save_result
 
     args.prompt, adapters, composer_config = composers.from_options(
         args.prompt, args.adapters, args.composer, tau=args.tau, order=args.order, fused=args.fused,
         schedule=args.schedule,
     )
     config = from_namespace(GenerateConfig, args)
-    paths, grid_path = output_paths(args.out, config.num_images)
+    output_paths(args.out, config.num_images)  # a bad --out fails before any work
     pipe = cached_pipeline(config.model, resolve_device(config.device))  # load (and fail) before the progress bar
     with tqdm(total=config.steps, desc=f"compose ({args.composer})", unit="step") as bar:
         result = composers.compose(
@@ -71,10 +70,6 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.schedule != "constant":
         result.params = [{**p, "schedule": args.schedule} for p in result.params]
-    for image, params, path in zip(result.images, result.params, paths):
-        save_png(image, path, params)
+    for path in save_result(result, args.out):
         print(path)
-    if grid_path is not None:
-        save_png(make_grid(result.images), grid_path, {**result.params[0], "num_images": config.num_images})
-        print(grid_path)
     return 0

@@ -19,18 +19,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from studio.generate import GenerateConfig, cached_pipeline, generate, make_grid, output_paths, resolve_device
-    from studio.pnginfo import save_png
+    from studio.generate import GenerateConfig, cached_pipeline, generate, output_paths, resolve_device, save_result
 
     config = from_namespace(GenerateConfig, args)
-    paths, grid_path = output_paths(args.out, config.num_images)
+    output_paths(args.out, config.num_images)  # a bad --out fails before any work
     cached_pipeline(config.model, resolve_device(config.device))  # load (and fail) before the progress bar
     with tqdm(total=config.steps, desc="generate", unit="step") as bar:
         result = generate(config, progress=lambda step, total: bar.update(step - bar.n))
-    for image, params, path in zip(result.images, result.params, paths):
-        save_png(image, path, params)
+    for path in save_result(result, args.out):
         print(path)
-    if grid_path is not None:
-        save_png(make_grid(result.images), grid_path, {**result.params[0], "num_images": config.num_images})
-        print(grid_path)
     return 0

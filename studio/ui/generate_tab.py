@@ -14,9 +14,9 @@ from typing import Any
 
 import gradio as gr
 
-from studio.generate import GenerateConfig, generate, make_grid, output_paths
+from studio.generate import GenerateConfig, generate, save_result
 from studio.models import DEFAULT_MODEL
-from studio.pnginfo import a1111_text, read_parameters, save_png
+from studio.pnginfo import a1111_text, read_parameters
 from studio.schedulers import SAMPLER_NAMES, SCHEDULERS
 from studio.ui.errors import shows_errors
 from studio.ui.fields import form_values
@@ -39,15 +39,9 @@ def run_generate(
     config = config_from_form(fields)
     result = generate(config, progress=progress)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="studio-generate-"))
-    paths, grid_path = output_paths(out_dir / "image.png", len(result.images))
-    for image, params, path in zip(result.images, result.params, paths):
-        save_png(image, path, params)
-    files = [str(p) for p in paths]
-    if grid_path is not None:
-        save_png(make_grid(result.images), grid_path, {**result.params[0], "num_images": config.num_images})
-        files.append(str(grid_path))
+    files = [str(p) for p in save_result(result, out_dir / "image.png")]
     text = "\n\n".join(a1111_text(p) for p in result.params)
-    return [str(p) for p in paths], text, files
+    return files[: len(result.images)], text, files
 
 
 def fields_from_parameters(params: dict[str, Any]) -> dict[str, Any]:
