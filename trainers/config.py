@@ -69,6 +69,9 @@ class TrainConfig:
     )
     num_class_images: int = field(default=100, metadata={"help": "class images for prior preservation"})
     prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation loss"})
+    snr_gamma: float = field(
+        default=0.0, metadata={"help": "Min-SNR-gamma loss weights (Hang et al. 2023; theirs: 5; 0: off)"}
+    )
     save_every: int = field(default=100, metadata={"help": "checkpoint every K optimizer steps (0: only at the end)"})
     sample_every: int = field(default=0, metadata={"help": "render previews every K steps (0: only at the end)"})
     sample_steps: int = field(default=25, metadata={"help": "sampling steps of previews and class images"})

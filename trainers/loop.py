@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from studio import atomic
@@ -84,14 +83,38 @@ def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, 
 
 
 def diffusion_loss(
-    pred: torch.Tensor, target: torch.Tensor, n_prior: int = 0, prior_weight: float = 1.0
+    pred: torch.Tensor, target: torch.Tensor, n_prior: int = 0, prior_weight: float = 1.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE; the last `n_prior` samples are class images, adding prior_weight * their MSE (DreamBooth Eq. 2)."""
+    """MSE; the last `n_prior` samples are class images, adding prior_weight * their MSE (DreamBooth Eq. 2).
+
+    `weights` (B,) scales each sample's squared error (Min-SNR-gamma); None is the plain mean.
+    """
     pred, target = pred.float(), target.float()
+    per = (pred - target).pow(2).flatten(1).mean(1)  # (B,)
+    if weights is not None:
+        per = per * weights
     if not n_prior:
-        return F.mse_loss(pred, target)
+        return per.mean()
     n = pred.shape[0] - n_prior
-    return F.mse_loss(pred[:n], target[:n]) + prior_weight * F.mse_loss(pred[n:], target[n:])
+    return per[:n].mean() + prior_weight * per[n:].mean()
+
+
+def min_snr_weights(scheduler: Any, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., arXiv:2303.09556, eq. 8-9), (B,) for timesteps t.
+
+    The x0-loss weight min(SNR_t, gamma) expressed for what the UNet predicts: epsilon min(SNR, gamma) / SNR,
+    v min(SNR, gamma) / (SNR + 1), x0 min(SNR, gamma). SNR_t = abar_t / (1 - abar_t).
+    """
+    abar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
 
 
 def seeded(seed: int, *keys: int) -> torch.Generator:
@@ -263,7 +286,8 @@ class Loop:
         target = training_target(self.noise, z0, noise, t)
         with self.autocast():
             pred = self.models["unet"](zt, t, **self._condition(prompts)).sample
-        loss = diffusion_loss(pred, target, batch if self.prior is not None else 0, c.prior_loss_weight)
+        weights = min_snr_weights(self.noise, t, c.snr_gamma) if c.snr_gamma > 0 else None
+        loss = diffusion_loss(pred, target, batch if self.prior is not None else 0, c.prior_loss_weight, weights)
         reg = self.method.regularizer(self.step)
         return loss if reg is None else loss + reg
 

@@ -41,17 +41,18 @@ SAMPLE_PROMPTS = (
 
 @dataclass
 class BaseTrainConfig:
-    steps: int = 20000
-    batch_size: int = 256
-    lr: float = 2e-4
-    warmup: int = 500
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup: int = 300
+    snr_gamma: float = 5.0  # Min-SNR-gamma loss weights (Hang et al., arXiv:2303.09556): layout is learnt sooner
     ema_decay: float = 0.9995
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     free_phrasing: float = 0.25  # captions written as users write them (no size word, `in the center`, ...)
     train_text_encoder: bool = False
     text_lr_scale: float = 0.1
     seed: int = 0
-    save_every: int = 500
+    save_every: int = 250
     sample_every: int = 1000
     sample_steps: int = 20
     guidance: float = 5.0  # the guidance the exported model recommends (its studio.json)
@@ -141,7 +142,8 @@ class BaseTrainer:
         c = self.config
         return TrainConfig(
             trigger="", name="studio-tiny", world_scenes=True, train_steps=c.steps, batch_size=c.batch_size,
-            lr_scheduler="cosine", lr_warmup_steps=c.warmup, save_every=c.save_every, sample_every=c.sample_every,
+            lr_scheduler="cosine", lr_warmup_steps=c.warmup, snr_gamma=c.snr_gamma, save_every=c.save_every,
+            sample_every=c.sample_every,
             sample_steps=c.sample_steps, sample_prompts=list(SAMPLE_PROMPTS), seed=c.seed, run_dir=str(self.run_dir),
             progress=progress,
         )
@@ -223,9 +225,9 @@ def run_train_base(args) -> int:  # noqa: ANN001 (argparse.Namespace)
 def register_train_base(sub) -> None:  # noqa: ANN001 (argparse subparsers)
     p = sub.add_parser("train-base", help="train the embedded base (resumable chunks; re-run to resume)")
     p.add_argument("--run", default="runs/studio-tiny", help="run folder (checkpoint, samples, loss curve)")
-    p.add_argument("--steps", type=int, default=None, help="total steps (default 20000)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 256")
-    p.add_argument("--lr", type=float, default=None, help="default 2e-4")
+    p.add_argument("--steps", type=int, default=None, help="total steps (default 6000)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64")
+    p.add_argument("--lr", type=float, default=None, help="default 3e-4")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text tower too (lr x0.1)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")

@@ -14,7 +14,15 @@ from trainer_helpers import emblem, quick, tiny_pipe
 import trainers
 from studio.errors import StudioError
 from trainers import METHODS, DreamBoothLoRA, DreamBoothLoRAConfig, train_loop
-from trainers.loop import CHECKPOINT, Loop, diffusion_loss, epoch_indices, seeded, training_target
+from trainers.loop import (
+    CHECKPOINT,
+    Loop,
+    diffusion_loss,
+    epoch_indices,
+    min_snr_weights,
+    seeded,
+    training_target,
+)
 
 
 METHOD_FACTORIES = {
@@ -150,6 +158,30 @@ def test_training_targets() -> None:
     sched = DDPMScheduler.from_config(sched.config, prediction_type="flow")
     with pytest.raises(StudioError, match="epsilon, v_prediction"):
         training_target(sched, z0, noise, t)
+
+
+def test_min_snr_weights_by_hand() -> None:
+    """Min-SNR-gamma (Hang et al. 2023, eq. 8-9): epsilon min(SNR, g)/SNR, v min(SNR, g)/(SNR + 1), x0 min(SNR, g)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 100, 500, 999])
+    abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)[t]
+    snr = abar / (1 - abar)  # t=0: about 1175 (clipped to 5); t=999: about 0.005 (kept)
+    clipped = snr.clamp(max=5.0)
+    w = min_snr_weights(sched, t, 5.0).double()
+    torch.testing.assert_close(w, clipped / snr, rtol=1e-4, atol=1e-7)
+    assert w[-1] == pytest.approx(1.0) and w[0] < 0.01  # noisy steps keep their weight, clean ones lose it
+    v = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    torch.testing.assert_close(min_snr_weights(v, t, 5.0).double(), clipped / (snr + 1), rtol=1e-4, atol=1e-7)
+    x0 = DDPMScheduler.from_config(sched.config, prediction_type="sample")
+    torch.testing.assert_close(min_snr_weights(x0, t, 5.0).double(), clipped, rtol=1e-4, atol=1e-7)
+    pred, target = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    per = (pred - target).pow(2).mean((1, 2, 3))
+    torch.testing.assert_close(diffusion_loss(pred, target, weights=w.float()), (per * w.float()).mean())
+    weighted = per * w.float()  # with class images: each half weighted, then DreamBooth's sum
+    expected = weighted[:2].mean() + 0.5 * weighted[2:].mean()
+    torch.testing.assert_close(diffusion_loss(pred, target, 2, 0.5, w.float()), expected)
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])  # epsilon, v-prediction
