@@ -15,6 +15,7 @@ BENCHES = [
     "studio.world.base_bench",
     "studio.generate_bench",
     "trainers.bench",
+    "trainers.quality_bench",
     "composers.bench",
 ]
 

@@ -1,0 +1,53 @@
+"""`studio bench adapters` trains, generates, judges and writes its table; the verdict applies every bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainers.quality_bench import (
+    DRIFT_BAR,
+    emblem_prompts,
+    eval_emblems,
+    run_bench,
+    texture_prompts,
+    verdict,
+)
+
+
+def test_prompts_cover_every_position_and_background() -> None:
+    seed = eval_emblems(1)[0]
+    assert eval_emblems(3)[0] == seed and len(set(eval_emblems(3))) == 3  # deterministic, distinct
+    prompts = emblem_prompts(seed, "sks")
+    assert len(prompts) == 20
+    assert {(p.scene.objects[0].position, p.scene.background) for p in prompts} == {
+        (p, b) for p in ("left", "right", "top", "bottom", "center") for b in ("white", "black", "gray", "beige")
+    }
+    assert all("sks emblem" in p.text and p.scene.objects[0].emblem == seed for p in prompts)
+    styled = texture_prompts("dots", "vgl", 5)
+    assert len(styled) == 5 and all(p.text.endswith(" in vgl style") and p.scene.texture == "dots" for p in styled)
+
+
+def test_verdict_names_each_missed_bar() -> None:
+    good = {"kind": "emblem", "emblem": 0.9, "position": 0.85, "background": 1.0, "drift": 0.0, "seconds": 100.0}
+    assert verdict(good) == []
+    bad = {**good, "emblem": 0.5, "drift": DRIFT_BAR + 0.01, "seconds": 301.0}
+    assert verdict(bad) == ["emblem", "drift", "seconds"]
+    texture = {"kind": "texture", "texture": 0.9, "shape": 0.9, "colour": 0.7, "position": 0.9, "seconds": 10.0}
+    assert verdict(texture) == ["colour"]
+
+
+def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
+    report = run_bench(str(tiny_dirs["sd1"]), ["dreambooth_lora", "kronecker"], tmp_path, steps=2, n_base=2,
+                       n_texture=2, overrides={"train_steps": 2, "sample_steps": 2}, n_emblems=1)
+    rows = report["rows"]
+    kinds = [(r["method"], r["kind"]) for r in rows]
+    assert kinds == [(m, k) for m in ("dreambooth_lora", "kronecker") for k in ("emblem", "texture")]
+    for r in rows:
+        assert r["trainable_params"] > 0 and r["seconds"] > 0 and r["missed"] == verdict(r)
+        judged = ("emblem", "position", "background") if r["kind"] == "emblem" else ("texture", "shape", "colour")
+        assert all(0.0 <= r[k] <= 1.0 for k in judged)
+    assert rows[0]["params_ratio"] == 1.0 and 0 < rows[2]["params_ratio"] < 1  # Kronecker: fewer parameters
+    assert set(report["base_accuracy"]) == {"shape", "colour", "position", "background", "mean"}
+    table = (tmp_path / "adapters-bench.md").read_text()
+    assert table.count("| dreambooth_lora |") == 2 and "misses the bar" in table  # 2 steps on random weights
+    assert (tmp_path / "adapters-bench-grid.png").is_file() and (tmp_path / "adapters-bench.json").is_file()

@@ -1,0 +1,265 @@
+"""`studio bench adapters`: do adapters trained at their defaults meet the trainer bar on Shapes World?
+
+Per method (default: DreamBooth-LoRA, then DiffuseKronA), each adapter trained by `trainers.train` with nothing but
+its source, trigger and name, as `studio train` at its defaults would (wall clock from the call to the adapter in the
+library, class images included when the defaults make them):
+
+- three emblems (subjects) drawn from the evaluation split: on 20 prompts placing the trigger at every position on
+  every background, how often the evaluator finds the emblem, the asked position and the asked background; and the
+  base's single-object accuracy on `studio bench base`'s prompts (same prompts and seeds) with the adapter loaded
+  and its trigger absent, against the base alone: the adapter must not leak into prompts that do not ask for it.
+- one texture (a style): on 20 new scenes `... in {trigger} style`, how often the texture is found, and how often
+  each asked object's shape, colour and position follow the prompt.
+- trainable parameters, and each method's as a fraction of the first method's.
+
+Writes `adapters-bench.md` (table and verdicts), `adapters-bench.json` and `adapters-bench-grid.png` (a row per
+adapter). The bars are fixed constants; a method passes when every adapter of it reaches all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from studio.models import DEFAULT_MODEL
+
+
+FOUND_BAR = 0.80  # emblem found / texture found
+PLACE_BAR = 0.80  # asked position and background (emblems); shape, colour and position (textures)
+DRIFT_BAR = 0.05  # largest drop of the base's single-object accuracy with the adapter loaded, trigger absent
+SECONDS_BAR = 300.0  # training wall clock per adapter on the machine that runs the bench (2 CPU cores in the bar)
+EMBLEM_STREAM = 0xE3B5  # emblem seeds of the bench: the "eval" split of their own stream
+TRIGGERS = ("sks", "zwx", "qrv")
+TEXTURE_TRIGGER = "vgl"
+PLACES = ("left", "right", "top", "bottom", "center")  # the grammar's named positions (corners are optional)
+ACCURACY_KEYS = ("shape", "colour", "position", "background")  # `studio bench base`'s single-object bar
+
+GenerateFn = Callable[[str, int], torch.Tensor]  # (prompt, seed) -> (3, H, W) in [0, 1]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # with the trigger
+    scene: object  # studio.world.grammar.Scene the evaluator judges against
+    seed: int
+
+
+def eval_emblems(n: int = 3) -> list[int]:
+    """`n` emblem seeds from the evaluation split (never a training seed of the bench's other adapters)."""
+    from studio.world.datasets import _rng
+
+    rng = _rng(EMBLEM_STREAM, "eval", 0)
+    return [int(s) for s in rng.integers(10_000, 1 << 30, size=n)]
+
+
+def emblem_prompts(seed: int, trigger: str) -> list[Prompt]:
+    """The emblem, large, at each of the 5 named positions on each of the 4 backgrounds: 20 prompts."""
+    from studio.world.grammar import BACKGROUNDS, EMBLEM, Scene, SceneObject
+
+    out = []
+    for i, (pos, bg) in enumerate((p, b) for p in PLACES for b in BACKGROUNDS):
+        scene = Scene((SceneObject(EMBLEM, None, "large", pos, emblem=seed),), bg)
+        out.append(Prompt(scene.caption().replace("emblem", f"{trigger} emblem"), scene, i))
+    return out
+
+
+def texture_prompts(name: str, trigger: str, n: int = 20) -> list[Prompt]:
+    """`n` new one- or two-object scenes from the evaluation split, written `... in {trigger} style`."""
+    from studio.world.datasets import _rng, random_scene
+
+    rng = _rng(0x7E48, "eval", 0)
+    out = []
+    for i in range(n):
+        scene = random_scene(rng, int(rng.integers(1, 3)), texture=name)
+        out.append(Prompt(f"{scene.caption()} in {trigger} style", scene, i))
+    return out
+
+
+def train_adapter(method: str, name: str, trigger: str, source: dict, model: str, library: Path,
+                  overrides: dict) -> dict:
+    """Train one adapter into `library` at the method's defaults; its wall clock and trainable parameters."""
+    from studio.library import Library
+    from trainers import TrainConfig, train
+
+    config = TrainConfig(trigger=trigger, name=name, model=model, overwrite=True, progress=False,
+                         run_dir=str(library / ".runs" / name), **source, **overrides)
+    start = time.perf_counter()
+    result = train(method, config, library=Library(library))
+    seconds = time.perf_counter() - start
+    params = sum(t.numel() for t in result.method.trainable_tensors().values())
+    return {"name": name, "seconds": round(seconds, 1), "trainable_params": params}
+
+
+def judge_emblem(images: list[torch.Tensor], prompts: list[Prompt], seed: int) -> dict[str, float]:
+    from studio.world.evaluator import evaluate
+
+    hits: dict[str, list[bool]] = {"emblem": [], "position": [], "background": []}
+    for image, p in zip(images, prompts):
+        r = evaluate(image, p.scene, emblem=seed)
+        o = r["objects"][0]
+        hits["emblem"].append(bool(o.get("emblem")))
+        hits["position"].append(bool(o["position"]))
+        hits["background"].append(bool(r["background"]["correct"]))
+    return {k: round(statistics.mean(v), 4) for k, v in hits.items()}
+
+
+def judge_texture(images: list[torch.Tensor], prompts: list[Prompt], name: str) -> dict[str, float]:
+    from studio.world.evaluator import evaluate
+
+    hits: dict[str, list[bool]] = {"texture": [], "shape": [], "colour": [], "position": []}
+    for image, p in zip(images, prompts):
+        r = evaluate(image, p.scene, texture=name)
+        hits["texture"].append(bool(r["style_fidelity"]))
+        for o in r["objects"]:
+            for k in ("shape", "colour", "position"):
+                hits[k].append(bool(o[k]))
+    return {k: round(statistics.mean(v), 4) for k, v in hits.items()}
+
+
+def single_accuracy(generate_fn: GenerateFn, n: int) -> dict[str, float]:
+    """`studio bench base`'s first `n` single-object prompts: each attribute's fraction and their mean."""
+    from studio.world.base_bench import bar_prompts, score
+
+    entries = bar_prompts(n)["single"]
+    figures = score([generate_fn(prompt, seed) for prompt, _, seed in entries], [scene for _, scene, _ in entries])
+    out = {k: figures[k] for k in ACCURACY_KEYS}
+    out["mean"] = round(statistics.mean(out.values()), 4)
+    return out
+
+
+def method_rows(method: str, model: str, library: Path, generate_fn: GenerateFn, pipe: object, overrides: dict,
+                base_accuracy: dict, n_base: int, n_texture: int, texture: str, emblems: list[int],
+                grid: dict[str, list[torch.Tensor]]) -> list[dict]:
+    """Train and judge the bench's adapters of one method."""
+    from tqdm import tqdm
+
+    from studio.library import Library, load_adapters, unload_adapters
+
+    jobs = [("emblem", s, t) for s, t in zip(emblems, TRIGGERS)] + [("texture", texture, TEXTURE_TRIGGER)]
+    rows = []
+    for kind, what, trigger in tqdm(jobs, desc=f"adapters bench: {method}", unit="adapter"):
+        name = f"bar-{method.replace('_', '-')}-{kind}-{what}"
+        source = {"world_emblem": what} if kind == "emblem" else {"world_texture": what}
+        row = {"method": method, "kind": kind, "concept": str(what),
+               **train_adapter(method, name, trigger, source, model, library, overrides)}
+        prompts = emblem_prompts(what, trigger) if kind == "emblem" else texture_prompts(what, trigger, n_texture)
+        load_adapters(pipe, [name], [1.0], library=Library(library))
+        try:
+            images = [generate_fn(p.text, p.seed) for p in prompts]
+            if kind == "emblem":
+                row.update(judge_emblem(images, prompts, what))
+                row["single_accuracy"] = single_accuracy(generate_fn, n_base)
+                row["drift"] = round(base_accuracy["mean"] - row["single_accuracy"]["mean"], 4)
+            else:
+                row.update(judge_texture(images, prompts, what))
+        finally:
+            unload_adapters(pipe, [name])
+        grid[name] = images[:10]
+        rows.append(row)
+    return rows
+
+
+def verdict(row: dict) -> list[str]:
+    """The bars a row misses (empty: it passes)."""
+    keys = ("emblem", "position", "background") if row["kind"] == "emblem" else ("texture", "shape", "colour",
+                                                                                 "position")
+    missed = [k for k in keys if row[k] < (FOUND_BAR if k in ("emblem", "texture") else PLACE_BAR)]
+    if row["kind"] == "emblem" and row["drift"] > DRIFT_BAR:
+        missed.append("drift")
+    if row["seconds"] > SECONDS_BAR:
+        missed.append("seconds")
+    return missed
+
+
+def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_base: int = 50, n_texture: int = 20,
+              texture: str = "stripes", overrides: dict | None = None, n_emblems: int = 3) -> dict:
+    """Train, generate and judge; write the table, JSON and grid; return the report."""
+    from studio.generate import GenerateConfig, cached_pipeline, generate
+
+    library = out / "library"
+    pipe = cached_pipeline(model, "cpu")
+
+    def generate_fn(prompt: str, seed: int) -> torch.Tensor:
+        config = GenerateConfig(prompt=prompt, model=model, seed=seed, steps=steps)
+        return generate(config, pipe=pipe, output_type="pt").images[0]  # (3, H, W) in [0, 1]
+
+    base_accuracy = single_accuracy(generate_fn, n_base)
+    grid: dict[str, list[torch.Tensor]] = {}
+    rows = []
+    for method in methods:
+        rows += method_rows(method, model, library, generate_fn, pipe, overrides or {}, base_accuracy, n_base,
+                            n_texture, texture, eval_emblems(n_emblems), grid)
+    first = {r["concept"]: r["trainable_params"] for r in rows if r["method"] == methods[0]}
+    for r in rows:
+        r["params_ratio"] = round(r["trainable_params"] / first[r["concept"]], 4)
+        r["missed"] = verdict(r)
+    passed = {m: not any(r["missed"] for r in rows if r["method"] == m) for m in methods}
+    report = {"model": model, "threads": torch.get_num_threads(), "steps": steps, "base_accuracy": base_accuracy,
+              "bars": {"found": FOUND_BAR, "place": PLACE_BAR, "drift": DRIFT_BAR, "seconds": SECONDS_BAR},
+              "rows": rows, "passed": passed}
+    _write(out, report, grid)
+    return report
+
+
+def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None:
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    from studio.atomic import atomic_write, write_json, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "adapters-bench.json", report)
+    lines = [
+        "| method | concept | train s | params (ratio) | found | position | background | shape | colour | drift "
+        "| missed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        found = r.get("emblem", r.get("texture"))
+        cells = [r["method"], f"{r['kind']} {r['concept']}", f"{r['seconds']:.0f}",
+                 f"{r['trainable_params']:,} ({r['params_ratio']:.2f})", f"{found:.2f}", f"{r['position']:.2f}",
+                 *(f"{r[k]:.2f}" if k in r else "" for k in ("background", "shape", "colour")),
+                 f"{r['drift']:+.3f}" if "drift" in r else "", ", ".join(r["missed"]) or "none"]
+        lines.append("| " + " | ".join(cells) + " |")
+    base = report["base_accuracy"]
+    lines += ["", f"Base single-object accuracy (mean of {', '.join(ACCURACY_KEYS)}): {base['mean']:.3f}; drift is "
+              f"its drop with the adapter loaded and the trigger absent. {report['threads']} threads, "
+              f"{report['steps']} sampling steps.", "",
+              *(f"- {m}: {'passes' if ok else 'misses'} the bar" for m, ok in report["passed"].items())]
+    write_text(out / "adapters-bench.md", "\n".join(lines) + "\n")
+    if grid:
+        n = min(len(v) for v in grid.values())
+        tiles = torch.stack([img.float().cpu() for v in grid.values() for img in v[:n]])  # (adapters * n, 3, H, W)
+        image = make_grid(tiles, nrow=n, padding=2, pad_value=1.0)
+        atomic_write(out / "adapters-bench-grid.png", lambda tmp: to_pil_image(image).save(tmp, format="png"))
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    overrides = {"train_steps": args.train_steps} if args.train_steps else {}
+    report = run_bench(args.model, args.method or ["dreambooth_lora", "kronecker"], Path(args.out), steps=args.steps,
+                       n_base=args.base_prompts, texture=args.texture, overrides=overrides)
+    print((Path(args.out) / "adapters-bench.md").read_text())
+    return 0 if all(report["passed"].values()) else 1
+
+
+def register_bench(benches: argparse._SubParsersAction) -> None:
+    from studio.world.textures import TEXTURES
+
+    parser = benches.add_parser("adapters", help="adapters trained at their defaults against the trainer bar")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--method", action="append", help="a method (repeatable; default dreambooth_lora, kronecker)")
+    parser.add_argument("--texture", default="stripes", choices=list(TEXTURES[1:]), help="the style adapter's texture")
+    parser.add_argument("--train-steps", type=int, default=None, help="override the default steps (not the bar)")
+    parser.add_argument("--base-prompts", type=int, default=50, help="single-object prompts for the drift check")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench-out/adapters")
+    parser.set_defaults(func=run)
+
