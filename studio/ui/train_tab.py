@@ -39,6 +39,18 @@ MORE_FIELDS = (
     "class_prompt",
     "instance_prompt",
 )
+SHARED = ("lr", "rank")  # method options the main rows already show (TrainConfig's --lr and --rank)
+
+
+def method_fields(method: str) -> list[str]:
+    """The options of a method's config shown in its own group (`studio train --help` lists the same)."""
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(METHODS[method].config_cls) if f.name not in SHARED]
+
+
+def option_key(method: str, name: str) -> str:
+    return f"{method}.{name}"
 
 
 def train_options(form: dict[str, Any], *, resume: bool = False) -> tuple[dict[str, Any], list[Path]]:
@@ -47,7 +59,14 @@ def train_options(form: dict[str, Any], *, resume: bool = False) -> tuple[dict[s
     source, uploads = values.pop("source"), values.pop("uploads")
     emblem, texture = values.pop("world_emblem"), values.pop("world_texture")
     method = values.pop("method")
-    options = {"method": method, **form_values(TrainConfig, values), "progress": False}
+    own: dict[str, Any] = {}
+    for key in [k for k in values if "." in k]:  # every method's group is in the form; only the chosen one counts
+        group, name = key.split(".", 1)
+        value = values.pop(key)
+        if group == method:
+            own[name] = value
+    own = form_values(METHODS[method].config_cls, own) if method in METHODS else {}  # an unknown one: refused below
+    options = {"method": method, **form_values(TrainConfig, values), **own, "progress": False}
     if resume:
         options["resume"] = "latest"
     checked: list[Path] = []
@@ -128,6 +147,12 @@ def build_train_tab(jobs: JobQueue) -> None:
             for row in MAIN_ROWS:
                 with gr.Row():
                     form.update({name: field_input(TrainConfig, name) for name in row})
+            groups = {}
+            for key in METHODS:
+                cls = METHODS[key].config_cls
+                with gr.Accordion(f"{key} settings", open=False, visible=key == "dreambooth_lora") as groups[key]:
+                    form.update({option_key(key, n): field_input(cls, n, elem_id=f"{key}-{n}".replace("_", "-"))
+                                 for n in method_fields(key)})
             with gr.Accordion("More settings", open=False):
                 form.update({name: field_input(TrainConfig, name) for name in MORE_FIELDS})
             with gr.Row():
@@ -151,6 +176,11 @@ def build_train_tab(jobs: JobQueue) -> None:
             gr.update(visible=source != UPLOAD),
         )
 
+    form["method"].change(
+        lambda method: tuple(gr.update(visible=key == method) for key in groups),
+        inputs=form["method"],
+        outputs=list(groups.values()),
+    )
     form["source"].change(
         on_source,
         inputs=form["source"],

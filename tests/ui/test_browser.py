@@ -118,18 +118,16 @@ def start_training(page: Any, name: str, emblem: int) -> None:
     page.locator("#train-start").click()
 
 
-def test_generate_train_queue_library_and_errors_in_a_browser(
-    tiny_dirs: dict, tmp_path: Path, page: Any, serve: Any
-) -> None:
+def test_generate_train_queue_library_and_errors_in_a_browser(tmp_path: Path, page: Any, serve: Any) -> None:
+    """Everything on the embedded default: no model is named anywhere, in the page or on the command line."""
     from studio.cli import main as studio
     from studio.library import Library
 
-    model = tiny_dirs["sd1"]
     url, demo = serve()
     page.goto(url)
 
     # Generate: the displayed image is the PNG `studio generate` writes for the same prompt and seed.
-    fill(page, "gen-model", model)
+    expect(page.locator("#gen-model input")).to_have_value("studio-tiny")
     fill(page, "gen-prompt", PROMPT)
     fill(page, "gen-seed", 3)
     fill(page, "gen-steps", 4)
@@ -137,7 +135,7 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     shown = displayed_pixels(page, "#gen-gallery img")
     expect(page.locator("#gen-info textarea")).to_have_value(re.compile("Steps: 4, Sampler: .*, Seed: 3"))
     out = tmp_path / "cli.png"
-    cli = ["generate", "--model", str(model), "--prompt", PROMPT, "--seed", "3", "--steps", "4", "--out", str(out)]
+    cli = ["generate", "--prompt", PROMPT, "--seed", "3", "--steps", "4", "--out", str(out)]
     assert studio(cli) == 0
     expected = np.asarray(Image.open(out).convert("RGB"))
     assert shown.shape == expected.shape
@@ -155,7 +153,6 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     # Train two adapters on Shapes World emblems; the second request waits in the queue.
     page.get_by_role("tab", name="Train").click()
     fill(page, "trainconfig-trigger", "sks")
-    fill(page, "trainconfig-model", model)
     fill(page, "trainconfig-train-steps", 4)
     page.get_by_text("More settings").click()
     fill(page, "trainconfig-world-images", 3)
@@ -180,7 +177,6 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
 
     # Compose the two: LoRA Switch over both adapters; the image's parameters name them and the composer.
     page.get_by_role("tab", name="Compose").click()
-    fill(page, "compose-model", model)
     fill(page, "compose-prompt", f"{PROMPT} <lora:emblem-b:0.7>")
     fill(page, "compose-adapters", "emblem-a:0.8")
     fill(page, "compose-steps", 4)
@@ -208,7 +204,7 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     page.get_by_role("tab", name="Batch").click()
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(
-        "\n".join(json.dumps({"prompt": PROMPT, "model": str(model), "steps": 1, "seed": s}) for s in (1, 2))
+        "\n".join(json.dumps({"prompt": PROMPT, "steps": 1, "seed": s}) for s in (1, 2))
     )
     page.locator("#batch-file input[type=file]").set_input_files(str(jobs))
     page.locator("#batch-start").click()

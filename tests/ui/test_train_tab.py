@@ -41,6 +41,21 @@ def test_the_form_maps_onto_train_config_like_the_cli() -> None:
         train_options(_form(rank="4.5"))
 
 
+def test_each_method_has_its_settings_and_only_the_chosen_ones_count() -> None:
+    from studio.ui.train_tab import method_fields, option_key
+
+    assert "factor" in method_fields("kronecker") and "alpha" in method_fields("dreambooth_lora")
+    assert "lr" not in method_fields("kronecker")  # shown once, in the main rows
+    groups = {option_key("kronecker", "factor"): 4, option_key("kronecker", "target_modules"): "to_q,to_v",
+              option_key("dreambooth_lora", "alpha"): "8", option_key("dreambooth_lora", "train_text_encoder"): True}
+    method, _ = configs_from_mapping(train_options(_form(method="kronecker", **groups))[0])
+    assert (method.method, method.factor, method.target_modules) == ("kronecker", 4, "to_q,to_v")
+    method, _ = configs_from_mapping(train_options(_form(**groups))[0])
+    assert (method.method, method.alpha, method.train_text_encoder) == ("dreambooth_lora", 8.0, True)
+    with pytest.raises(StudioError, match="factor must be a whole number"):
+        train_options(_form(method="kronecker", **{**groups, option_key("kronecker", "factor"): 2.5}))
+
+
 def test_uploaded_images_are_checked_and_kept_for_the_run(tmp_path: Path) -> None:
     image = tmp_path / "a.png"
     Image.new("RGB", (16, 16), "red").save(image)
