@@ -127,7 +127,7 @@ def test_generate_train_queue_library_and_errors_in_a_browser(tmp_path: Path, pa
     page.goto(url)
 
     # Generate: the displayed image is the PNG `studio generate` writes for the same prompt and seed.
-    expect(page.locator("#gen-model input")).to_have_value("studio-tiny")
+    expect(page.locator("#gen-model textarea")).to_have_value("studio-tiny")
     fill(page, "gen-prompt", PROMPT)
     fill(page, "gen-seed", 3)
     fill(page, "gen-steps", 4)
