@@ -112,6 +112,10 @@ def export_base(pipe, out: str | Path, card: str | None = None, extra: dict | No
     # `from_pretrained(folder)` with no other argument gives a float32 model, like diffusers' parts.
     text_config = stage / "text_encoder" / "config.json"
     text_config.write_text(json.dumps({**json.loads(text_config.read_text()), "dtype": "float32"}, indent=2) + "\n")
+    for config in stage.rglob("config.json"):  # a part loaded from disk remembers where: not this machine's business
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     for f in stage.rglob("*.safetensors"):
         f.chmod(0o644)  # shards are written as private temporaries
         if f.stat().st_size > 16 * 2**20:

@@ -26,7 +26,10 @@ def test_vae_round_trip_shapes_and_budget() -> None:
     config = json.loads((VAE_DIR / "config.json").read_text())
     assert 0.3 < config["scaling_factor"] < 3.0
     assert _size(VAE_DIR) < 4 * 2**20
-    assert not (VAE_DIR.parent / "model_index.json").exists()  # the base is not built by this issue
+    base = VAE_DIR.parent  # the embedded base ships whole: under 48 MiB, no file over 16 MiB, no machine's paths
+    assert (base / "model_index.json").is_file() and (base / "README.md").is_file()
+    assert _size(base) < 48 * 2**20 and max(f.stat().st_size for f in base.rglob("*") if f.is_file()) < 16 * 2**20
+    assert not any("_name_or_path" in json.loads(f.read_text()) for f in base.rglob("config.json"))
     with safe_open(str(VAE_DIR / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     vae = load_vae()
