@@ -57,6 +57,7 @@ class BaseTrainConfig:
     sample_steps: int = 20
     guidance: float = 5.0  # the guidance the exported model recommends (its studio.json)
     unet: dict = field(default_factory=dict)  # overrides of base.UNET_CONFIG (rehearsals use a smaller one)
+    init: str = ""  # a model folder whose UNet starts the run (a second stage); default: random, seeded
     vae: str = ""  # VAE folder; default the shipped one
     clip: str = ""  # world CLIP folder; default the shipped one
 
@@ -95,6 +96,21 @@ def scene_stream(config: BaseTrainConfig) -> Callable[[int, int], tuple[torch.Te
     return stream
 
 
+def initial_unet(unet, folder: str) -> None:  # noqa: ANN001 (diffusers.UNet2DConditionModel)
+    """Load the UNet weights of the model folder `folder` into `unet` (same architecture), in float32."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(folder) / "unet"
+    if not (path / "config.json").is_file():
+        raise StudioError(f"--init {folder}: no unet/ folder there; name a diffusers model folder")
+    source = UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32)
+    if source.state_dict().keys() != unet.state_dict().keys() or any(
+        a.shape != b.shape for a, b in zip(source.state_dict().values(), unet.state_dict().values())
+    ):
+        raise StudioError(f"--init {folder}: its UNet has another architecture than this run's; use a matching model")
+    unet.load_state_dict(source.state_dict())
+
+
 class BaseTrainer:
     """One run folder of base training: the `full` method (trainers/methods/full.py) on the shared loop."""
 
@@ -119,6 +135,8 @@ class BaseTrainer:
             atomic.write_json(saved, asdict(config))
         torch.manual_seed(config.seed)  # the UNet's initialisation
         unet = base.build_unet({**base.UNET_CONFIG, **config.unet})
+        if config.init:
+            initial_unet(unet, config.init)
         text = base.initial_text_encoder(config.clip or None)
         self.pipe = base.assemble(unet, text, load_vae(config.vae or VAE_DIR))
         self.pipe.set_progress_bar_config(disable=True)
@@ -207,6 +225,10 @@ def run_train_base(args) -> int:  # noqa: ANN001 (argparse.Namespace)
                                  ("seed", args.seed)) if v is not None}
     if args.train_text_encoder:
         options["train_text_encoder"] = True
+    if args.text_lr_scale is not None:
+        options["text_lr_scale"] = args.text_lr_scale
+    if args.init:
+        options["init"] = str(args.init)
     if (run / "config.json").is_file() and not options and not args.rehearsal:
         trainer = BaseTrainer(run)  # resume as configured
     else:
@@ -229,7 +251,9 @@ def register_train_base(sub) -> None:  # noqa: ANN001 (argparse subparsers)
     p.add_argument("--batch-size", type=int, default=None, help="default 64")
     p.add_argument("--lr", type=float, default=None, help="default 3e-4")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text tower too (lr x0.1)")
+    p.add_argument("--train-text-encoder", action="store_true", help="train the text tower too")
+    p.add_argument("--text-lr-scale", type=float, default=None, help="text tower lr as a fraction of --lr (0.1)")
+    p.add_argument("--init", type=Path, default=None, help="start the UNet from this model folder (a second stage)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--rehearsal", action="store_true", help="the whole recipe at a small scale, on the CPU")

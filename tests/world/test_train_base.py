@@ -147,3 +147,23 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in folder.glob("*.safetensors"):
         out.update(load_file(f))
     return out
+
+
+def test_a_second_stage_starts_from_a_model_folder(tmp_path: Path) -> None:
+    from studio.world.base import export_base
+
+    first = BaseTrainer(tmp_path / "one", BaseTrainConfig(**{**MICRO, "steps": 1}))
+    first.train(progress=False)
+    pipe = first.ema_pipeline()
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.05)  # not the seeded initialisation of the next run
+    out = export_base(pipe, tmp_path / "model")
+    second = BaseTrainer(tmp_path / "two", BaseTrainConfig(**{**MICRO, "init": str(out)}))
+    exported = {k: v.half().float() for k, v in pipe.unet.state_dict().items()}  # shipped in fp16
+    assert all(torch.equal(second.pipe.unet.state_dict()[k], v) for k, v in exported.items())
+    with pytest.raises(StudioError, match="another architecture"):
+        deeper = {**MICRO, "init": str(out), "unet": {"layers_per_block": 2}}
+        BaseTrainer(tmp_path / "three", BaseTrainConfig(**deeper))
+    with pytest.raises(StudioError, match="no unet/ folder"):
+        BaseTrainer(tmp_path / "four", BaseTrainConfig(**{**MICRO, "init": str(tmp_path)}))
