@@ -35,6 +35,7 @@ MORE_FIELDS = (
     "grad_accum",
     "mixed_precision",
     "gradient_checkpointing",
+    "snr_gamma",
     "prior_preservation",
     "class_prompt",
     "instance_prompt",

@@ -30,8 +30,9 @@ def _form(**changes: Any) -> dict[str, Any]:
 
 
 def test_the_form_maps_onto_train_config_like_the_cli() -> None:
-    options, uploads = train_options(_form(rank="8", lr="0.001"))
+    options, uploads = train_options(_form(rank="8", lr="0.001", snr_gamma=5))
     method, config = configs_from_mapping(options)
+    assert config.snr_gamma == 5.0  # Min-SNR weighting is a setting of the page too
     assert uploads == [] and config.world_emblem == 3 and config.world_texture is None and config.images is None
     assert method.rank == 8 and method.lr == 0.001 and config.resolution is None and config.class_prompt is None
     assert config.progress is False and config.resume is None
