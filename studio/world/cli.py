@@ -102,6 +102,7 @@ def _train_clip(args: argparse.Namespace) -> int:
                 lr=args.lr,
                 seed=args.seed,
                 threads=args.threads,
+                hard_negatives=args.hard_negatives,
             ),
             indent=2,
         )
@@ -150,6 +151,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "train-vae":
             p.add_argument("--init", default=None, help="continue from this saved VAE folder (a second stage)")
             p.add_argument("--texture-heavy", action="store_true", help="half the batch textured scenes (stage 2)")
+        else:
+            p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                           help="NegCLIP: each image also scores its caption with a position or colour changed")
         p.set_defaults(func=lambda args, fn=fn: fn(args))
 
     from studio.world.train_base import register_train_base

@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -116,6 +117,20 @@ def retrieval_top1(images: torch.Tensor, captions: list[str], model=None) -> flo
     return (b @ a.T).argmax(dim=1).eq(torch.arange(len(captions))).float().mean().item()
 
 
+def negative_accuracy(images: torch.Tensor, scenes: list, model=None, seed: int = 0) -> float:  # noqa: ANN001
+    """Fraction of images that score their own caption above a hard negative (one position or binding changed)."""
+    from studio.world.negatives import hard_negative
+
+    model = model or load_clip()
+    rng = np.random.default_rng([0x4E6, seed])
+    negatives = [hard_negative(s, rng).caption() for s in scenes]
+    with torch.no_grad():
+        a = F.normalize(encode_image(model, images), dim=-1)  # (N, D)
+        own = F.normalize(encode_text(model, tokenize([s.caption() for s in scenes])), dim=-1)
+        neg = F.normalize(encode_text(model, tokenize(negatives)), dim=-1)
+    return ((a * own).sum(-1) > (a * neg).sum(-1)).float().mean().item()
+
+
 def to_clip_text_model(model=None, dtype: torch.dtype = torch.float32):  # noqa: ANN001 -> CLIPTextModel
     """The world CLIP's text tower as a transformers `CLIPTextModel` (same last_hidden_state and pooler_output)."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -173,12 +188,18 @@ def train_clip(
     lr: float = 1e-3,
     seed: int = 0,
     threads: int = 2,
+    hard_negatives: bool = True,
 ) -> dict:
-    """Train the world CLIP from scratch (seeded) and save it atomically in fp16; returns the training summary."""
+    """Train the world CLIP from scratch (seeded) and save it atomically in fp16; returns the training summary.
+
+    With `hard_negatives` every image also scores a caption of its own scene with one position or colour binding
+    changed (NegCLIP, arXiv:2210.01936 section 4; `studio.world.negatives`).
+    """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from studio.world.datasets import world_batch
+    from studio.world.negatives import hard_negative
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -200,10 +221,15 @@ def train_clip(
             g["lr"] = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * t))
         batch = world_batch(batch_size, step, split="train")
         img = F.normalize(encode_image(model, batch.images), dim=-1)  # (B, D)
-        txt = F.normalize(encode_text(model, tokenize(batch.captions, TRAIN_CONTEXT)), dim=-1)  # (B, D)
-        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B)
+        captions = batch.captions
+        if hard_negatives:
+            rng = np.random.default_rng([0x4E6, seed, step])
+            captions = captions + [hard_negative(s, rng).caption() for s in batch.scenes]
+        txt = F.normalize(encode_text(model, tokenize(captions, TRAIN_CONTEXT)), dim=-1)  # (B or 2B, D)
+        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B) or (B, 2B): negatives as columns
         labels = torch.arange(batch_size)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2  # Fig. 3
+        # CLIP Fig. 3; image-to-text over the batch's captions and the negatives, text-to-image over the captions
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch_size].T, labels)) / 2
         if not torch.isfinite(loss):
             raise StudioError(f"CLIP loss became {loss.item()} at step {step}; lower --lr and train again")
         opt.zero_grad(set_to_none=True)
@@ -237,7 +263,9 @@ def train_clip(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
+        "hard_negatives": hard_negatives,
         "val_top1_of_100": top1,
+        "val_position_and_binding_of_100": negative_accuracy(val.images, val.scenes, model),
         "seconds": time.time() - start,
     }
     (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
