@@ -96,19 +96,24 @@ def scene_stream(config: BaseTrainConfig) -> Callable[[int, int], tuple[torch.Te
     return stream
 
 
-def initial_unet(unet, folder: str) -> None:  # noqa: ANN001 (diffusers.UNet2DConditionModel)
-    """Load the UNet weights of the model folder `folder` into `unet` (same architecture), in float32."""
+def initial_unet(unet, folder: str) -> list[str]:  # noqa: ANN001 (diffusers.UNet2DConditionModel)
+    """Load the UNet weights of the model folder `folder` into `unet`, in float32; return the names left as seeded.
+
+    The run's UNet may grow the folder's (e.g. attention added at a resolution that had none): every weight the
+    folder has must exist here with the same shape; weights only this UNet has keep their seeded initialisation.
+    """
     from diffusers import UNet2DConditionModel
 
     path = Path(folder) / "unet"
     if not (path / "config.json").is_file():
         raise StudioError(f"--init {folder}: no unet/ folder there; name a diffusers model folder")
-    source = UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32)
-    if source.state_dict().keys() != unet.state_dict().keys() or any(
-        a.shape != b.shape for a, b in zip(source.state_dict().values(), unet.state_dict().values())
-    ):
-        raise StudioError(f"--init {folder}: its UNet has another architecture than this run's; use a matching model")
-    unet.load_state_dict(source.state_dict())
+    source = UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32).state_dict()
+    target = unet.state_dict()
+    if any(k not in target or target[k].shape != v.shape for k, v in source.items()):
+        raise StudioError(f"--init {folder}: its UNet has another architecture than this run's (and is not a part of "
+                          "it); use a matching model")
+    unet.load_state_dict(source, strict=False)
+    return sorted(set(target) - set(source))
 
 
 class BaseTrainer:

@@ -163,7 +163,28 @@ def test_a_second_stage_starts_from_a_model_folder(tmp_path: Path) -> None:
     exported = {k: v.half().float() for k, v in pipe.unet.state_dict().items()}  # shipped in fp16
     assert all(torch.equal(second.pipe.unet.state_dict()[k], v) for k, v in exported.items())
     with pytest.raises(StudioError, match="another architecture"):
-        deeper = {**MICRO, "init": str(out), "unet": {"layers_per_block": 2}}
-        BaseTrainer(tmp_path / "three", BaseTrainConfig(**deeper))
+        wider = {**MICRO, "init": str(out), "unet": {**MICRO["unet"], "block_out_channels": [32, 64, 96]}}
+        BaseTrainer(tmp_path / "three", BaseTrainConfig(**wider))
     with pytest.raises(StudioError, match="no unet/ folder"):
         BaseTrainer(tmp_path / "four", BaseTrainConfig(**{**MICRO, "init": str(tmp_path)}))
+
+
+def test_a_second_stage_may_add_attention_where_the_first_had_none(tmp_path: Path) -> None:
+    from studio.world.base import UNET_CONFIG, build_unet
+    from studio.world.train_base import initial_unet
+
+    small = {**UNET_CONFIG, **MICRO["unet"]}
+    first = build_unet({**small, "down_block_types": ["DownBlock2D", *small["down_block_types"][1:]],
+                        "up_block_types": [*small["up_block_types"][:-1], "UpBlock2D"]})
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(0.05)
+    first.save_pretrained(tmp_path / "model" / "unet")
+    torch.manual_seed(0)
+    grown = build_unet(small)
+    seeded = {k: v.clone() for k, v in grown.state_dict().items()}
+    fresh = initial_unet(grown, str(tmp_path / "model"))
+    assert fresh and all(k.startswith(("down_blocks.0.attentions", "up_blocks.2.attentions")) for k in fresh)
+    state = grown.state_dict()
+    assert all(torch.equal(state[k], seeded[k]) for k in fresh)  # new attention keeps its seeded initialisation
+    assert all(torch.equal(state[k], v) for k, v in first.state_dict().items())  # the rest is loaded
