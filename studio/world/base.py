@@ -67,10 +67,17 @@ def noise_scheduler():  # -> diffusers.DDPMScheduler (training)
     return DDPMScheduler(**{k: SCHEDULER_CONFIG[k] for k in keep}, clip_sample=False)
 
 
-def sampling_scheduler():  # -> diffusers.DDIMScheduler (the shipped sampler)
+# Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (arXiv:2305.08891): SD's schedule ends at
+# SNR 0.0047, so the noisiest training input still shows where objects are and the model learns to take layout
+# from the noise; sampling from pure noise then lets the seed, not the prompt, place objects. Their fix: betas
+# rescaled to zero terminal SNR (section 3.1), v-prediction (3.2), sampling from the last timestep (3.3).
+ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def sampling_scheduler(overrides: dict | None = None):  # -> diffusers.DDIMScheduler (the shipped sampler)
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SCHEDULER_CONFIG)
+    return DDIMScheduler(**{**SCHEDULER_CONFIG, **(overrides or {})})
 
 
 def initial_text_encoder(clip_dir: str | Path | None = None):  # -> transformers.CLIPTextModel
@@ -80,7 +87,7 @@ def initial_text_encoder(clip_dir: str | Path | None = None):  # -> transformers
     return to_clip_text_model(load_clip(str(clip_dir or CLIP_DIR)))
 
 
-def assemble(unet, text_encoder, vae):  # noqa: ANN001 -> diffusers.StableDiffusionPipeline
+def assemble(unet, text_encoder, vae, scheduler: dict | None = None):  # noqa: ANN001 -> StableDiffusionPipeline
     """A `StableDiffusionPipeline` of the parts, with the real CLIP tokenizer and the DDIM scheduler."""
     from diffusers import StableDiffusionPipeline
 
@@ -91,7 +98,7 @@ def assemble(unet, text_encoder, vae):  # noqa: ANN001 -> diffusers.StableDiffus
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
-        scheduler=sampling_scheduler(),
+        scheduler=sampling_scheduler(scheduler),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -57,6 +57,7 @@ class BaseTrainConfig:
     sample_steps: int = 20
     guidance: float = 5.0  # the guidance the exported model recommends (its studio.json)
     unet: dict = field(default_factory=dict)  # overrides of base.UNET_CONFIG (rehearsals use a smaller one)
+    scheduler: dict = field(default_factory=dict)  # overrides of base.SCHEDULER_CONFIG (e.g. base.ZERO_SNR)
     init: str = ""  # a model folder whose UNet starts the run (a second stage); default: random, seeded
     vae: str = ""  # VAE folder; default the shipped one
     clip: str = ""  # world CLIP folder; default the shipped one
@@ -143,7 +144,7 @@ class BaseTrainer:
         if config.init:
             initial_unet(unet, config.init)
         text = base.initial_text_encoder(config.clip or None)
-        self.pipe = base.assemble(unet, text, load_vae(config.vae or VAE_DIR))
+        self.pipe = base.assemble(unet, text, load_vae(config.vae or VAE_DIR), config.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
         self.method = Full(FullConfig(lr=config.lr, ema_decay=config.ema_decay, text_lr_scale=config.text_lr_scale,
                                       train_text_encoder=config.train_text_encoder))
@@ -205,7 +206,8 @@ class BaseTrainer:
         text.load_state_dict(self.pipe.text_encoder.state_dict())
         vae = self.pipe.vae.__class__.from_config(self.pipe.vae.config)
         vae.load_state_dict(self.pipe.vae.state_dict())
-        pipe = assemble(self.method.ema_unet(), text.float().cpu().eval(), vae.float().cpu().eval())
+        text, vae = text.float().cpu().eval(), vae.float().cpu().eval()
+        pipe = assemble(self.method.ema_unet(), text, vae, self.config.scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -234,6 +236,10 @@ def run_train_base(args) -> int:  # noqa: ANN001 (argparse.Namespace)
         options["text_lr_scale"] = args.text_lr_scale
     if args.init:
         options["init"] = str(args.init)
+    if args.zero_snr:
+        from studio.world.base import ZERO_SNR
+
+        options["scheduler"] = dict(ZERO_SNR)
     if (run / "config.json").is_file() and not options and not args.rehearsal:
         trainer = BaseTrainer(run)  # resume as configured
     else:
@@ -258,6 +264,8 @@ def register_train_base(sub) -> None:  # noqa: ANN001 (argparse subparsers)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train-text-encoder", action="store_true", help="train the text tower too")
     p.add_argument("--text-lr-scale", type=float, default=None, help="text tower lr as a fraction of --lr (0.1)")
+    p.add_argument("--zero-snr", action="store_true",
+                   help="zero terminal SNR, v-prediction, trailing steps (arXiv:2305.08891)")
     p.add_argument("--init", type=Path, default=None, help="start the UNet from this model folder (a second stage)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")

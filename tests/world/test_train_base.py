@@ -188,3 +188,14 @@ def test_a_second_stage_may_add_attention_where_the_first_had_none(tmp_path: Pat
     state = grown.state_dict()
     assert all(torch.equal(state[k], seeded[k]) for k in fresh)  # new attention keeps its seeded initialisation
     assert all(torch.equal(state[k], v) for k, v in first.state_dict().items())  # the rest is loaded
+
+
+def test_zero_terminal_snr_trains_and_samples_with_v_prediction(tmp_path: Path) -> None:
+    from studio.world.base import ZERO_SNR
+
+    trainer = BaseTrainer(tmp_path / "run", BaseTrainConfig(**{**MICRO, "steps": 1, "scheduler": dict(ZERO_SNR)}))
+    trainer.train(progress=False)
+    for scheduler in (trainer.loop.noise, trainer.ema_pipeline().scheduler):
+        assert scheduler.config.prediction_type == "v_prediction"
+        assert scheduler.alphas_cumprod[-1] < 1e-6  # the last training timestep is pure noise (arXiv:2305.08891 3.1)
+    assert all(np.isfinite(trainer.losses))  # Min-SNR's v weight min(SNR, gamma) / (SNR + 1) is 0 there, not 0/0
