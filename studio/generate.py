@@ -40,6 +40,9 @@ class GenerateConfig:
     steps: int = field(default=20, metadata={"help": "sampling steps"})
     guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (1 disables it); "
                                                                    "default the model's recommended one, else 7.5"})
+    guidance_rescale: float | None = field(default=None, metadata={
+        "help": "rescale the guided prediction's std toward the conditional one's (0-1; Lin et al. arXiv:2305.08891 "
+                "eq. 15-16); default the model's recommended one, else 0", "metavar": "PHI"})
     size: str | None = field(default=None, metadata={"help": "WxH, default the model's native size",
                                                       "metavar": "WxH"})
     scheduler: str | None = field(default=None, metadata={"help": "sampler, default the model's own",
@@ -57,6 +60,8 @@ class GenerateConfig:
             raise StudioError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if self.size is not None:
             parse_size(self.size)
+        if self.guidance_rescale is not None and not 0.0 <= self.guidance_rescale <= 1.0:
+            raise StudioError(f"--guidance-rescale must be between 0 and 1, got {self.guidance_rescale}")
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -89,14 +94,19 @@ class GenerateResult:
     params: list[dict[str, Any]]  # one per image: everything needed to make it again
 
 
-def model_guidance(pipe: DiffusionPipeline) -> float:
-    """The guidance scale a model recommends (`studio.json` in its folder, written by studio training), else 7.5."""
+def model_setting(pipe: DiffusionPipeline, key: str, default: float) -> float:
+    """A sampling setting a model recommends (`studio.json` in its folder, written by studio training)."""
     folder = Path(str(getattr(pipe, "name_or_path", "") or ""))
     try:
-        value = json.loads((folder / "studio.json").read_text()).get("guidance")
+        value = json.loads((folder / "studio.json").read_text()).get(key)
     except (OSError, ValueError):
         value = None
-    return float(value) if value is not None else DEFAULT_GUIDANCE
+    return float(value) if value is not None else default
+
+
+def model_guidance(pipe: DiffusionPipeline) -> float:
+    """The guidance scale a model recommends, else 7.5."""
+    return model_setting(pipe, "guidance", DEFAULT_GUIDANCE)
 
 
 @contextlib.contextmanager
@@ -147,6 +157,8 @@ def generate(
     width, height = parse_size(config.size) if config.size else native_size(pipe)
     guidance = config.guidance if config.guidance is not None else model_guidance(pipe)
     guided = guidance > 1.0
+    rescale = config.guidance_rescale if config.guidance_rescale is not None else model_setting(
+        pipe, "guidance_rescale", 0.0)
     prompt, tags = split_lora_tags(config.prompt)  # A1111 `<lora:name:w>` tags select library adapters
     with prompt_adapters(pipe, tags) as active:
         embeds = encode_prompt(pipe, prompt, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
@@ -162,6 +174,7 @@ def generate(
                 **embeds.as_pipeline_kwargs(),
                 num_inference_steps=config.steps,
                 guidance_scale=guidance,
+                **({"guidance_rescale": rescale} if rescale > 0 else {}),
                 output_type=output_type,
                 width=width,
                 height=height,
@@ -170,7 +183,8 @@ def generate(
                 callback_on_step_end=on_step_end,
             ).images
     base = dataclasses.asdict(config)
-    base.update(guidance=guidance, size=f"{width}x{height}", scheduler=scheduler_name(pipe.scheduler), device=device,
+    base.update(guidance=guidance, guidance_rescale=rescale, size=f"{width}x{height}",
+                scheduler=scheduler_name(pipe.scheduler), device=device,
                 adapters=[{"name": n, "weight": w} for n, w in active.items()])
     base["version"] = _version()
     params = [{**base, "seed": config.seed + i, "num_images": 1} for i in range(len(images))]

@@ -106,3 +106,28 @@ def test_bad_flags_are_clear(tiny_dirs: dict, tmp_path: Path, capsys) -> None:
     assert "multiples of 8" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "x.jpg")]) == 2
     assert ".png" in capsys.readouterr().err
+
+
+def test_guidance_rescale_is_passed_and_read_from_the_model_folder(tiny_dirs: dict, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from studio.errors import StudioError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dirs["sd1"], folder)
+
+    def run(model: Path, rescale: float | None) -> tuple[np.ndarray, dict]:
+        config = GenerateConfig(prompt="a large red star", model=str(model), seed=2, steps=3, guidance_rescale=rescale)
+        result = generate(config, output_type="np")
+        return result.images[0], result.params[0]
+
+    plain, params = run(folder, None)
+    assert params["guidance_rescale"] == 0.0
+    rescaled, params = run(folder, 0.7)
+    assert params["guidance_rescale"] == 0.7 and np.abs(rescaled - plain).max() > 1e-4
+    (folder / "studio.json").write_text(json.dumps({"guidance_rescale": 0.7}))
+    recommended, params = run(folder, None)
+    assert params["guidance_rescale"] == 0.7 and np.array_equal(recommended, rescaled)
+    with pytest.raises(StudioError, match="between 0 and 1"):
+        GenerateConfig(prompt="x", guidance_rescale=1.5)

@@ -229,7 +229,8 @@ def run_train_base(args) -> int:  # noqa: ANN001 (argparse.Namespace)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     options = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
-                                 ("seed", args.seed)) if v is not None}
+                                 ("warmup", args.warmup), ("snr_gamma", args.snr_gamma), ("seed", args.seed))
+               if v is not None}
     if args.train_text_encoder:
         options["train_text_encoder"] = True
     if args.text_lr_scale is not None:
@@ -261,6 +262,10 @@ def register_train_base(sub) -> None:  # noqa: ANN001 (argparse subparsers)
     p.add_argument("--steps", type=int, default=None, help="total steps (default 6000)")
     p.add_argument("--batch-size", type=int, default=None, help="default 64")
     p.add_argument("--lr", type=float, default=None, help="default 3e-4")
+    p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default 300)")
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="Min-SNR-gamma loss weights (default 5; 0: the plain loss, which --zero-snr runs need: the "
+                        "v-prediction weight min(SNR, gamma)/(SNR+1) is 0 at the pure-noise step)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train-text-encoder", action="store_true", help="train the text tower too")
     p.add_argument("--text-lr-scale", type=float, default=None, help="text tower lr as a fraction of --lr (0.1)")
