@@ -80,16 +80,22 @@ def initial_text_encoder(clip_dir: str | Path | None = None):  # -> transformers
     return to_clip_text_model(load_clip(str(clip_dir or CLIP_DIR)))
 
 
-def assemble(unet, text_encoder, vae, scheduler: dict | None = None):  # noqa: ANN001 -> StableDiffusionPipeline
-    """A `StableDiffusionPipeline` of the parts, with the real CLIP tokenizer and the DDIM scheduler."""
+def assemble(unet, text_encoder, vae, scheduler: dict | None = None, max_length: int = 77):  # noqa: ANN001
+    """A `StableDiffusionPipeline` of the parts, with the real CLIP tokenizer and the DDIM scheduler.
+
+    `max_length` is the tokenizer's context (prompts are padded to it): under 77, fewer end-of-text states share the
+    cross-attention with the prompt's words. It is saved with the tokenizer, so every pipeline keeps it.
+    """
     from diffusers import StableDiffusionPipeline
 
     from studio.models.tokenizer import clip_tokenizer
 
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = max_length
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
+        tokenizer=tokenizer,
         unet=unet,
         scheduler=sampling_scheduler(scheduler),
         safety_checker=None,

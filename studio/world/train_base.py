@@ -49,6 +49,8 @@ class BaseTrainConfig:
     ema_decay: float = 0.9995
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     free_phrasing: float = 0.25  # captions written as users write them (no size word, `in the center`, ...)
+    max_objects: int = 3  # scenes hold 1..max_objects objects (1: a placement curriculum)
+    max_length: int = 77  # the tokenizer's context (world captions need at most 36 tokens)
     train_text_encoder: bool = False
     text_lr_scale: float = 0.1
     seed: int = 0
@@ -59,6 +61,7 @@ class BaseTrainConfig:
     unet: dict = field(default_factory=dict)  # overrides of base.UNET_CONFIG (rehearsals use a smaller one)
     scheduler: dict = field(default_factory=dict)  # overrides of base.SCHEDULER_CONFIG (e.g. base.ZERO_SNR)
     init: str = ""  # a model folder whose UNet starts the run (a second stage); default: random, seeded
+    init_text_encoder: bool = False  # the text encoder starts from `init` too (else from the world CLIP)
     vae: str = ""  # VAE folder; default the shipped one
     clip: str = ""  # world CLIP folder; default the shipped one
 
@@ -83,7 +86,8 @@ def step_batch(step: int, config: BaseTrainConfig, device: torch.device) -> tupl
     from studio.world.datasets import world_batch
     from studio.world.renderer import to_model_range
 
-    batch = world_batch(config.batch_size, seed=config.seed * 1_000_003 + step, split="train", device=str(device))
+    batch = world_batch(config.batch_size, seed=config.seed * 1_000_003 + step, split="train",
+                        objects=(1, config.max_objects), device=str(device))
     rng = np.random.default_rng([0xCA97, config.seed, step])
     return to_model_range(batch.images), _captions(batch.scenes, rng, config)
 
@@ -143,8 +147,13 @@ class BaseTrainer:
         unet = base.build_unet({**base.UNET_CONFIG, **config.unet})
         if config.init:
             initial_unet(unet, config.init)
-        text = base.initial_text_encoder(config.clip or None)
-        self.pipe = base.assemble(unet, text, load_vae(config.vae or VAE_DIR), config.scheduler)
+        if config.init_text_encoder:
+            from transformers import CLIPTextModel
+
+            text = CLIPTextModel.from_pretrained(Path(config.init) / "text_encoder", torch_dtype=torch.float32)
+        else:
+            text = base.initial_text_encoder(config.clip or None)
+        self.pipe = base.assemble(unet, text, load_vae(config.vae or VAE_DIR), config.scheduler, config.max_length)
         self.pipe.set_progress_bar_config(disable=True)
         self.method = Full(FullConfig(lr=config.lr, ema_decay=config.ema_decay, text_lr_scale=config.text_lr_scale,
                                       train_text_encoder=config.train_text_encoder))
@@ -207,7 +216,7 @@ class BaseTrainer:
         vae = self.pipe.vae.__class__.from_config(self.pipe.vae.config)
         vae.load_state_dict(self.pipe.vae.state_dict())
         text, vae = text.float().cpu().eval(), vae.float().cpu().eval()
-        pipe = assemble(self.method.ema_unet(), text, vae, self.config.scheduler)
+        pipe = assemble(self.method.ema_unet(), text, vae, self.config.scheduler, self.config.max_length)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -229,7 +238,8 @@ def run_train_base(args) -> int:  # noqa: ANN001 (argparse.Namespace)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     options = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
-                                 ("warmup", args.warmup), ("snr_gamma", args.snr_gamma), ("seed", args.seed))
+                                 ("warmup", args.warmup), ("snr_gamma", args.snr_gamma), ("seed", args.seed),
+                                 ("max_objects", args.max_objects), ("max_length", args.max_length))
                if v is not None}
     if args.train_text_encoder:
         options["train_text_encoder"] = True
@@ -237,6 +247,10 @@ def run_train_base(args) -> int:  # noqa: ANN001 (argparse.Namespace)
         options["text_lr_scale"] = args.text_lr_scale
     if args.init:
         options["init"] = str(args.init)
+    if args.init_text_encoder:
+        if not args.init:
+            raise StudioError("--init-text-encoder needs --init MODEL (the folder whose text encoder to start from)")
+        options["init_text_encoder"] = True
     if args.zero_snr:
         from studio.world.base import ZERO_SNR
 
@@ -266,12 +280,15 @@ def register_train_base(sub) -> None:  # noqa: ANN001 (argparse subparsers)
     p.add_argument("--snr-gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weights (default 5; 0: the plain loss, which --zero-snr runs need: the "
                         "v-prediction weight min(SNR, gamma)/(SNR+1) is 0 at the pure-noise step)")
+    p.add_argument("--max-objects", type=int, default=None, help="objects per scene, 1 to this (default 3)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train-text-encoder", action="store_true", help="train the text tower too")
     p.add_argument("--text-lr-scale", type=float, default=None, help="text tower lr as a fraction of --lr (0.1)")
     p.add_argument("--zero-snr", action="store_true",
                    help="zero terminal SNR, v-prediction, trailing steps (arXiv:2305.08891)")
     p.add_argument("--init", type=Path, default=None, help="start the UNet from this model folder (a second stage)")
+    p.add_argument("--init-text-encoder", action="store_true", help="start the text encoder from --init too")
+    p.add_argument("--max-length", type=int, default=None, help="tokenizer context in tokens (default 77)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--rehearsal", action="store_true", help="the whole recipe at a small scale, on the CPU")

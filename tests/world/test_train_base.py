@@ -199,3 +199,30 @@ def test_zero_terminal_snr_trains_and_samples_with_v_prediction(tmp_path: Path) 
         assert scheduler.config.prediction_type == "v_prediction"
         assert scheduler.alphas_cumprod[-1] < 1e-6  # the last training timestep is pure noise (arXiv:2305.08891 3.1)
     assert all(np.isfinite(trainer.losses))  # Min-SNR's v weight min(SNR, gamma) / (SNR + 1) is 0 there, not 0/0
+
+
+def test_a_stage_can_shorten_the_context_limit_objects_and_continue_the_text_encoder(tmp_path: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    from studio.world.base import export_base
+
+    images, captions = step_batch(0, BaseTrainConfig(**{**MICRO, "max_objects": 1, "caption_dropout": 0.0,
+                                                        "free_phrasing": 0.0}), torch.device("cpu"))
+    assert images.shape[0] == 4 and all(" and " not in c for c in captions)  # one object per scene
+
+    first = BaseTrainer(tmp_path / "one", BaseTrainConfig(**{**MICRO, "steps": 1, "max_length": 40}))
+    first.train(progress=False)
+    pipe = first.ema_pipeline()
+    assert pipe.tokenizer.model_max_length == 40
+    with torch.no_grad():
+        for p in pipe.text_encoder.parameters():
+            p.mul_(1.1)  # not the world CLIP's text tower any more
+    out = export_base(pipe, tmp_path / "model")
+    assert CLIPTokenizer.from_pretrained(out / "tokenizer").model_max_length == 40  # kept by every pipeline
+
+    stage = {**MICRO, "init": str(out), "train_text_encoder": True}
+    kept = BaseTrainer(tmp_path / "two", BaseTrainConfig(**{**stage, "init_text_encoder": True}))
+    fresh = BaseTrainer(tmp_path / "three", BaseTrainConfig(**stage))
+    exported = {k: v.half().float() for k, v in pipe.text_encoder.state_dict().items()}  # shipped in fp16
+    assert all(torch.equal(kept.pipe.text_encoder.state_dict()[k], v) for k, v in exported.items())
+    assert not all(torch.equal(fresh.pipe.text_encoder.state_dict()[k], v) for k, v in exported.items())
