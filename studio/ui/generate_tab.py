@@ -83,6 +83,9 @@ def build_generate_tab() -> None:
                 "seed": gr.Number(0, label="Seed (image i uses seed + i)", precision=0, elem_id="gen-seed"),
                 "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="gen-steps"),
                 "guidance": gr.Textbox("", label="Guidance (empty: the model's recommended)", elem_id="gen-guidance"),
+                "guidance_rescale": gr.Textbox(
+                    "", label="Guidance rescale 0-1 (empty: the model's recommended)", elem_id="gen-rescale"
+                ),
                 "scheduler": gr.Dropdown(
                     ["", *SCHEDULERS], value="", label="Sampler (empty: the model's own)", elem_id="gen-sampler"
                 ),

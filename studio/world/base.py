@@ -24,9 +24,10 @@ BASE_DIR = ASSETS / "studio-tiny"
 MAX_SHARD = "15MB"  # no shipped file over 16 MiB
 KEEP = ("vae/README.md", "vae/training.json")  # files of an existing folder that an export carries over
 
-# Cross-attention at every resolution (16x16, 8x8, 4x4). Version 0 had none at 16x16 (like SDXL's first block) and
-# never learned position words; the finer maps alone did not fix that on CPU budgets (the measured causes, text states
-# and the noise schedule, are in the model card and at `ZERO_SNR` below), but placement is read off these maps.
+# Cross-attention at every resolution (16x16, 8x8, 4x4), as version 1 ships. Version 0 had none at 16x16 (like SDXL's
+# first block) and never learned position words; the finer maps alone did not fix that (the causes, the noise schedule,
+# Min-SNR's zero weight at pure noise and 64 padding states in the context, are in the model card), but composers read
+# placement off these maps.
 UNET_CONFIG = {
     "sample_size": 16,
     "in_channels": 4,

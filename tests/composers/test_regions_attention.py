@@ -20,14 +20,12 @@ from composers import (
 
 
 def _unet(kind: str) -> torch.nn.Module:
-    if kind in ("embedded", "train-base"):  # the shipped studio-tiny's architecture, and what train-base builds now
+    if kind == "embedded":  # the shipped studio-tiny's architecture (what `studio world train-base` builds)
         from diffusers import UNet2DConditionModel
 
-        from studio.world.base import BASE_DIR, build_unet
+        from studio.world.base import BASE_DIR
 
         torch.manual_seed(0)
-        if kind == "train-base":
-            return build_unet()
         return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(BASE_DIR / "unet"))
     return BUILDERS[kind]().unet
 
@@ -59,8 +57,7 @@ BOXES = [(0.25, 0.0, 0.75, 0.5), (0.3, 0.6, 0.45, 1.0)]
     [
         ("sd1", {0: 16, 1: 8, 2: 4}),
         ("sdxl", {1: 8, 2: 4}),
-        ("embedded", {1: 8, 2: 4}),
-        ("train-base", {0: 16, 1: 8, 2: 4}),
+        ("embedded", {0: 16, 1: 8, 2: 4}),
     ],
 )
 def test_box_masks_equal_hand_computed_masks_at_every_attention_resolution(kind: str, levels: dict) -> None:

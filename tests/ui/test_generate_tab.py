@@ -18,7 +18,7 @@ from studio.ui.generate_tab import config_from_form, read_png, run_generate
 
 def _form(model: Path, **changes: object) -> dict[str, object]:
     form = {"model": str(model), "prompt": "a red star", "negative": "", "seed": 4.0, "steps": 2, "guidance": "",
-            "scheduler": "ddim", "size": "", "num_images": 1}  # fmt: skip
+            "guidance_rescale": "", "scheduler": "ddim", "size": "", "num_images": 1}  # fmt: skip
     return {**form, **changes}
 
 
@@ -43,11 +43,12 @@ def test_empty_optional_fields_mean_the_models_own() -> None:
 
 
 def test_a_studio_png_fills_the_form_again(tiny_dirs: dict, tmp_path: Path) -> None:
-    form = _form(tiny_dirs["sd1"], negative="blurry", size="32x32")
+    form = _form(tiny_dirs["sd1"], negative="blurry", size="32x32", guidance_rescale="0.5")
     images, _, _ = run_generate(form, out_dir=tmp_path)
     text, fields = read_png(images[0])
     assert fields == {"prompt": "a red star", "model": str(tiny_dirs["sd1"]), "negative": "blurry", "seed": 4,
-                      "steps": 2, "guidance": 7.5, "size": "32x32", "scheduler": "ddim"}  # fmt: skip
+                      "steps": 2, "guidance": 7.5, "guidance_rescale": 0.5, "size": "32x32",
+                      "scheduler": "ddim"}  # fmt: skip
     assert text.startswith("a red star\nNegative prompt: blurry\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 4")
 
 
