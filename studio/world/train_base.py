@@ -65,6 +65,12 @@ class BaseTrainConfig:
     vae: str = ""  # VAE folder; default the shipped one
     clip: str = ""  # world CLIP folder; default the shipped one
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_objects <= 3:
+            raise StudioError(f"--max-objects must be 1, 2 or 3 (Shapes World scenes), got {self.max_objects}")
+        if not 8 <= self.max_length <= 77:
+            raise StudioError(f"--max-length must be 8-77 (the text encoder has 77 positions), got {self.max_length}")
+
 
 def _captions(scenes: list, rng: np.random.Generator, config: BaseTrainConfig) -> list[str]:
     from studio.world.grammar import free_caption

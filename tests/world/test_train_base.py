@@ -226,3 +226,7 @@ def test_a_stage_can_shorten_the_context_limit_objects_and_continue_the_text_enc
     exported = {k: v.half().float() for k, v in pipe.text_encoder.state_dict().items()}  # shipped in fp16
     assert all(torch.equal(kept.pipe.text_encoder.state_dict()[k], v) for k, v in exported.items())
     assert not all(torch.equal(fresh.pipe.text_encoder.state_dict()[k], v) for k, v in exported.items())
+    with pytest.raises(StudioError, match="max-objects must be"):
+        BaseTrainConfig(max_objects=0)
+    with pytest.raises(StudioError, match="max-length must be"):
+        BaseTrainConfig(max_length=100)
