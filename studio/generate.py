@@ -101,7 +101,13 @@ def model_setting(pipe: DiffusionPipeline, key: str, default: float) -> float:
         value = json.loads((folder / "studio.json").read_text()).get(key)
     except (OSError, ValueError):
         value = None
-    return float(value) if value is not None else default
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"{folder / 'studio.json'}: {key} must be a number, got {value!r}; fix or delete it") \
+            from None
 
 
 def model_guidance(pipe: DiffusionPipeline) -> float:

@@ -129,5 +129,8 @@ def test_guidance_rescale_is_passed_and_read_from_the_model_folder(tiny_dirs: di
     (folder / "studio.json").write_text(json.dumps({"guidance_rescale": 0.7}))
     recommended, params = run(folder, None)
     assert params["guidance_rescale"] == 0.7 and np.array_equal(recommended, rescaled)
+    (folder / "studio.json").write_text(json.dumps({"guidance_rescale": "strong"}))
+    with pytest.raises(StudioError, match="guidance_rescale must be a number"):
+        run(folder, None)
     with pytest.raises(StudioError, match="between 0 and 1"):
         GenerateConfig(prompt="x", guidance_rescale=1.5)

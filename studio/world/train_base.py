@@ -156,7 +156,11 @@ class BaseTrainer:
         if config.init_text_encoder:
             from transformers import CLIPTextModel
 
-            text = CLIPTextModel.from_pretrained(Path(config.init) / "text_encoder", torch_dtype=torch.float32)
+            folder = Path(config.init) / "text_encoder"
+            if not (folder / "config.json").is_file():
+                raise StudioError(f"--init-text-encoder: {config.init} has no text_encoder/ folder; name a model "
+                                  "folder exported by train-base, or leave the flag out to start from the world CLIP")
+            text = CLIPTextModel.from_pretrained(folder, torch_dtype=torch.float32)
         else:
             text = base.initial_text_encoder(config.clip or None)
         self.pipe = base.assemble(unet, text, load_vae(config.vae or VAE_DIR), config.scheduler, config.max_length)

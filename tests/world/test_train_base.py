@@ -226,6 +226,9 @@ def test_a_stage_can_shorten_the_context_limit_objects_and_continue_the_text_enc
     exported = {k: v.half().float() for k, v in pipe.text_encoder.state_dict().items()}  # shipped in fp16
     assert all(torch.equal(kept.pipe.text_encoder.state_dict()[k], v) for k, v in exported.items())
     assert not all(torch.equal(fresh.pipe.text_encoder.state_dict()[k], v) for k, v in exported.items())
+    (out / "text_encoder" / "config.json").unlink()
+    with pytest.raises(StudioError, match="no text_encoder/ folder"):
+        BaseTrainer(tmp_path / "four", BaseTrainConfig(**{**stage, "init_text_encoder": True}))
     with pytest.raises(StudioError, match="max-objects must be"):
         BaseTrainConfig(max_objects=0)
     with pytest.raises(StudioError, match="max-length must be"):
