@@ -125,20 +125,58 @@ def _scene_agreement(asked: Scene, shown: Scene) -> float:
 
 
 def emblem_figures(n: int = 200, use_vae: bool = True) -> dict:
+    """Emblems found and distractors taken at the evaluator's threshold, and the sweep that set it.
+
+    Positives: `n` fresh emblems rendered once each, plus 20 emblems of the calib split at the adapter bench's 20
+    placements (large, 5 positions x 4 backgrounds). Negatives: each image judged as another random emblem.
+    """
+    from studio.world.evaluator import EMBLEM_THRESHOLD
+    from studio.world.grammar import EMBLEM, SceneObject
+
     rng = np.random.default_rng(23)
-    found, false_pos = [], []
+    pos_scores, neg_scores = [], []  # (score, ranked first) of the asked emblem
+
+    def judge(img: torch.Tensor, scene: Scene, e: int) -> tuple[float, bool]:
+        o = evaluate(img, scene, emblem=e)["objects"][0]
+        return (o.get("emblem_score") or -9.0), bool(o.get("emblem_first"))
+
+    def fresh(avoid: int) -> int:
+        d = int(rng.integers(10_000, 1 << 30))
+        while d == avoid or d in distractors(avoid):
+            d = int(rng.integers(10_000, 1 << 30))
+        return d
+
     for i in range(n):
         e = int(rng.integers(10_000, 1 << 30))
-        pos = emblem_dataset(e, 1, seed=i, split="eval")
-        d = int(rng.integers(10_000, 1 << 30))
-        while d == e or d in distractors(e):
-            d = int(rng.integers(10_000, 1 << 30))
-        neg = emblem_dataset(d, 1, seed=i, split="eval")
+        d = fresh(e)
+        pos, neg = emblem_dataset(e, 1, seed=i, split="eval"), emblem_dataset(d, 1, seed=i, split="eval")
         imgs = torch.cat([pos.images, neg.images])
         imgs = _vae_round_trip(imgs) if use_vae else imgs
-        found.append(evaluate(imgs[0], pos.scenes[0], emblem=e)["subject_fidelity"] == 1.0)
-        false_pos.append(evaluate(imgs[1], neg.scenes[0], emblem=e)["subject_fidelity"] == 1.0)
-    return {"emblem_found": _mean(found), "emblem_distractor_taken": _mean(false_pos), "emblem_n": n}
+        pos_scores.append(judge(imgs[0], pos.scenes[0], e))
+        neg_scores.append(judge(imgs[1], neg.scenes[0], e))
+    places = [(p, b) for p in ("left", "right", "top", "bottom", "center") for b in BACKGROUNDS]
+    for k in range(20):
+        e = int(rng.integers(10_000, 1 << 30))
+        scenes = [Scene((SceneObject(EMBLEM, None, "large", p, emblem=e),), b) for p, b in places]
+        imgs = render(scenes, [render_seed("calib", 5, k * 20 + i) for i in range(len(scenes))])
+        imgs = _vae_round_trip(imgs) if use_vae else imgs
+        for img, scene in zip(imgs, scenes):
+            pos_scores.append(judge(img, scene, e))
+            neg_scores.append(judge(img, scene, fresh(e)))
+
+    def rate(scores: list[tuple[float, bool]], t: float) -> float:
+        return _mean([float(first and s >= t) for s, first in scores])
+
+    sweep = {
+        f"{t:.2f}": {"found": rate(pos_scores, t), "taken": rate(neg_scores, t)} for t in np.arange(0.4, 0.85, 0.05)
+    }
+    return {
+        "emblem_found": rate(pos_scores, EMBLEM_THRESHOLD),
+        "emblem_distractor_taken": rate(neg_scores, EMBLEM_THRESHOLD),
+        "emblem_threshold": EMBLEM_THRESHOLD,
+        "emblem_threshold_sweep": sweep,
+        "emblem_n": len(pos_scores),
+    }
 
 
 def texture_figures(per_texture: int = 40, use_vae: bool = True) -> dict:

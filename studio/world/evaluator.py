@@ -37,7 +37,11 @@ from studio.world.textures import SHADE, TEXTURES
 
 FG_THRESHOLD = 0.25  # RGB distance (in [0, 1] units) from the background that makes a pixel foreground
 MIN_AREA = 10  # components smaller than this many pixels are noise
-EMBLEM_THRESHOLD = 0.70  # score the asked emblem must reach (and rank first among 21 candidates)
+# Score the asked emblem must reach (and rank first among 21 candidates). From `studio bench world --n-emblem 40`'s
+# sweep over VAE round trips (440 true emblems, as many judged as another random emblem): 0.60 finds 99.1% and takes
+# 0.7% of the others; 0.70 finds 98.6% and takes 0.5%. The lower value because some glyphs lose ~0.1 to the VAE
+# alone: the adapter bench's green star with a black diamond is found in 12 of its 20 placements at 0.70, 18 at 0.60.
+EMBLEM_THRESHOLD = 0.60
 TEXTURE_THRESHOLD = 0.45  # texture score the asked texture must reach (and rank first among all textures)
 SHAPE_SHARP_IOU = 0.95  # below this best IoU against sharp templates, also try templates through the VAE
 SHAPE_VAE_CANDIDATES = 6  # the best sharp-template shapes that are re-checked through the VAE
@@ -259,9 +263,10 @@ def evaluate(image: object, scene: Scene | str, emblem: int | None = None, textu
                 cands = [seed, *distractors(seed)]
                 sc = emblem_scores(img, comps[match[i]], _BGS[list(BACKGROUNDS).index(bg_name)], cands)
                 rec["emblem_score"] = round(sc[0].item(), 4)
+                rec["emblem_first"] = bool(int(sc.argmax()) == 0)
                 rec["emblem"] = bool(int(sc.argmax()) == 0 and sc[0].item() >= EMBLEM_THRESHOLD)
             else:
-                rec["emblem"], rec["emblem_score"] = False, None
+                rec["emblem"], rec["emblem_score"], rec["emblem_first"] = False, None, False
             subject.append(rec["emblem"])
         items = [rec["present"], *(rec[k] for k in checks if rec[k] is not None)]
         judged, correct = judged + len(items), correct + sum(bool(v) for v in items)
