@@ -298,7 +298,8 @@ class Loop:
         return self.cancel.is_set() if isinstance(self.cancel, threading.Event) else bool(self.cancel())
 
     def _diverged(self, what: str) -> StudioError:
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        lr = group.get("initial_lr", group["lr"])  # the --lr given, not where the schedule has taken it
         if self.saved_step is None:
             advice = f"no checkpoint was saved before it; lower --lr (now {lr:g}) and start again"
         else:

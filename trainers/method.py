@@ -102,6 +102,11 @@ class Method(ABC):
         return AdapterMeta(method=self.config.method, method_config=asdict(self.config), **fields)
 
 
+# The default UNet targets of the adapter methods: attention q, k, v, out; the transformer's in/out projections and
+# feed-forward; the ResNet 3x3 convolutions (the inner shapes of a subject need them: see the method files).
+UNET_TARGETS = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2"
+
+
 def find_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
     """Linear layers whose path is a target or ends with `.target` (PEFT's suffix matching), in model order."""
     found = {
@@ -113,6 +118,21 @@ def find_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linea
         raise StudioError(
             f"no Linear layer matches the target modules {list(targets)}; name layers as in the "
             "model (e.g. to_q,to_k,to_v,to_out.0)"
+        )
+    return found
+
+
+def find_layers(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear | nn.Conv2d]:
+    """Linear and Conv2d layers whose path is a target or ends with `.target`, in model order."""
+    found = {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and any(path == t or path.endswith(f".{t}") for t in targets)
+    }
+    if not found:
+        raise StudioError(
+            f"no Linear or Conv2d layer matches the target modules {list(targets)}; name layers as in the "
+            "model (e.g. to_q,to_k,to_v,to_out.0,conv1,conv2)"
         )
     return found
 

@@ -100,7 +100,7 @@ def test_nan_guard_keeps_last_good_checkpoint_and_resumes(tmp_path: Path) -> Non
     method = DreamBoothLoRA(DreamBoothLoRAConfig(lr=5e-5))  # NaN source gone; resumed with a lower lr
     result = train_loop(method, tiny_pipe(), emblem(), config, tmp_path, resume=True)
     assert result.status == "done" and result.step == 6 and result.losses[:2] == kept["losses"]
-    assert [g["lr"] for g in _checkpoint(tmp_path)["optimizer"]["param_groups"]] == [5e-5]
+    assert [g["initial_lr"] for g in _checkpoint(tmp_path)["optimizer"]["param_groups"]] == [5e-5]
 
 
 def test_nan_guard_on_a_diverging_lr(tmp_path: Path) -> None:

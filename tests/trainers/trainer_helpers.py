@@ -42,5 +42,7 @@ def quick(**overrides: Any) -> TrainConfig:
         "sample_steps": 1,
         "save_every": 0,
         "progress": False,
+        "batch_size": 1,  # the defaults (4 images per step, 20 renders) are the bench's recipe; tests stay small
+        "world_images": 5,
     }
     return TrainConfig(**{**base, **overrides})
