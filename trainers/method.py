@@ -107,34 +107,27 @@ class Method(ABC):
 UNET_TARGETS = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2"
 
 
+def find_layers(
+    model: nn.Module, targets: Sequence[str], kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+) -> dict[str, nn.Module]:
+    """Layers of `kinds` whose path is a target or ends with `.target` (PEFT's suffix matching), in model order."""
+    found = {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, kinds) and any(path == t or path.endswith(f".{t}") for t in targets)
+    }
+    if not found:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise StudioError(
+            f"no {names} layer matches the target modules {list(targets)}; name layers as in the model "
+            "(e.g. to_q,to_k,to_v,to_out.0,conv1,conv2)"
+        )
+    return found
+
+
 def find_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
-    """Linear layers whose path is a target or ends with `.target` (PEFT's suffix matching), in model order."""
-    found = {
-        path: module
-        for path, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(path == t or path.endswith(f".{t}") for t in targets)
-    }
-    if not found:
-        raise StudioError(
-            f"no Linear layer matches the target modules {list(targets)}; name layers as in the "
-            "model (e.g. to_q,to_k,to_v,to_out.0)"
-        )
-    return found
-
-
-def find_layers(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear | nn.Conv2d]:
-    """Linear and Conv2d layers whose path is a target or ends with `.target`, in model order."""
-    found = {
-        path: module
-        for path, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and any(path == t or path.endswith(f".{t}") for t in targets)
-    }
-    if not found:
-        raise StudioError(
-            f"no Linear or Conv2d layer matches the target modules {list(targets)}; name layers as in the "
-            "model (e.g. to_q,to_k,to_v,to_out.0,conv1,conv2)"
-        )
-    return found
+    """The Linear layers among `find_layers`."""
+    return find_layers(model, targets, (nn.Linear,))  # type: ignore[return-value]
 
 
 def add_output_delta(module: nn.Module, delta: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:

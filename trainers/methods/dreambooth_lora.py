@@ -6,11 +6,12 @@ DreamBooth (Ruiz et al., arXiv:2208.12242; its prior-preservation loss, Eq. 2, i
 A ~ N(0, 1/r^2) and B = 0 and training starts exactly at the base; text encoder targets q_proj, k_proj, v_proj,
 out_proj (both encoders on SDXL). Trained: every A and B. Frozen: everything else.
 
-Defaults: the recipe that meets the Shapes World bar (`studio bench adapters`), not the script's. Its
-attention-only rank-4 LoRA at lr 1e-4 (diffusers' README) learns the emblem's outline but not its inner shape and
-dot: on the embedded base, 1000 steps at batch 4 found the emblem in 50% of the bench prompts with rank 16 on
-attention + feed-forward; adding the ResNet 3x3 convolutions (`conv1`, `conv2`: LoRA on convolutions, as kohya's
-LoCon does; a rank-r 3x3 down conv and 1x1 up conv) took it to 95%. lr 1e-3 (the script's argparse default is 5e-4).
+Defaults: tuned on the Shapes World bar (`studio bench adapters`), not the script's. Its attention-only rank-4 LoRA
+at lr 1e-4 (diffusers' README) learns the emblem's outline but not its inner shape and dot: on the embedded base,
+1000 steps at batch 4, judged at guidance 5, found the emblem in 50% of the bench prompts with rank 16 on attention +
+feed-forward; adding the ResNet 3x3 convolutions (`conv1`, `conv2`: LoRA on convolutions, as kohya's LoCon does; a
+rank-r 3x3 down conv and 1x1 up conv) took it to 95%. lr 1e-3 (the script's argparse default is 5e-4). Open: such an
+adapter also changes prompts without its trigger (the bench's drift), which DreamBooth's prior loss should hold.
 `--target-modules to_q,to_k,to_v,to_out.0 --rank 4 --lr 1e-4` gives the script's README recipe back.
 """
 
