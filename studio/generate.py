@@ -151,11 +151,15 @@ def generate(
     pipe: DiffusionPipeline | None = None,
     progress: Callable[[int, int], None] | None = None,
     output_type: str = "pil",
+    prompts: list[str] | None = None,
 ) -> GenerateResult:
     """Make `config.num_images` images. `progress(step, total)` is called after every denoising step.
 
-    `output_type` is diffusers': "pil" (the default), or "np" / "pt" for float images in [0, 1].
+    `output_type` is diffusers': "pil" (the default), or "np" / "pt" for float images in [0, 1]. `prompts` gives
+    each image its own prompt in one batch (`config.num_images` of them; `<lora:...>` tags only in `config.prompt`).
     """
+    if prompts is not None and len(prompts) != config.num_images:
+        raise StudioError(f"{len(prompts)} prompts for {config.num_images} images")
     device = resolve_device(config.device)
     pipe = pipe or cached_pipeline(config.model, device)
     own_scheduler = pipe.__dict__.setdefault("_studio_own_scheduler", pipe.scheduler)  # the model's own sampler
@@ -167,7 +171,8 @@ def generate(
         pipe, "guidance_rescale", 0.0)
     prompt, tags = split_lora_tags(config.prompt)  # A1111 `<lora:name:w>` tags select library adapters
     with prompt_adapters(pipe, tags) as active:
-        embeds = encode_prompt(pipe, prompt, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
+        texts = prompts if prompts is not None else prompt
+        embeds = encode_prompt(pipe, texts, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
         generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.num_images)]
 
         def on_step_end(_pipe: DiffusionPipeline, step: int, _t: Any, kwargs: dict) -> dict:
@@ -184,7 +189,7 @@ def generate(
                 output_type=output_type,
                 width=width,
                 height=height,
-                num_images_per_prompt=config.num_images,
+                num_images_per_prompt=1 if prompts is not None else config.num_images,
                 generator=generators,
                 callback_on_step_end=on_step_end,
             ).images
@@ -194,6 +199,8 @@ def generate(
                 adapters=[{"name": n, "weight": w} for n, w in active.items()])
     base["version"] = _version()
     params = [{**base, "seed": config.seed + i, "num_images": 1} for i in range(len(images))]
+    for record, text in zip(params, prompts or []):
+        record["prompt"] = text
     return GenerateResult(images, params)
 
 

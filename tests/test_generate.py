@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from studio.cli import main
+from studio.errors import StudioError
 from studio.generate import GenerateConfig, generate
 from studio.pnginfo import parse_a1111, read_parameters
 from studio.schedulers import SCHEDULERS
@@ -79,6 +80,19 @@ def test_num_images_writes_each_and_a_grid(tiny_dirs: dict, tmp_path: Path) -> N
     # image i is reproducible alone with seed + i
     alone = generate(GenerateConfig(prompt="a blue ring", model=str(tiny_dirs["sd1"]), seed=3, steps=2))
     assert np.abs(np.asarray(alone.images[0], dtype=int) - images[2].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_a_prompt_per_image_in_one_batch_matches_each_alone(kind: str, tiny_dirs: dict) -> None:
+    model, texts = str(tiny_dirs[kind]), ["a blue ring", "a red star on the left", "a green square"]
+    batch = generate(GenerateConfig(prompt=texts[0], model=model, seed=4, steps=2, num_images=3), prompts=texts)
+    assert [p["prompt"] for p in batch.params] == texts and [p["seed"] for p in batch.params] == [4, 5, 6]
+    for i, text in enumerate(texts):
+        alone = generate(GenerateConfig(prompt=text, model=model, seed=4 + i, steps=2)).images[0]
+        assert np.abs(np.asarray(alone, dtype=int) - np.asarray(batch.images[i], dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(batch.images[0]), np.asarray(batch.images[1]))
+    with pytest.raises(StudioError, match="2 prompts for 3 images"):
+        generate(GenerateConfig(prompt="x", model=model, num_images=3), prompts=texts[:2])
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))

@@ -5,6 +5,10 @@ DreamBooth scripts do. The trigger is placed in every prompt: a caption that hol
 one that already names the trigger is kept, any other caption is prefixed with `trigger, ` (kohya's convention);
 uncaptioned images use the instance prompt (`a photo of {trigger}`). Emblem captions name the subject with the word
 `emblem`, so the trigger goes before it (`a large sks emblem on the left ...`); texture captions get `in sks style`.
+
+Class prompts (DreamBooth's prior preservation) are `--class-prompt` for a folder; a Shapes World concept brings its
+own: the captions of random world scenes, the whole of what the base draws, since every training caption shares all
+its words but the trigger with them. Prior preservation is on by default for subjects whose class prompts are known.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class TrainData:
     images: torch.Tensor  # (N, 3, R, R) in [-1, 1]
     prompts: list[str]  # one per image, trigger placed
     kind: str  # subject | style
-    class_prompt: str | None  # prompt of prior-preservation class images
+    class_prompts: list[str]  # prompts of prior-preservation class images; empty: no prior preservation
     sample_prompts: list[str]  # fixed-seed previews
     summary: str  # one line for the model card
     # An endless source instead of `images`: (start, count) -> images (count, 3, R, R) in [-1, 1] and their prompts,
@@ -108,7 +112,7 @@ def folder_data(
         raise StudioError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add 3 to 5 photos of the concept")
     check_count(len(images), min_images, str(folder))
     summary = f"{len(images)} images from {folder.name} ({captioned} captioned) at {resolution}x{resolution}"
-    return TrainData(torch.stack(images), prompts, kind, None, list(dict.fromkeys(prompts))[:4], summary)
+    return TrainData(torch.stack(images), prompts, kind, [], list(dict.fromkeys(prompts))[:4], summary)
 
 
 def check_count(n: int, min_images: int, source: str) -> None:
@@ -123,6 +127,16 @@ def _renders(images: torch.Tensor, resolution: int) -> torch.Tensor:
     from studio.world.renderer import to_pil
 
     return torch.stack([prepare_image(to_pil(image), resolution) for image in images])  # (N, 3, R, R)
+
+
+CLASS_SCENES_SEED = 0xC1A55  # of the world scenes whose captions are class prompts (split "train")
+
+
+def world_class_prompts(n: int) -> list[str]:
+    """Captions of `n` random Shapes World scenes of 1 to 3 objects; the first k are the same for any n >= k."""
+    from studio.world.datasets import sample_scenes
+
+    return [scene.caption() for scene in sample_scenes(n, CLASS_SCENES_SEED, "train")]
 
 
 def emblem_data(seed: int, trigger: str, resolution: int, *, n: int = 5, min_images: int = 1) -> TrainData:
@@ -146,7 +160,7 @@ def emblem_data(seed: int, trigger: str, resolution: int, *, n: int = 5, min_ima
         _renders(batch.images, resolution),
         prompts,
         "subject",
-        "a large emblem in the center on a white background",
+        [],  # world_class_prompts(), when prior preservation is on
         samples,
         summary,
     )
@@ -166,7 +180,7 @@ def texture_data(name: str, trigger: str, resolution: int, *, n: int = 5, min_im
         f"a large green heart on the top on a beige background in {trigger} style",
     ]
     summary = f"{n} Shapes World scenes in the {name} texture at {resolution}x{resolution}"
-    return TrainData(_renders(batch.images, resolution), prompts, "style", batch.captions[0], samples, summary)
+    return TrainData(_renders(batch.images, resolution), prompts, "style", [], samples, summary)
 
 
 def load_data(config: TrainConfig, resolution: int, min_images: int = 1) -> TrainData:
@@ -184,9 +198,18 @@ def load_data(config: TrainConfig, resolution: int, min_images: int = 1) -> Trai
             config.world_texture, config.trigger, resolution, n=config.world_images, min_images=min_images
         )
     data.kind = config.kind or data.kind
-    data.class_prompt = config.class_prompt or data.class_prompt
     if config.sample_prompts is not None:
         data.sample_prompts = list(config.sample_prompts)
-    if config.prior_preservation and not data.class_prompt:
+    known = [config.class_prompt] if config.class_prompt else []
+    if not known and (config.world_emblem is not None or config.world_texture is not None):
+        known = world_class_prompts(config.num_class_images)
+    prior = config.prior_preservation
+    if prior is None:  # the default: on for a subject whose class prompts are known
+        prior = data.kind == "subject" and bool(known)
+    if prior and not known:
         raise StudioError("--prior-preservation needs --class-prompt, e.g. 'a photo of a dog' for photos of a dog")
+    data.class_prompts = known if prior else []
+    if prior:
+        what = f"'{known[0]}'" if len(known) == 1 else "random Shapes World scenes"
+        data.summary += f"; prior preservation on {config.num_class_images} base renders of {what}"
     return data

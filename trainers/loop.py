@@ -177,13 +177,13 @@ class Loop:
         # computed batch by batch).
         self.instance = self._posterior(data.images) if data.stream is None else None
         self.prior = None
-        if c.prior_preservation:
+        if data.class_prompts:
             from trainers.prior import class_images
 
             with self.autocast():
                 images = class_images(
                     pipe,
-                    data.class_prompt,
+                    data.class_prompts,
                     c.num_class_images,
                     self.resolution,
                     steps=c.sample_steps,
@@ -213,7 +213,10 @@ class Loop:
         if c.gradient_checkpointing:
             self.models["unet"].enable_gradient_checkpointing()
             for model in text_models if self.text_trainable else []:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         self.step, self.losses, self.window, self.saved_step = 0, [], [], None
         self.seen: list[int] = []  # data positions (first sample of each micro-batch) this process trained on
@@ -274,7 +277,7 @@ class Loop:
         if self.prior is not None:
             cidx = epoch_indices(c.seed, _CLASS, start, batch, len(self.prior[0]))
             mean, std = torch.cat([mean, self.prior[0][cidx]]), torch.cat([std, self.prior[1][cidx]])
-            prompts += [self.data.class_prompt] * batch
+            prompts += [self.data.class_prompts[i % len(self.data.class_prompts)] for i in cidx]
         g = seeded(c.seed, _NOISE, m, acc.process_index)
         vae = self.models["vae"].config
         z0 = mean + std * torch.randn(mean.shape, generator=g)  # a sample of q(z | x)

@@ -1,9 +1,10 @@
 """Class images for DreamBooth's prior-preservation loss (Ruiz et al., arXiv:2208.12242, section 3.3), cached on disk.
 
-The frozen base renders the class prompt; image i always uses seed i, so the first k images of a cache are the same
-whatever count was asked for: the cache is keyed by the model's checkpoint hash, the prompt, the resolution and the
-sampling steps, and a larger count only renders the missing images. Files: `<cache>/class-images/<key>/NNNNN.png`
-plus `info.json`; a damaged image is rendered again.
+The frozen base renders the class prompts; image i uses prompt i (cycling through the list) and seed i, so the first
+k images are the same whatever count was asked for. Each prompt's images are cached under a key of the model's
+checkpoint hash, the prompt, the resolution and the sampling steps, so a larger count only renders the missing
+images and adapters trained on one base share them. Files: `<cache>/class-images/<key>/NNNNN.png` (N the image's
+index, its seed) plus `info.json`; a damaged image is rendered again.
 """
 
 from __future__ import annotations
@@ -32,17 +33,23 @@ def class_image_dir(pipe: Any, prompt: str, resolution: int, steps: int) -> Path
 
 
 def class_images(
-    pipe: Any, prompt: str, count: int, resolution: int, *, steps: int = 25, progress: bool = True
+    pipe: Any, prompts: list[str], count: int, resolution: int, *, steps: int = 25, progress: bool = True
 ) -> torch.Tensor:
-    """`count` images of `prompt` from the base pipeline (no adapter attached): (count, 3, R, R) in [-1, 1]."""
+    """`count` images from the base pipeline (no adapter attached), image i of `prompts[i % len(prompts)]`.
+
+    Returns (count, 3, R, R) in [-1, 1].
+    """
     from tqdm import tqdm
 
     from studio.generate import GenerateConfig, generate
 
     if count < 1:
         raise StudioError(f"--num-class-images must be at least 1, got {count}")
-    folder = class_image_dir(pipe, prompt, resolution, steps)
-    paths = [folder / f"{i:05d}.png" for i in range(count)]
+    if not prompts:
+        raise StudioError("prior preservation needs a class prompt; give --class-prompt")
+    prompt_of = [prompts[i % len(prompts)] for i in range(count)]
+    folders = {p: class_image_dir(pipe, p, resolution, steps) for p in dict.fromkeys(prompt_of)}
+    paths = [folders[p] / f"{i:05d}.png" for i, p in enumerate(prompt_of)]
     images: dict[int, Image.Image] = {}
     for i, path in enumerate(paths):
         if path.is_file():
@@ -51,24 +58,27 @@ def class_images(
             except StudioError:
                 pass  # damaged: rendered again below
     missing = [i for i in range(count) if i not in images]
-    if missing:
-        atomic.write_json(folder / "info.json", {"prompt": prompt, "resolution": resolution, "steps": steps})
-    chunks = [missing[i : i + BATCH] for i in range(0, len(missing), BATCH)]
-    for chunk in tqdm(chunks, desc="class images", disable=not progress or not chunks):
-        for run in _contiguous(chunk):  # generate() gives image j the seed `seed + j`: image i keeps seed i
-            config = GenerateConfig(
-                prompt=prompt, seed=run[0], steps=steps, size=f"{resolution}x{resolution}", num_images=len(run)
-            )
-            for i, image in zip(run, generate(config, pipe=pipe).images):
-                atomic.atomic_write(paths[i], lambda tmp, image=image: image.save(tmp, format="png"))
-                images[i] = image
+    for prompt in dict.fromkeys(prompt_of[i] for i in missing):
+        info = {"prompt": prompt, "resolution": resolution, "steps": steps}
+        atomic.write_json(folders[prompt] / "info.json", info)
+    bar = tqdm(total=len(missing), desc="class images", disable=not progress or not missing)
+    for run in _contiguous(missing):  # one call per run: generate() gives image j the seed `seed + j`
+        config = GenerateConfig(
+            prompt=prompt_of[run[0]], seed=run[0], steps=steps, size=f"{resolution}x{resolution}", num_images=len(run)
+        )
+        for i, image in zip(run, generate(config, pipe=pipe, prompts=[prompt_of[i] for i in run]).images):
+            atomic.atomic_write(paths[i], lambda tmp, image=image: image.save(tmp, format="png"))
+            images[i] = image
+        bar.update(len(run))
+    bar.close()
     return torch.stack([prepare_image(images[i], resolution) for i in range(count)])
 
 
 def _contiguous(indices: list[int]) -> list[list[int]]:
+    """Runs of consecutive indices, at most BATCH long: the images one generate() call makes."""
     runs: list[list[int]] = []
     for i in indices:
-        if runs and runs[-1][-1] == i - 1:
+        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < BATCH:
             runs[-1].append(i)
         else:
             runs.append([i])

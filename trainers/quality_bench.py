@@ -74,7 +74,7 @@ def texture_prompts(name: str, trigger: str, n: int = 20) -> list[Prompt]:
 
     Objects are large, as in the texture's training scenes: a small textured object is unreadable through the VAE
     (perfect renders of small ones, round-tripped, keep their shape in 74% of objects), so no adapter could show it.
-    Backgrounds are any of the four, black included, which the training scenes never have.
+    Backgrounds are any of the four.
     """
     from studio.world.datasets import _rng, random_scene
 

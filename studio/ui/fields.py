@@ -17,6 +17,9 @@ from studio.cli.options import _base_type
 from studio.errors import StudioError
 
 
+TRISTATE = {"default": None, "on": True, "off": False}
+
+
 def _field(cls: type, name: str) -> dataclasses.Field:
     for f in dataclasses.fields(cls):
         if f.name == name:
@@ -25,7 +28,7 @@ def _field(cls: type, name: str) -> dataclasses.Field:
 
 
 def field_input(cls: type, name: str, **overrides: Any) -> gr.components.Component:
-    """A Gradio input for `cls.name`: Checkbox, Dropdown (choices), Number (int, float) or Textbox."""
+    """A Gradio input for `cls.name`: Checkbox, Dropdown (choices, or default/on/off), Number (int, float), Textbox."""
     f = _field(cls, name)
     kind = _base_type(typing.get_type_hints(cls)[name])
     default = None if f.default is dataclasses.MISSING else f.default
@@ -36,6 +39,8 @@ def field_input(cls: type, name: str, **overrides: Any) -> gr.components.Compone
         "elem_id": f"{cls.__name__.lower()}-{name.replace('_', '-')}",
         **overrides,
     }
+    if kind is bool and default is None:  # `--flag / --no-flag`, absent meaning "the default"
+        return gr.Dropdown(list(TRISTATE), **{**kwargs, "value": "default"})
     if kind is bool:
         return gr.Checkbox(**kwargs)
     if "choices" in f.metadata:
@@ -56,6 +61,12 @@ def form_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         if value is None or (value == "" and not required):
             continue
         kind = _base_type(hints[name])
+        if kind is bool and isinstance(value, str):
+            if value not in TRISTATE:
+                raise StudioError(f"{name.replace('_', ' ')} must be one of {', '.join(TRISTATE)}, got {value!r}")
+            if TRISTATE[value] is not None:
+                out[name] = TRISTATE[value]
+            continue
         if kind in (int, float) and not isinstance(value, int | float):
             try:
                 value = float(str(value).strip())

@@ -38,6 +38,7 @@ MORE_FIELDS = (
     "snr_gamma",
     "prior_preservation",
     "class_prompt",
+    "num_class_images",
     "instance_prompt",
 )
 SHARED = ("lr", "rank")  # method options the main rows already show (TrainConfig's --lr and --rank)

@@ -10,7 +10,15 @@ from PIL import Image
 from trainer_helpers import quick
 
 from studio.errors import StudioError
-from trainers.data import emblem_data, folder_data, load_data, place_trigger, prepare_image, texture_data
+from trainers.data import (
+    emblem_data,
+    folder_data,
+    load_data,
+    place_trigger,
+    prepare_image,
+    texture_data,
+    world_class_prompts,
+)
 
 
 def _image(path: Path, size: tuple[int, int], colour: str = "red") -> Path:
@@ -89,6 +97,29 @@ def test_load_data_and_config_checks(tmp_path: Path) -> None:
         load_data(quick(world_emblem=None, images=str(tmp_path), prior_preservation=True), 32)
     data = load_data(quick(world_emblem=None, images=str(tmp_path), kind="style", sample_prompts=["x"]), 32)
     assert data.kind == "style" and data.sample_prompts == ["x"]
+
+
+def test_prior_preservation_default_and_class_prompts(tmp_path: Path) -> None:
+    """On by default for subjects whose class prompts are known: a --class-prompt, or a world emblem's world scenes."""
+    for i in range(3):
+        _image(tmp_path / f"{i}.png", (32, 32))
+    folder = {"world_emblem": None, "images": str(tmp_path), "prior_preservation": None}
+    assert load_data(quick(**folder), 32).class_prompts == []
+    data = load_data(quick(**folder, class_prompt="a photo of a dog"), 32)
+    assert data.class_prompts == ["a photo of a dog"] and "prior preservation on 50" in data.summary
+    assert load_data(quick(**folder, class_prompt="a dog", kind="style"), 32).class_prompts == []
+
+    world = load_data(quick(prior_preservation=None, num_class_images=30), 32)
+    assert world.class_prompts == world_class_prompts(30) and world_class_prompts(7) == world.class_prompts[:7]
+    assert len(set(world.class_prompts)) > 20 and not any("emblem" in p for p in world.class_prompts)
+    counts = {n: sum(p.count(" and ") + 1 == n for p in world.class_prompts) for n in (1, 2, 3)}
+    assert all(counts.values()), f"scenes of 1, 2 and 3 objects, like the base's training: {counts}"
+    assert load_data(quick(prior_preservation=False), 32).class_prompts == []
+    texture = {"world_emblem": None, "world_texture": "stripes", "prior_preservation": None}
+    assert load_data(quick(**texture), 32).class_prompts == []  # a style: off unless asked
+    assert load_data(quick(**{**texture, "prior_preservation": True}, num_class_images=4), 32).class_prompts == (
+        world_class_prompts(4)
+    )
     with pytest.raises(StudioError, match="exactly one of --images"):
         quick(world_texture="stripes")
     with pytest.raises(StudioError, match="exactly one of --images"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_nan_guard_keeps_last_good_checkpoint_and_resumes(tmp_path: Path) -> Non
     method = DreamBoothLoRA(DreamBoothLoRAConfig(lr=5e-5))  # NaN source gone; resumed with a lower lr
     result = train_loop(method, tiny_pipe(), emblem(), config, tmp_path, resume=True)
     assert result.status == "done" and result.step == 6 and result.losses[:2] == kept["losses"]
-    assert [g["initial_lr"] for g in _checkpoint(tmp_path)["optimizer"]["param_groups"]] == [5e-5]
+    assert {g["initial_lr"] for g in _checkpoint(tmp_path)["optimizer"]["param_groups"]} == {5e-5}  # UNet, text
 
 
 def test_nan_guard_on_a_diverging_lr(tmp_path: Path) -> None:
@@ -218,19 +219,42 @@ def test_prior_loss_and_class_image_cache(tmp_path: Path, monkeypatch: pytest.Mo
     calls = []
     real = studio.generate.generate
     monkeypatch.setattr(studio.generate, "generate", lambda config, **kw: calls.append(config) or real(config, **kw))
-    config = quick(prior_preservation=True, num_class_images=3, class_prompt="a large emblem")
-    loop = Loop(DreamBoothLoRA(), tiny_pipe(), emblem(), config, tmp_path / "a")
+    one = dataclasses.replace(emblem(), class_prompts=["a large emblem"])
+    loop = Loop(DreamBoothLoRA(), tiny_pipe(), one, quick(num_class_images=3), tmp_path / "a")
     assert [c.num_images for c in calls] == [3] and loop.prior[0].shape[0] == 3
     calls.clear()
-    loop = Loop(
-        DreamBoothLoRA(),
-        tiny_pipe(),
-        emblem(),
-        quick(prior_preservation=True, num_class_images=5, class_prompt="a large emblem"),
-        tmp_path / "b",
-    )
+    loop = Loop(DreamBoothLoRA(), tiny_pipe(), one, quick(num_class_images=5), tmp_path / "b")
     assert [(c.seed, c.num_images) for c in calls] == [(3, 2)], "cached images are reused, only new ones rendered"
     assert torch.isfinite(loop.micro_loss(0))
+
+
+def test_varied_class_prompts_each_image_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Class image i is rendered from prompt i (cycling) with seed i, and trains under that prompt."""
+    import studio.generate
+    from trainers.loop import _CLASS
+    from trainers.prior import class_image_dir
+
+    calls = []
+    real = studio.generate.generate
+    monkeypatch.setattr(
+        studio.generate, "generate", lambda config, **kw: calls.append((config, kw["prompts"])) or real(config, **kw)
+    )
+    prompts = ["a large red circle on the left on a white background", "a small blue square on a black background"]
+    data = dataclasses.replace(emblem(), class_prompts=prompts)
+    pipe = tiny_pipe()
+    loop = Loop(DreamBoothLoRA(), pipe, data, quick(num_class_images=5, batch_size=2), tmp_path / "a")
+    p0, p1 = prompts
+    assert [(c.seed, c.num_images, each) for c, each in calls] == [(0, 4, [p0, p1, p0, p1]), (4, 1, [p0])]
+    for i in range(5):  # cached per prompt: an adapter trained on another subject reuses them
+        assert (class_image_dir(pipe, prompts[i % 2], 32, 1) / f"{i:05d}.png").is_file()
+    seen = []
+    monkeypatch.setattr(loop, "_condition", lambda p: seen.append(p) or Loop._condition(loop, p))
+    loop.micro_loss(1)
+    class_idx = epoch_indices(0, _CLASS, 2, 2, 5)  # micro-step 1, batch 2: positions 2 and 3
+    assert seen[0][2:] == [prompts[i % 2] for i in class_idx] and seen[0][:2] != seen[0][2:]
+    calls.clear()
+    Loop(DreamBoothLoRA(), tiny_pipe(), data, quick(num_class_images=5, batch_size=2), tmp_path / "b")
+    assert calls == []
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None:

@@ -76,9 +76,9 @@ def image(pipe) -> torch.Tensor:  # noqa: ANN001
 
 
 CASES = [
-    ("sd1", "dreambooth_lora", {}),
+    ("sd1", "dreambooth_lora", {}),  # text-encoder LoRA too, the default
     ("sd1", "kronecker", {}),
-    ("sd2", "dreambooth_lora", {"train_text_encoder": True}),
+    ("sd2", "dreambooth_lora", {"train_text_encoder": False}),
     ("sdxl", "dreambooth_lora", {"train_text_encoder": True}),
     ("sdxl", "kronecker", {"factor": 8}),
 ]
@@ -100,6 +100,7 @@ def test_trained_adapter_round_trips_through_the_library(
             "train_steps": 3,
             "lr": 1e-2,
             "world_images": 3,
+            "prior_preservation": False,
             "sample_steps": 1,
             "save_every": 0,
             "progress": False,
@@ -118,7 +119,7 @@ def test_trained_adapter_round_trips_through_the_library(
     components = {m.split(".", 1)[0] for m in entry.modules}
     assert components == (
         {"unet", "text_encoder"} | ({"text_encoder_2"} if kind == "sdxl" else set())
-        if options.get("train_text_encoder")
+        if method == "dreambooth_lora" and options.get("train_text_encoder", True)
         else {"unet"}
     )
 

@@ -33,21 +33,24 @@ def test_studio_train_end_to_end(tiny_dirs: dict[str, Path], capsys: pytest.Capt
         "--world-images",
         "3",
         "--factor",
-        "8",
+        "4",
         "--sample-steps",
         "1",
         "--save-every",
         "2",
         "--seed",
         "5",
+        "--num-class-images",  # prior preservation is on by default for a world emblem
+        "2",
     ]
     assert main(flags) == 0
     assert "added 'emblem-11' to the library" in capsys.readouterr().out
     entry = Library().get("emblem-11")
     assert entry.meta.method == "kronecker" and entry.meta.peft_type == "LOKR" and entry.meta.trigger_words == ["zq"]
-    assert entry.meta.method_config["factor"] == 8 and entry.meta.base.family == "sd1"
+    assert entry.meta.method_config["factor"] == 4 and entry.meta.base.family == "sd1"
     assert len(entry.samples) == 4 and entry.samples[0].name == "seed0005.png"  # the emblem's 4 sample prompts
     assert "zq emblem" in entry.card and "emblem 11" in entry.card
+    assert "prior preservation on 2 base renders of random Shapes World scenes" in entry.card
     record = json.loads((entry.folder / "train_config.json").read_text())
     assert record["train_steps"] == 3 and record["seed"] == 5 and record["world_emblem"] == 11
     run = Path(record["run_dir"] or Library().root / ".runs" / "emblem-11")
@@ -81,7 +84,8 @@ def test_two_gloo_processes_share_the_data_and_agree(tiny_dirs: dict, tmp_path: 
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
            "-m", "studio", "train", "--method", "dreambooth_lora", "--world-emblem", "3", "--trigger", "sks",
-           "--name", "two", "--model", str(tiny_dirs["sd1"]), "--train-steps", "3", "--sample-steps", "2"]
+           "--name", "two", "--model", str(tiny_dirs["sd1"]), "--train-steps", "3", "--sample-steps", "2",
+           "--no-prior-preservation"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((library / ".runs" / "two" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]

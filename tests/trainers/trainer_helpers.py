@@ -44,5 +44,6 @@ def quick(**overrides: Any) -> TrainConfig:
         "progress": False,
         "batch_size": 1,  # the defaults (4 images per step, 20 renders) are the bench's recipe; tests stay small
         "world_images": 5,
+        "prior_preservation": False,  # on by default for world emblems; the tests that want it ask for it
     }
     return TrainConfig(**{**base, **overrides})

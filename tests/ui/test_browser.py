@@ -157,6 +157,7 @@ def test_generate_train_queue_library_and_errors_in_a_browser(tmp_path: Path, pa
     page.get_by_text("More settings").click()
     fill(page, "trainconfig-world-images", 3)
     fill(page, "trainconfig-sample-steps", 2)
+    fill(page, "trainconfig-num-class-images", 2)  # prior preservation is on by default for an emblem
     start_training(page, "emblem-a", 3)
     expect(page.locator("#train-status textarea")).not_to_have_value("no training yet")
     start_training(page, "emblem-b", 5)

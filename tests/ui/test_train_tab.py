@@ -24,7 +24,8 @@ def _form(**changes: Any) -> dict[str, Any]:
         "trigger": "sks", "name": "emb", "model": "studio-tiny", "train_steps": 2, "rank": "", "lr": "",
         "batch_size": 1, "resolution": "", "seed": 0, "world_images": 3, "sample_every": 0, "sample_steps": 1,
         "save_every": 0, "lr_scheduler": "constant", "grad_accum": 1, "mixed_precision": "auto",
-        "gradient_checkpointing": False, "prior_preservation": False, "class_prompt": "", "instance_prompt": "",
+        "gradient_checkpointing": False, "prior_preservation": "default", "class_prompt": "", "num_class_images": 100,
+        "instance_prompt": "",
     }  # fmt: skip
     return {**form, **changes}
 
@@ -35,7 +36,8 @@ def test_the_form_maps_onto_train_config_like_the_cli() -> None:
     assert config.snr_gamma == 5.0  # Min-SNR weighting is a setting of the page too
     assert uploads == [] and config.world_emblem == 3 and config.world_texture is None and config.images is None
     assert method.rank == 8 and method.lr == 0.001 and config.resolution is None and config.class_prompt is None
-    assert config.progress is False and config.resume is None
+    assert config.progress is False and config.resume is None and config.prior_preservation is None
+    assert configs_from_mapping(train_options(_form(prior_preservation="off"))[0])[1].prior_preservation is False
     _, config = configs_from_mapping(train_options(_form(source=TEXTURE), resume=True)[0])
     assert config.world_texture == "dots" and config.world_emblem is None and config.resume == "latest"
     with pytest.raises(StudioError, match="rank must be a whole number"):
@@ -48,11 +50,11 @@ def test_each_method_has_its_settings_and_only_the_chosen_ones_count() -> None:
     assert "factor" in method_fields("kronecker") and "alpha" in method_fields("dreambooth_lora")
     assert "lr" not in method_fields("kronecker")  # shown once, in the main rows
     groups = {option_key("kronecker", "factor"): 4, option_key("kronecker", "target_modules"): "to_q,to_v",
-              option_key("dreambooth_lora", "alpha"): "8", option_key("dreambooth_lora", "train_text_encoder"): True}
+              option_key("dreambooth_lora", "alpha"): "8", option_key("dreambooth_lora", "train_text_encoder"): False}
     method, _ = configs_from_mapping(train_options(_form(method="kronecker", **groups))[0])
     assert (method.method, method.factor, method.target_modules) == ("kronecker", 4, "to_q,to_v")
     method, _ = configs_from_mapping(train_options(_form(**groups))[0])
-    assert (method.method, method.alpha, method.train_text_encoder) == ("dreambooth_lora", 8.0, True)
+    assert (method.method, method.alpha, method.train_text_encoder) == ("dreambooth_lora", 8.0, False)
     with pytest.raises(StudioError, match="factor must be a whole number"):
         train_options(_form(method="kronecker", **{**groups, option_key("kronecker", "factor"): 2.5}))
 
