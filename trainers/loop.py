@@ -206,7 +206,8 @@ class Loop:
         )
         self._cast_frozen()
         text_models = [m for name, m in self.models.items() if name.startswith("text_encoder")]
-        self.text_trainable = any(p.requires_grad for m in text_models for p in m.parameters())
+        # A text encoder trains when a trained tensor is named for it (`text_encoder.<module>...`), injected or hooked.
+        self.text_trainable = any(name.startswith("text_encoder") for name in self.trainable)
         self.models["unet"].train()
         for model in text_models:
             model.train(self.text_trainable)

@@ -4,7 +4,9 @@ A method file holds a `MethodConfig` subclass with the paper's defaults, a `Meth
 nothing about data, accelerate, logging or the UI. The loop calls, in this order:
 
     attach(components)        once; components is the diffusers pipeline, every model frozen, on the training device
-    trainable_tensors()       name -> Parameter, the tensors the optimizer trains (stable names: checkpoint keys)
+    trainable_tensors()       name -> Parameter, the tensors the optimizer trains (stable names: checkpoint keys;
+                              `<component>.` first, and a `text_encoder*.` name makes the loop run that encoder
+                              with gradients)
     trainable_parameters()    optimizer param groups (default: one group at `config.lr`)
     regularizer(step)         a term added to each micro-step's loss, or None
     on_step_end(step)         after each optimizer step (progressive re-selection and the like)
@@ -105,6 +107,9 @@ class Method(ABC):
 # The default UNet targets of the adapter methods: attention q, k, v, out; the transformer's in/out projections and
 # feed-forward; the ResNet 3x3 convolutions (the inner shapes of a subject need them: see the method files).
 UNET_TARGETS = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2"
+# The text encoders' attention projections (diffusers' DreamBooth-LoRA `--train_text_encoder`; both CLIPs on SDXL).
+TEXT_TARGETS = "q_proj,k_proj,v_proj,out_proj"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def find_layers(

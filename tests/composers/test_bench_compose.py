@@ -41,7 +41,7 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path, monkeypatch, cap
     for i, name in enumerate(adapter_names()):
         add_random_adapter(pipe, name, seed=i)
     out = tmp_path / "out"
-    assert main(["bench", "compose", "--model", str(tiny_dirs["sd1"]), "--library", str(library), "--seeds", "1",
+    assert main(["bench", "compose", "--model", str(tiny_dirs["sd1"]), "--library", str(library), "--seeds", "2",
                  "--steps", "2", "--pairs", "1", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert list(report["rows"]) == ["merge", "switch", "composite", "alone", "none"]
@@ -49,5 +49,6 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path, monkeypatch, cap
     assert report["rows"]["composite"]["time_ratio"] > report["rows"]["merge"]["time_ratio"]  # k UNet passes
     table = (out / "compose-bench.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 6 and "| composite |" in table
+    assert report["scoring_seconds"] > 0 and f"scoring took {report['scoring_seconds']:.0f} s" in table
     grid = Image.open(out / "compose-bench-grid.png")
     assert grid.size[1] > 5 * 32 and grid.size[0] > 2 * 32  # 5 rows x 2 cases of 32-px tiles

@@ -18,6 +18,7 @@ from studio.generate import GenerateConfig, generate
 from studio.library import CheckpointMismatchWarning, Library, delta_weight, load_adapters
 from studio.models import load_pipeline
 from trainers import DreamBoothLoRAConfig, Kronecker, KroneckerConfig, configs_from_mapping, train
+from trainers.method import TEXT_TARGETS
 from trainers.methods.kronecker import kron_apply
 
 
@@ -44,21 +45,29 @@ def test_kronecker_equals_peft_lokr(factor: int) -> None:
     tensors, meta = method.export()
     r = max(meta.ranks.values())
     targets = [t.strip() for t in KroneckerConfig().target_modules.split(",")]
-    config = LoKrConfig(r=r, alpha=r, decompose_factor=factor, target_modules=targets)
-    inject_adapter_in_model(config, ref.unet)
-    result = set_peft_model_state_dict(ref.unet, {k.removeprefix("unet."): v for k, v in tensors.items()})
-    assert not [k for k in result.missing_keys if "lokr" in k] and not result.unexpected_keys
+    peft_layers = set()
+    for component, names in (("unet", targets), ("text_encoder", TEXT_TARGETS.split(","))):  # text: the default
+        model = getattr(ref, component)
+        inject_adapter_in_model(LoKrConfig(r=r, alpha=r, decompose_factor=factor, target_modules=names), model)
+        own = {k.removeprefix(f"{component}."): v for k, v in tensors.items() if k.startswith(f"{component}.")}
+        result = set_peft_model_state_dict(model, own)
+        assert not [k for k in result.missing_keys if "lokr" in k] and not result.unexpected_keys
+        peft_layers |= {f"{component}.{n}" for n, m in model.named_modules() if "default" in getattr(m, "lokr_w1", {})}
     deltas = method.delta_weights()
-    peft_layers = {f"unet.{n}" for n, m in ref.unet.named_modules() if "default" in getattr(m, "lokr_w1", {})}
-    assert set(deltas) == peft_layers and len(deltas) >= 88  # at least q, k, v, out of the 11 transformer blocks
+    assert set(deltas) == peft_layers and sum(m.startswith("unet.") for m in deltas) >= 88  # q, k, v, out x 11+
+    assert any(m.startswith("text_encoder.") for m in deltas)
     assert any(dw.dim() == 4 for dw in deltas.values()) == ("conv1" in targets)  # ResNet 3x3 convolutions
     for module, dw in deltas.items():
-        peft_layer = ref.unet.get_submodule(module.removeprefix("unet."))
-        torch.testing.assert_close(peft_layer.get_delta_weight("default"), dw)
+        component, path = module.split(".", 1)
+        torch.testing.assert_close(getattr(ref, component).get_submodule(path).get_delta_weight("default"), dw)
     with torch.no_grad():
         out_ours, out_ref = ours.unet(x, t, ctx).sample, ref.unet(x, t, ctx).sample
+        ids = ours.tokenizer(["a large sks emblem"], return_tensors="pt").input_ids
+        text_ours, text_ref = ours.text_encoder(ids)[0], ref.text_encoder(ids)[0]
+        text_base = tiny_pipe().text_encoder(ids)[0]
     torch.testing.assert_close(out_ours, out_ref, rtol=1e-4, atol=1e-5)
-    assert (out_ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(text_ours, text_ref, rtol=1e-4, atol=1e-5)
+    assert (out_ours - base).abs().max() > 1e-3 and (text_ours - text_base).abs().max() > 1e-3
 
 
 def test_kron_apply_is_the_kronecker_product() -> None:
@@ -119,7 +128,7 @@ def test_trained_adapter_round_trips_through_the_library(
     components = {m.split(".", 1)[0] for m in entry.modules}
     assert components == (
         {"unet", "text_encoder"} | ({"text_encoder_2"} if kind == "sdxl" else set())
-        if method == "dreambooth_lora" and options.get("train_text_encoder", True)
+        if options.get("train_text_encoder", True)
         else {"unet"}
     )
 

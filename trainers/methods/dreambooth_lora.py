@@ -31,12 +31,10 @@ from torch import nn
 
 from studio.errors import StudioError
 from studio.library.meta import AdapterMeta
-from trainers.method import UNET_TARGETS, Method, MethodConfig, split_targets
+from trainers.method import TEXT_ENCODERS, TEXT_TARGETS, UNET_TARGETS, Method, MethodConfig, split_targets
 
 
 ADAPTER = "default"
-TEXT_TARGETS = "q_proj,k_proj,v_proj,out_proj"
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
