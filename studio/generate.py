@@ -152,14 +152,19 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     output_type: str = "pil",
     prompts: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> GenerateResult:
     """Make `config.num_images` images. `progress(step, total)` is called after every denoising step.
 
     `output_type` is diffusers': "pil" (the default), or "np" / "pt" for float images in [0, 1]. `prompts` gives
-    each image its own prompt in one batch (`config.num_images` of them; `<lora:...>` tags only in `config.prompt`).
+    each image its own prompt in one batch (`config.num_images` of them; `<lora:...>` tags only in `config.prompt`),
+    `seeds` its own seed (default `config.seed + i` for image i).
     """
     if prompts is not None and len(prompts) != config.num_images:
         raise StudioError(f"{len(prompts)} prompts for {config.num_images} images")
+    if seeds is not None and len(seeds) != config.num_images:
+        raise StudioError(f"{len(seeds)} seeds for {config.num_images} images")
+    seeds = seeds if seeds is not None else [config.seed + i for i in range(config.num_images)]
     device = resolve_device(config.device)
     pipe = pipe or cached_pipeline(config.model, device)
     own_scheduler = pipe.__dict__.setdefault("_studio_own_scheduler", pipe.scheduler)  # the model's own sampler
@@ -173,7 +178,7 @@ def generate(
     with prompt_adapters(pipe, tags) as active:
         texts = prompts if prompts is not None else prompt
         embeds = encode_prompt(pipe, texts, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
-        generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.num_images)]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
         def on_step_end(_pipe: DiffusionPipeline, step: int, _t: Any, kwargs: dict) -> dict:
             if progress is not None:
@@ -198,7 +203,7 @@ def generate(
                 scheduler=scheduler_name(pipe.scheduler), device=device,
                 adapters=[{"name": n, "weight": w} for n, w in active.items()])
     base["version"] = _version()
-    params = [{**base, "seed": config.seed + i, "num_images": 1} for i in range(len(images))]
+    params = [{**base, "seed": s, "num_images": 1} for s in seeds]
     for record, text in zip(params, prompts or []):
         record["prompt"] = text
     return GenerateResult(images, params)

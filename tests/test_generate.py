@@ -93,6 +93,12 @@ def test_a_prompt_per_image_in_one_batch_matches_each_alone(kind: str, tiny_dirs
     assert not np.array_equal(np.asarray(batch.images[0]), np.asarray(batch.images[1]))
     with pytest.raises(StudioError, match="2 prompts for 3 images"):
         generate(GenerateConfig(prompt="x", model=model, num_images=3), prompts=texts[:2])
+    seeded = generate(GenerateConfig(prompt="x", model=model, steps=2, num_images=3), prompts=texts, seeds=[6, 5, 4])
+    assert [p["seed"] for p in seeded.params] == [6, 5, 4]  # each image its own seed, in one batch
+    alone = generate(GenerateConfig(prompt=texts[2], model=model, seed=4, steps=2)).images[0]
+    assert np.abs(np.asarray(alone, dtype=int) - np.asarray(seeded.images[2], dtype=int)).max() <= 1
+    with pytest.raises(StudioError, match="1 seeds for 3 images"):
+        generate(GenerateConfig(prompt="x", model=model, num_images=3), seeds=[1])
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))

@@ -48,6 +48,9 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
         assert all(0.0 <= r[k] <= 1.0 for k in judged)
     assert rows[0]["params_ratio"] == 1.0 and 0 < rows[2]["params_ratio"] < 1  # Kronecker: fewer parameters
     assert set(report["base_accuracy"]) == {"shape", "colour", "position", "background", "mean"}
+    alone = run_bench(str(tiny_dirs["sd1"]), ["kronecker"], tmp_path / "k", steps=2, n_base=2, n_texture=2,
+                      overrides={"train_steps": 2, "sample_steps": 2}, n_emblems=1)  # ratio still against the LoRA
+    assert [r["params_ratio"] for r in alone["rows"]] == [rows[2]["params_ratio"]] * 2
     table = (tmp_path / "adapters-bench.md").read_text()
     assert table.count("| dreambooth_lora |") == 2 and "misses the bar" in table  # 2 steps on random weights
     assert (tmp_path / "adapters-bench-grid.png").is_file() and (tmp_path / "adapters-bench.json").is_file()
