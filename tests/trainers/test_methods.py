@@ -19,7 +19,7 @@ from studio.library import CheckpointMismatchWarning, Library, delta_weight, loa
 from studio.models import load_pipeline
 from trainers import DreamBoothLoRAConfig, Kronecker, KroneckerConfig, configs_from_mapping, train
 from trainers.method import TEXT_TARGETS
-from trainers.methods.kronecker import kron_apply
+from trainers.methods.kronecker import KronDelta
 
 
 def _unet_inputs(pipe) -> tuple:  # noqa: ANN001
@@ -70,10 +70,19 @@ def test_kronecker_equals_peft_lokr(factor: int) -> None:
     assert (out_ours - base).abs().max() > 1e-3 and (text_ours - text_base).abs().max() > 1e-3
 
 
-def test_kron_apply_is_the_kronecker_product() -> None:
+def test_kron_delta_adds_the_kronecker_product() -> None:
     g = torch.Generator().manual_seed(0)
     w1, w2, x = torch.randn(3, 4, generator=g), torch.randn(5, 6, generator=g), torch.randn(2, 7, 24, generator=g)
-    torch.testing.assert_close(kron_apply(x, w1, w2), x @ torch.kron(w1, w2).T)
+    layer = torch.nn.Linear(24, 15)
+    base = layer(x)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", KronDelta(w1, w2))
+    torch.testing.assert_close(layer(x), base + x @ torch.kron(w1, w2).T)
+    conv, a = torch.nn.Conv2d(6, 4, 3, padding=1), torch.randn(2, 2, generator=g)
+    b, y = torch.randn(2, 3, 3, 3, generator=g), torch.randn(1, 6, 8, 8, generator=g)
+    base = conv(y)
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", KronDelta(a, b))
+    dw = torch.stack([torch.stack([a[i // 2, j // 3] * b[i % 2, j % 3] for j in range(6)]) for i in range(4)])
+    torch.testing.assert_close(conv(y), base + torch.nn.functional.conv2d(y, dw, padding=1))  # A (x) B per tap
 
 
 def image(pipe) -> torch.Tensor:  # noqa: ANN001

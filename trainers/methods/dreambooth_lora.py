@@ -14,7 +14,8 @@ rank-r 3x3 down conv and 1x1 up conv) took it to 95%. lr 1e-3 (the script's argp
 adapter also turned prompts without its trigger into the emblem (the base's single-object accuracy 0.99 -> 0.72 on
 24 of them): the loop's prior preservation on renders of random world scenes holds that (0.99 -> 0.95), and
 text-encoder LoRA (on by default here) gives the trigger a meaning of its own, which took the hardest bench emblem
-from 55% found to 75% (800 steps, 4 + 4 images a step); 1200 steps of 2 + 2: 100%, accuracy 0.98.
+from 55% found to 75% (800 steps, 4 + 4 images a step); 1200 steps of 2 + 2: 100%, accuracy 0.98; 700 steps of
+2 + 2 (the 5-minute budget on two CPU cores): 85-100%, accuracy within 3 points.
 `--target-modules to_q,to_k,to_v,to_out.0 --rank 4 --lr 1e-4 --no-train-text-encoder` gives the script's README
 recipe back.
 """
