@@ -85,7 +85,7 @@ class TrainConfig:
     )
     save_every: int = field(default=100, metadata={"help": "checkpoint every K optimizer steps (0: only at the end)"})
     sample_every: int = field(default=0, metadata={"help": "render previews every K steps (0: only at the end)"})
-    sample_steps: int = field(default=25, metadata={"help": "sampling steps of previews and class images"})
+    sample_steps: int = field(default=20, metadata={"help": "sampling steps of previews and class images"})
     sample_prompts: list[str] | None = field(default=None, metadata={"cli": False})  # default: from the data
     resume: str | None = field(
         default=None,

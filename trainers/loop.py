@@ -398,13 +398,12 @@ class Loop:
         c, modes = self.config, {name: m.training for name, m in self.models.items()}
         for model in self.models.values():
             model.eval()
-        images = []
-        with self.autocast():
-            for i, prompt in enumerate(self.data.sample_prompts):
-                config = GenerateConfig(
-                    prompt=prompt, seed=c.seed + i, steps=c.sample_steps, size=f"{self.resolution}x{self.resolution}"
-                )
-                images += generate(config, pipe=self.pipe).images
+        images, prompts = [], list(self.data.sample_prompts)
+        if prompts:
+            config = GenerateConfig(prompt=prompts[0], seed=c.seed, steps=c.sample_steps, num_images=len(prompts),
+                                    size=f"{self.resolution}x{self.resolution}")
+            with self.autocast():
+                images = generate(config, pipe=self.pipe, prompts=prompts).images  # one batch, seed + i for prompt i
         for name, model in self.models.items():
             model.train(modes[name])
         if images and self.accelerator.is_main_process:

@@ -22,7 +22,7 @@ from studio.paths import cache_dir
 from trainers.data import open_image, prepare_image
 
 
-BATCH = 4
+BATCH = 10  # images per generate() call (the same images as one at a time, in about 70% of the time)
 
 
 def class_image_dir(pipe: Any, prompt: str, resolution: int, steps: int) -> Path:
@@ -62,24 +62,16 @@ def class_images(
         info = {"prompt": prompt, "resolution": resolution, "steps": steps}
         atomic.write_json(folders[prompt] / "info.json", info)
     bar = tqdm(total=len(missing), desc="class images", disable=not progress or not missing)
-    for run in _contiguous(missing):  # one call per run: generate() gives image j the seed `seed + j`
+    for at in range(0, len(missing), BATCH):
+        run = missing[at:at + BATCH]
         config = GenerateConfig(
-            prompt=prompt_of[run[0]], seed=run[0], steps=steps, size=f"{resolution}x{resolution}", num_images=len(run)
+            prompt=prompt_of[run[0]], steps=steps, size=f"{resolution}x{resolution}", num_images=len(run)
         )
-        for i, image in zip(run, generate(config, pipe=pipe, prompts=[prompt_of[i] for i in run]).images):
+        generated = generate(config, pipe=pipe, prompts=[prompt_of[i] for i in run], seeds=run).images
+        for i, image in zip(run, generated):
             atomic.atomic_write(paths[i], lambda tmp, image=image: image.save(tmp, format="png"))
             images[i] = image
         bar.update(len(run))
     bar.close()
     return torch.stack([prepare_image(images[i], resolution) for i in range(count)])
 
-
-def _contiguous(indices: list[int]) -> list[list[int]]:
-    """Runs of consecutive indices, at most BATCH long: the images one generate() call makes."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < BATCH:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs

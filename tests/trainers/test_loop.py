@@ -218,13 +218,15 @@ def test_prior_loss_and_class_image_cache(tmp_path: Path, monkeypatch: pytest.Mo
 
     calls = []
     real = studio.generate.generate
-    monkeypatch.setattr(studio.generate, "generate", lambda config, **kw: calls.append(config) or real(config, **kw))
+    monkeypatch.setattr(
+        studio.generate, "generate", lambda config, **kw: calls.append(kw["seeds"]) or real(config, **kw)
+    )
     one = dataclasses.replace(emblem(), class_prompts=["a large emblem"])
     loop = Loop(DreamBoothLoRA(), tiny_pipe(), one, quick(num_class_images=3), tmp_path / "a")
-    assert [c.num_images for c in calls] == [3] and loop.prior[0].shape[0] == 3
+    assert calls == [[0, 1, 2]] and loop.prior[0].shape[0] == 3
     calls.clear()
     loop = Loop(DreamBoothLoRA(), tiny_pipe(), one, quick(num_class_images=5), tmp_path / "b")
-    assert [(c.seed, c.num_images) for c in calls] == [(3, 2)], "cached images are reused, only new ones rendered"
+    assert calls == [[3, 4]], "cached images are reused, only new ones rendered"
     assert torch.isfinite(loop.micro_loss(0))
 
 
@@ -237,14 +239,14 @@ def test_varied_class_prompts_each_image_its_own(tmp_path: Path, monkeypatch: py
     calls = []
     real = studio.generate.generate
     monkeypatch.setattr(
-        studio.generate, "generate", lambda config, **kw: calls.append((config, kw["prompts"])) or real(config, **kw)
+        studio.generate, "generate", lambda c, **kw: calls.append((kw["seeds"], kw["prompts"])) or real(c, **kw)
     )
     prompts = ["a large red circle on the left on a white background", "a small blue square on a black background"]
     data = dataclasses.replace(emblem(), class_prompts=prompts)
     pipe = tiny_pipe()
     loop = Loop(DreamBoothLoRA(), pipe, data, quick(num_class_images=5, batch_size=2), tmp_path / "a")
     p0, p1 = prompts
-    assert [(c.seed, c.num_images, each) for c, each in calls] == [(0, 4, [p0, p1, p0, p1]), (4, 1, [p0])]
+    assert calls == [([0, 1, 2, 3, 4], [p0, p1, p0, p1, p0])]  # one batch, image i with seed i
     for i in range(5):  # cached per prompt: an adapter trained on another subject reuses them
         assert (class_image_dir(pipe, prompts[i % 2], 32, 1) / f"{i:05d}.png").is_file()
     seen = []

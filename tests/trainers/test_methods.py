@@ -19,7 +19,7 @@ from studio.library import CheckpointMismatchWarning, Library, delta_weight, loa
 from studio.models import load_pipeline
 from trainers import DreamBoothLoRAConfig, Kronecker, KroneckerConfig, configs_from_mapping, train
 from trainers.method import TEXT_TARGETS
-from trainers.methods.kronecker import KronDelta
+from trainers.methods.kronecker import KronAdd, KronDelta, kron
 
 
 def _unet_inputs(pipe) -> tuple:  # noqa: ANN001
@@ -83,6 +83,20 @@ def test_kron_delta_adds_the_kronecker_product() -> None:
     torch.nn.utils.parametrize.register_parametrization(conv, "weight", KronDelta(a, b))
     dw = torch.stack([torch.stack([a[i // 2, j // 3] * b[i % 2, j % 3] for j in range(6)]) for i in range(4)])
     torch.testing.assert_close(conv(y), base + torch.nn.functional.conv2d(y, dw, padding=1))  # A (x) B per tap
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (12, 20, 3, 3)])
+def test_kron_add_gradients_equal_autograd_through_kron(shape: tuple) -> None:
+    g = torch.Generator().manual_seed(1)
+    weight, grad = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    w1 = torch.randn(3, 4, generator=g, requires_grad=True)
+    w2 = torch.randn(4, 5, *shape[2:], generator=g, requires_grad=True)
+    KronAdd.apply(weight, w1, w2).backward(grad)
+    ours = w1.grad.clone(), w2.grad.clone()
+    w1.grad = w2.grad = None
+    (weight + kron(w1, w2)).backward(grad)  # autograd through torch.kron, the reference
+    torch.testing.assert_close(ours, (w1.grad, w2.grad))
+    assert ours[0].abs().max() > 0 and ours[1].abs().max() > 0
 
 
 def image(pipe) -> torch.Tensor:  # noqa: ANN001

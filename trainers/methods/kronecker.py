@@ -145,9 +145,9 @@ class KronDelta(nn.Module):
 
     The layer then runs one GEMM or convolution with the summed weight. A second one with dW alone on the input (a
     forward hook, as LoRA's low-rank path is applied) costs as much as the base layer itself here, because dW is
-    full-size: merging made a training step of the default Kronecker adapter 1.3x faster (`studio bench train`,
-    2 CPU threads). The paper's reshape trick, vec(A X B^T), avoids building dW, but as a batch of tiny matmuls it
-    runs tens of times slower on a CPU than one GEMM with the rebuilt weight, as PEFT and LyCORIS also find.
+    full-size: merging made a training step of the default Kronecker adapter 1.4x faster (2 CPU threads, side by
+    side). The paper's reshape trick, vec(A X B^T), avoids building dW, but as a batch of tiny matmuls it runs tens of
+    times slower on a CPU than one GEMM with the rebuilt weight, as PEFT and LyCORIS also find.
     """
 
     def __init__(self, w1: nn.Parameter, w2: nn.Parameter) -> None:
@@ -155,4 +155,31 @@ class KronDelta(nn.Module):
         self.w1, self.w2 = w1, w2  # (a1, a2), (b1, b2[, kh, kw])
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + kron(self.w1, self.w2).to(weight.dtype)  # (d_out, d_in[, kh, kw])
+        return KronAdd.apply(weight, self.w1.to(weight.dtype), self.w2.to(weight.dtype))  # (d_out, d_in[, kh, kw])
+
+
+class KronAdd(torch.autograd.Function):
+    """W0 + A (x) B in one pass, with the factors' gradients as two contractions of the weight's gradient G.
+
+    With G viewed as (a1, b1, a2, b2[, k]): dL/dA[i, j] = sum_kl G[i, k, j, l] B[k, l] and
+    dL/dB[k, l] = sum_ij G[i, k, j, l] A[i, j]. Autograd through `torch.kron` gets the same by broadcasting G against
+    each factor first, a full-size product per factor: this is 1.3-2x faster on the embedded base's layers.
+    W0 is frozen: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        (a1, a2), (b1, b2) = w1.shape, w2.shape[:2]
+        b = w2.reshape(b1, b2, -1)  # (b1, b2, k): k = kh kw for a convolution, 1 for a linear layer
+        ctx.save_for_backward(w1, b)
+        ctx.w2_shape = w2.shape
+        out = torch.addcmul(weight.reshape(a1, b1, a2, b2, -1), w1.view(a1, 1, a2, 1, 1), b.view(1, b1, 1, b2, -1))
+        return out.view(weight.shape)  # (a1 b1, a2 b2[, kh, kw])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor]:
+        w1, b = ctx.saved_tensors
+        g = grad.reshape(w1.shape[0], b.shape[0], w1.shape[1], b.shape[1], -1)  # (a1, b1, a2, b2, k)
+        grad_w1 = torch.einsum("ikjlm,klm->ij", g, b)  # (a1, a2)
+        grad_w2 = torch.einsum("ikjlm,ij->klm", g, w1).reshape(ctx.w2_shape)  # (b1, b2[, kh, kw])
+        return None, grad_w1, grad_w2
