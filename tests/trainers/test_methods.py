@@ -88,15 +88,15 @@ def test_kron_delta_adds_the_kronecker_product() -> None:
 @pytest.mark.parametrize("shape", [(12, 20), (12, 20, 3, 3)])
 def test_kron_add_gradients_equal_autograd_through_kron(shape: tuple) -> None:
     g = torch.Generator().manual_seed(1)
-    weight, grad = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    weight, grad = torch.randn(*shape, generator=g, requires_grad=True), torch.randn(*shape, generator=g)
     w1 = torch.randn(3, 4, generator=g, requires_grad=True)
     w2 = torch.randn(4, 5, *shape[2:], generator=g, requires_grad=True)
     KronAdd.apply(weight, w1, w2).backward(grad)
-    ours = w1.grad.clone(), w2.grad.clone()
-    w1.grad = w2.grad = None
+    ours = weight.grad.clone(), w1.grad.clone(), w2.grad.clone()
+    weight.grad = w1.grad = w2.grad = None
     (weight + kron(w1, w2)).backward(grad)  # autograd through torch.kron, the reference
-    torch.testing.assert_close(ours, (w1.grad, w2.grad))
-    assert ours[0].abs().max() > 0 and ours[1].abs().max() > 0
+    torch.testing.assert_close(ours, (weight.grad, w1.grad, w2.grad))
+    assert ours[1].abs().max() > 0 and ours[2].abs().max() > 0
 
 
 def image(pipe) -> torch.Tensor:  # noqa: ANN001
