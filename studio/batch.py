@@ -29,7 +29,7 @@ class Job:
 
 def read_jobs(path: str | Path) -> list[Job]:
     """Parse and validate a JSONL job file; every error names the line and what to do."""
-    from studio.cli.options import from_mapping
+    from studio.configs import from_mapping
     from studio.generate import GenerateConfig
 
     path = Path(path)
@@ -90,7 +90,7 @@ def run_batch(
     """Run this rank's share of `jobs` (job i on rank i mod world_size), skipping finished ones."""
     from tqdm import tqdm
 
-    from studio.cli.options import from_mapping
+    from studio.configs import from_mapping
     from studio.generate import GenerateConfig, cached_pipeline, generate, make_grid, resolve_device
     from studio.pnginfo import save_png
 

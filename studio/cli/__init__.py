@@ -19,7 +19,7 @@ COMMANDS = [
     "studio.cli.compose",
     "studio.cli.info",
     "studio.cli.env",
-    "studio.world.cli",
+    "studio.cli.world",
     "studio.cli.bench",
     "studio.cli.library",
     "studio.cli.batch",

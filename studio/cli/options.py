@@ -1,4 +1,4 @@
-"""Flags from config dataclasses, so the CLI, the UI and JSON job files share one schema.
+"""Flags from config dataclasses, so the CLI, the UI and JSON job files share one schema (studio/configs.py).
 
 A field `num_images: int = 1` with `metadata={"help": ...}` becomes `--num-images N`; a JSON job line may use
 `num-images` or `num_images` as its key. Fields with `metadata={"cli": False}` are not exposed.
@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from typing import Any, TypeVar
 
-from studio.errors import StudioError
+from studio.configs import base_type, from_mapping
 
 
 T = TypeVar("T")
-
-
-def _base_type(annotation: Any) -> Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return annotation
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, required: tuple[str, ...] = ()) -> None:
@@ -31,7 +23,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, requi
         if not field.metadata.get("cli", True):
             continue
         flag = "--" + field.name.replace("_", "-")
-        kind = _base_type(hints[field.name])
+        kind = base_type(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
@@ -50,21 +42,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, requi
         parser.add_argument(flag, **kwargs)
 
 
-def from_mapping(cls: type[T], values: dict[str, Any]) -> T:
-    """Build `cls` from a dict whose keys are field names or flag names (dashes or underscores)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        name = key.lstrip("-").replace("-", "_")
-        if name not in names:
-            raise StudioError(f"unknown option {key!r}; valid options: {', '.join(sorted(names))}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise StudioError(f"incomplete options: {err}") from err
-
-
 def from_namespace(cls: type[T], args: argparse.Namespace) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+__all__ = ["add_dataclass_arguments", "base_type", "from_mapping", "from_namespace"]

@@ -15,7 +15,8 @@ import typing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from studio.cli.options import _base_type, add_dataclass_arguments
+    from studio.cli.options import add_dataclass_arguments
+    from studio.configs import base_type
     from trainers import METHODS, TrainConfig
 
     parser = subparsers.add_parser(
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, owners in seen.items():
         cls = next(METHODS[k].config_cls for k in owners)
         field = next(f for f in dataclasses.fields(cls) if f.name == name)
-        kind = _base_type(typing.get_type_hints(cls)[name])
+        kind = base_type(typing.get_type_hints(cls)[name])
         help_text = f"{field.metadata.get('help', '')} [{', '.join(owners)}]"
         flag = "--" + name.replace("_", "-")
         if kind is bool:

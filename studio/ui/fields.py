@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio.cli.options import _base_type
+from studio.configs import base_type
 from studio.errors import StudioError
 
 
@@ -30,7 +30,7 @@ def _field(cls: type, name: str) -> dataclasses.Field:
 def field_input(cls: type, name: str, **overrides: Any) -> gr.components.Component:
     """A Gradio input for `cls.name`: Checkbox, Dropdown (choices, or default/on/off), Number (int, float), Textbox."""
     f = _field(cls, name)
-    kind = _base_type(typing.get_type_hints(cls)[name])
+    kind = base_type(typing.get_type_hints(cls)[name])
     default = None if f.default is dataclasses.MISSING else f.default
     kwargs: dict[str, Any] = {
         "label": name.replace("_", " "),
@@ -60,7 +60,7 @@ def form_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         required = _field(cls, name).default is dataclasses.MISSING
         if value is None or (value == "" and not required):
             continue
-        kind = _base_type(hints[name])
+        kind = base_type(hints[name])
         if kind is bool and isinstance(value, str):
             if value not in TRISTATE:
                 raise StudioError(f"{name.replace('_', ' ')} must be one of {', '.join(TRISTATE)}, got {value!r}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from benches.world import altered
 from studio.world import emblem_dataset, evaluate, render, texture_dataset, world_batch
-from studio.world.bench import altered
 from studio.world.emblems import distractors
 from studio.world.grammar import parse_caption
 
@@ -63,9 +63,9 @@ def test_texture_decision() -> None:
 def test_bench_emblems_found_through_the_vae() -> None:
     """The adapter bench's 3 emblems at its 20 placements, through the shipped VAE as a generated image would be:
     found in at least 18 of 20 each (the ceiling an adapter is judged against), and never taken for another."""
+    from benches.adapters import emblem_prompts, eval_emblems
     from studio.world.datasets import render_seed
     from studio.world.vae import load_vae, round_trip
-    from trainers.quality_bench import emblem_prompts, eval_emblems
 
     vae = load_vae()
     seeds = eval_emblems()

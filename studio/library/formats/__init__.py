@@ -13,9 +13,10 @@ from typing import Any
 from studio.errors import StudioError
 from studio.library.adapter import read_adapter, tensor_keys
 from studio.library.formats.diffusers import WEIGHT_NAME, read_diffusers, write_diffusers
-from studio.library.formats.kohya import Imported, read_kohya, write_kohya
+from studio.library.formats.kohya import read_kohya, write_kohya
 from studio.library.formats.lycoris import read_lycoris, write_lycoris
 from studio.library.formats.peft import read_peft, write_peft
+from studio.library.formats.sd_scripts import Imported
 
 
 FORMATS = ("kohya", "diffusers", "peft", "lycoris")
@@ -60,7 +61,8 @@ def read_any(path: Path, format: str = "auto", *, pipe: Any = None, layers_per_b
         state_dict, meta = read_adapter(path)
         return Imported(path.name, state_dict, meta)
     if fmt in ("kohya", "lycoris"):
-        reader = read_kohya if fmt == "kohya" else read_lycoris
+        lokr = any(".lokr_" in k for k in tensor_keys(path))  # a LyCORIS file may be named either way
+        reader = read_lycoris if lokr else read_kohya
         return reader(path, pipe=pipe, layers_per_block=layers_per_block)
     if fmt == "diffusers":
         return read_diffusers(path)

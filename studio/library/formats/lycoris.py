@@ -17,20 +17,22 @@ from typing import Any
 import torch
 from peft.tuners.lokr.layer import factorization
 
+from studio import atomic
 from studio.errors import StudioError
 from studio.library.adapter import load_safetensors
 from studio.library.formats.keys import from_kohya, to_kohya
-from studio.library.formats.kohya import (
+from studio.library.formats.sd_scripts import (
     Imported,
-    _file_target,
     export_metadata,
     export_naming,
+    file_target,
     group_stems,
     import_meta,
     known_stems,
     naming_info,
     serialize_with_hashes,
     stem_of,
+    write_lora_file,
 )
 from studio.library.meta import LOKR_PARAMS, AdapterMeta, modules_of
 
@@ -125,9 +127,7 @@ def read_lycoris(path: Path, *, pipe: Any = None, layers_per_block: int | None =
 def write_lycoris(name: str, state_dict: dict[str, torch.Tensor], meta: AdapterMeta, out: Path) -> Path:
     """Write a LyCORIS file: LoKr factors for LoKr adapters, LoCon (kohya keys) for LoRA adapters."""
     if meta.peft_type == "LORA":
-        from studio.library.formats.kohya import write_kohya
-
-        return write_kohya(name, state_dict, meta, out)
+        return write_lora_file(name, state_dict, meta, out)
     modules = modules_of(state_dict)
     naming = export_naming(meta, modules)
     file_alphas = meta.source.get("lycoris_alpha") or {}
@@ -146,9 +146,7 @@ def write_lycoris(name: str, state_dict: dict[str, torch.Tensor], meta: AdapterM
             tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)
     metadata = export_metadata(name, meta, modules, "lycoris.kohya")
     metadata.setdefault("ss_network_args", '{"algo": "lokr"}')
-    out = _file_target(Path(out), name)
-    from studio import atomic
-
+    out = file_target(Path(out), name)
     atomic.write_bytes(out, serialize_with_hashes(tensors, metadata))
     return out
 

@@ -17,7 +17,7 @@ from safetensors.torch import save
 from studio import atomic
 from studio.errors import StudioError
 from studio.library.adapter import load_safetensors
-from studio.library.formats.kohya import Imported
+from studio.library.formats.sd_scripts import Imported
 from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, ranks_alphas_from_configs
 
 

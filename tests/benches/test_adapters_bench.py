@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainers.quality_bench import (
+from benches.adapters import (
     DRIFT_BAR,
     emblem_prompts,
     eval_emblems,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from benches import base as base_bench
+from benches.base import FREE_EVERY, asked_render, bar_prompts, run_bench, score
 from studio.cli import main
-from studio.world import base_bench
-from studio.world.base_bench import FREE_EVERY, asked_render, bar_prompts, run_bench, score
 from studio.world.datasets import sample_scenes
 from studio.world.grammar import free_caption, parse_caption
 

@@ -156,6 +156,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help="NegCLIP: each image also scores its caption with a position or colour changed")
         p.set_defaults(func=lambda args, fn=fn: fn(args))
 
-    from studio.world.train_base import register_train_base
+    from studio.cli.train_base import register_train_base
 
     register_train_base(sub)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from studio.errors import StudioError
-from studio.world.train_base import BaseTrainConfig, BaseTrainer, step_batch
+from trainers.recipes.base import BaseTrainConfig, BaseTrainer, step_batch
 
 
 MICRO = {
@@ -171,7 +171,7 @@ def test_a_second_stage_starts_from_a_model_folder(tmp_path: Path) -> None:
 
 def test_a_second_stage_may_add_attention_where_the_first_had_none(tmp_path: Path) -> None:
     from studio.world.base import UNET_CONFIG, build_unet
-    from studio.world.train_base import initial_unet
+    from trainers.recipes.base import initial_unet
 
     small = {**UNET_CONFIG, **MICRO["unet"]}
     first = build_unet({**small, "down_block_types": ["DownBlock2D", *small["down_block_types"][1:]],

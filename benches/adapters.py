@@ -142,7 +142,7 @@ def reference_params(model: str) -> int:
 
 def single_accuracy(generate_fn: GenerateFn, n: int) -> dict[str, float]:
     """`studio bench base`'s first `n` single-object prompts: each attribute's fraction and their mean."""
-    from studio.world.base_bench import bar_prompts, score
+    from benches.base import bar_prompts, score
 
     entries = bar_prompts(n)["single"]
     images = generate_fn([prompt for prompt, _, _ in entries], [seed for _, _, seed in entries])

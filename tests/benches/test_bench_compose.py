@@ -8,7 +8,7 @@ from pathlib import Path
 from composer_helpers import add_random_adapter
 from PIL import Image
 
-from composers.bench import adapter_names, cases, score_image
+from benches.compose import adapter_names, cases, score_image
 from studio.cli import main
 from studio.generate import cached_pipeline
 
@@ -24,7 +24,7 @@ def test_cases_cover_both_categories_with_distinct_triggers() -> None:
 
 
 def test_score_image_judges_the_asked_emblems() -> None:
-    from composers.bench import _scene
+    from benches.compose import _scene
     from studio.world.renderer import render
 
     case = next(c for c in cases() if c.category == "two_subjects")

@@ -1,0 +1,26 @@
+"""The bench layer: `studio bench NAME`, measurements too long for the test suite.
+
+It sits above the trainers and the composers (DESIGN.md section 1) and may use both, which neither may do for the
+other: the adapter bench trains adapters and judges them, the compose bench trains a set and composes it. Each module
+exposes `register_bench(subparsers)`; the order here is the order of `studio bench --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+BENCHES = [
+    "benches.world",  # studio bench world: the evaluator against renders, VAE round trips, world CLIP
+    "benches.base",  # studio bench base: the base's attribute accuracy
+    "benches.generate",  # studio bench generate: seconds per image
+    "benches.train",  # studio bench train: parameters, memory and seconds per step per method
+    "benches.adapters",  # studio bench adapters: adapters at their defaults against the trainer bar
+    "benches.compose",  # studio bench compose: composers side by side on Shapes World pairs
+]
+
+
+def register_benches(subparsers: argparse._SubParsersAction) -> None:
+    for name in BENCHES:
+        importlib.import_module(name).register_bench(subparsers)

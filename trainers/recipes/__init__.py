@@ -1,0 +1,1 @@
+"""Training recipes on the shared loop: the embedded base (`base.py`)."""
