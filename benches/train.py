@@ -28,7 +28,7 @@ args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 marks = []
 config = TrainConfig(trigger="sks", name="bench-" + args["method"], world_emblem=3, model=args["model"],
-                     train_steps=args["steps"], sample_every=0, save_every=0, seed=0)
+                     train_steps=args["steps"], sample_every=0, save_every=0, seed=0, device=args["device"])
 on_step = lambda step, loss: marks.append(time.perf_counter())
 result = train(args["method"], config, callbacks=Callbacks(on_step=on_step))
 tensors = result.method.trainable_tensors()
@@ -40,13 +40,13 @@ print(json.dumps({"marks": marks, "params": n, "param_bytes": nbytes, "gpu_peak_
 """
 
 
-def measure(method: str, model: str, steps: int, threads: int) -> dict[str, object]:
+def measure(method: str, model: str, steps: int, threads: int, device: str = "auto") -> dict[str, object]:
     """Train `method` for `steps` steps in a fresh process and return its figures."""
     from studio.errors import StudioError
 
     with tempfile.TemporaryDirectory() as library:
         env = {**os.environ, "STUDIO_LIBRARY": library}
-        args = json.dumps({"method": method, "model": model, "steps": steps, "threads": threads})
+        args = json.dumps({"method": method, "model": model, "steps": steps, "threads": threads, "device": device})
         done = subprocess.run([sys.executable, "-c", _CHILD, args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise StudioError(f"training {method} failed: {done.stderr.strip().splitlines()[-1]}")
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     methods = args.method or list(METHODS)
     start = time.perf_counter()
-    rows = [measure(m, args.model, args.steps, args.threads) for m in methods]
+    rows = [measure(m, args.model, args.steps, args.threads, args.device) for m in methods]
     first = rows[0]
     for row in rows:
         row["params_ratio"] = round(row["trainable_params"] / first["trainable_params"], 4)
@@ -92,4 +92,6 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", action="append", help="a method to measure (repeatable; default all)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per method (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: a GPU when there is one")
     parser.set_defaults(func=run)

@@ -27,7 +27,8 @@ def _jobs(path: Path, model: Path, n: int) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # CPU processes over gloo, also where a GPU is visible (`accelerate launch --cpu` would start only one process)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
 
 
 def test_job_file_errors_name_the_line(tmp_path: Path) -> None:

@@ -23,7 +23,11 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    """`studio ARGS` in a fresh process with this process's torch thread count: a float sum split over another number
+    of threads rounds differently, and other test modules set one thread at import."""
+    import torch
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.run([sys.executable, "-m", "studio", *args], capture_output=True, text=True, env=env)
 
 

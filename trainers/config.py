@@ -17,6 +17,7 @@ from studio.paths import library_dir
 
 
 PRECISIONS = ("auto", "no", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 
 
@@ -95,6 +96,9 @@ class TrainConfig:
         default=None, metadata={"help": "where checkpoints go (default $STUDIO_LIBRARY/.runs/NAME)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the adapter's init, data order, noise and previews"})
+    device: str = field(
+        default="auto", metadata={"help": "auto: a GPU when there is one, else the CPU", "choices": list(DEVICES)}
+    )
     mixed_precision: str = field(
         default="auto", metadata={"help": "auto: bf16 on a GPU, fp32 on the CPU", "choices": list(PRECISIONS)}
     )
@@ -132,6 +136,8 @@ class TrainConfig:
                 raise StudioError(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(self, key)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise StudioError(f"--resolution must be a multiple of 8 (e.g. 512), got {self.resolution}")
+        if self.device not in DEVICES:
+            raise StudioError(f"--device {self.device!r}: use one of {', '.join(DEVICES)}")
         if self.mixed_precision not in PRECISIONS:
             raise StudioError(f"--mixed-precision {self.mixed_precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -135,6 +135,24 @@ def epoch_indices(seed: int, stream: int, start: int, count: int, n: int) -> lis
     return out
 
 
+def _accelerator(device: str) -> Any:  # -> accelerate.Accelerator
+    """The run's Accelerator on `device` (auto | cpu | cuda). CPU processes of one launch meet over gloo.
+
+    accelerate's state is process-wide and keeps the first run's device; in one process that is not part of a
+    launch (the web UI, a notebook, the tests) each run's device is its own choice, so a mismatched state is reset.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StudioError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if PartialState._shared_state and not torch.distributed.is_initialized():
+        if (PartialState().device.type == "cpu") != cpu:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cpu)
+
+
 class Loop:
     """One run: set up by `__init__` (class images, latents, attach, optimizer, resume), advanced by `run()`."""
 
@@ -150,7 +168,6 @@ class Loop:
         cancel: Cancel = None,
         resume: bool = False,
     ) -> None:
-        from accelerate import Accelerator
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
         from diffusers.optimization import get_scheduler
 
@@ -158,7 +175,7 @@ class Loop:
         self.method, self.pipe, self.data, self.run_dir = method, pipe, data, Path(run_dir)
         self.callbacks, self.cancel = callbacks or Callbacks(), cancel
         # Autocast is ours: accelerate's state is process-wide and refuses a second precision in one process (UI).
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU processes meet over gloo
+        self.accelerator = _accelerator(c.device)
         self.device = self.accelerator.device
         auto = "bf16" if self.device.type == "cuda" else "no"
         self.bf16 = (auto if c.mixed_precision == "auto" else c.mixed_precision) == "bf16"

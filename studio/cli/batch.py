@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from studio.batch import read_jobs, run_batch
 
     jobs = read_jobs(args.jobs)  # every process validates the whole file before any work starts
-    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes meet over gloo
+    cpu = (args.device or "").startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=cpu or not torch.cuda.is_available())  # CPU processes meet over gloo
     device = args.device or (str(state.device) if state.distributed_type.value != "NO" else None)
     counts = run_batch(jobs, args.out, rank=state.process_index, world_size=state.num_processes, device=device)
     state.wait_for_everyone()

@@ -36,10 +36,10 @@ def run_train_base(args) -> int:  # noqa: ANN001 (argparse.Namespace)
 
         options["scheduler"] = dict(ZERO_SNR)
     if (run / "config.json").is_file() and not options and not args.rehearsal:
-        trainer = BaseTrainer(run)  # resume as configured
+        trainer = BaseTrainer(run, device=args.device)  # resume as configured
     else:
         config = BaseTrainConfig(**{**(REHEARSAL if args.rehearsal else {}), **options})
-        trainer = BaseTrainer(run, config)
+        trainer = BaseTrainer(run, config, device=args.device)
     summary = trainer.train(max_minutes=args.max_minutes)
     if args.export is not None and summary["step"] == trainer.config.steps:
         out = Path(args.export) if args.export else BASE_DIR
@@ -71,6 +71,7 @@ def register_train_base(sub) -> None:  # noqa: ANN001 (argparse subparsers)
     p.add_argument("--max-length", type=int, default=None, help="tokenizer context in tokens (default 77)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU when there is one")
     p.add_argument("--rehearsal", action="store_true", help="the whole recipe at a small scale, on the CPU")
     p.add_argument("--export", nargs="?", const="", default=None,
                    help="when the run is complete, write the model folder (default assets/studio-tiny)")

@@ -1,7 +1,9 @@
 """One adapter folder on disk: write it (`save_adapter`) and read it back (`read_adapter`, `read_meta`).
 
-Layout (DESIGN.md section 4): `adapter_config.json` (a PEFT config of the UNet component, or of the only component,
-with the studio's fields and every component's PEFT config under `"studio"`), `adapter_model.safetensors`
+Layout (DESIGN.md section 4): `adapter_config.json` (a plain PEFT config of the UNet component, or of the only
+component), `studio.json` (the studio's fields and every component's PEFT config; beside the PEFT config rather than
+inside it, where PEFT would warn about an unknown key on every read; folders written with a `"studio"` key inside
+`adapter_config.json` are still read), `adapter_model.safetensors`
 (canonical diffusers-PEFT keys; `__metadata__` carries `lora_adapter_metadata` for diffusers' `load_lora_weights`
 and the key studio facts as str -> str), `README.md`, `train_config.json`, `samples/*.png`.
 """
@@ -32,6 +34,7 @@ from studio.library.meta import (
 
 
 CONFIG_NAME = "adapter_config.json"
+STUDIO_NAME = "studio.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -63,13 +66,11 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], peft_type: str) -> 
                 raise StudioError(f"module {module!r} has an incomplete set of LoKr factors: {sorted(params)}")
 
 
-def build_config(meta: AdapterMeta, modules: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The adapter_config.json dict and the per-component PEFT config dicts."""
+def build_config(meta: AdapterMeta, modules: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The adapter_config.json dict (PEFT's own) and the studio.json dict (with the per-component PEFT configs)."""
     components = component_configs(meta, modules)
     primary = components.get("unet") or next(iter(components.values()))
-    config = dict(primary)
-    config["studio"] = {**to_studio_dict(meta), "components": components}
-    return config, components
+    return dict(primary), {**to_studio_dict(meta), "components": components}
 
 
 def safetensors_metadata(meta: AdapterMeta, components: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -104,9 +105,10 @@ def save_adapter(
     missing = [m for m in modules if m not in meta.alphas or m not in meta.ranks]
     if missing:
         raise StudioError(f"AdapterMeta has no alpha/rank for module {missing[0]!r}; fill meta.alphas and meta.ranks")
-    config, components = build_config(meta, modules)
+    config, studio = build_config(meta, modules)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic.write_bytes(folder / WEIGHTS_NAME, save(tensors, metadata=safetensors_metadata(meta, components)))
+    atomic.write_bytes(folder / WEIGHTS_NAME, save(tensors, metadata=safetensors_metadata(meta, studio["components"])))
+    atomic.write_json(folder / STUDIO_NAME, studio)
     atomic.write_json(folder / CONFIG_NAME, config)
     if card is not None:
         atomic.write_text(folder / CARD_NAME, card)
@@ -118,8 +120,8 @@ def save_adapter(
         atomic.write_bytes(folder / "samples" / filename, data)
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_NAME
+def _read_config(folder: Path, name: str = CONFIG_NAME) -> dict[str, Any]:
+    path = folder / name
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -159,18 +161,21 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 def read_meta(folder: Path) -> tuple[AdapterMeta, list[str]]:
     """The adapter's meta and module list, reading only the config and the safetensors header."""
     folder = Path(folder)
-    config = _read_config(folder)
-    studio = config.get("studio")
+    if (folder / STUDIO_NAME).is_file():
+        studio, source = _read_config(folder, STUDIO_NAME), folder / STUDIO_NAME
+    else:  # written before studio.json: the fields inside adapter_config.json
+        studio, source = _read_config(folder).get("studio"), folder / CONFIG_NAME
     if not isinstance(studio, dict) or not isinstance(studio.get("components"), dict):
         raise StudioError(
-            f'{folder / CONFIG_NAME} has no "studio" section; import the folder with `studio library import`'
+            f"{folder} has no {STUDIO_NAME} (nor a \"studio\" section in {CONFIG_NAME}); import the folder with "
+            "`studio library import`"
         )
     keys = tensor_keys(folder / WEIGHTS_NAME)
     try:
         modules = modules_of(dict.fromkeys(keys))  # type: ignore[arg-type]
         return from_studio_dict(studio, studio["components"], modules), modules
     except (TypeError, ValueError, KeyError) as err:
-        raise StudioError(f"{folder / CONFIG_NAME} has invalid studio fields ({err}); fix or re-import it") from None
+        raise StudioError(f"{source} has invalid studio fields ({err}); fix or re-import it") from None
 
 
 def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], AdapterMeta]:

@@ -33,6 +33,7 @@ from studio.errors import StudioError
 from studio.library.adapter import (
     CARD_NAME,
     CONFIG_NAME,
+    STUDIO_NAME,
     WEIGHTS_NAME,
     copy_extras,
     read_adapter,
@@ -107,7 +108,7 @@ class Entry:
 
 def _stamp(folder: Path) -> list[int]:
     out = []
-    for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
+    for name in (CONFIG_NAME, STUDIO_NAME, WEIGHTS_NAME, CARD_NAME):
         try:
             st = (folder / name).stat()
             out += [st.st_mtime_ns, st.st_size]

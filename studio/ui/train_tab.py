@@ -33,6 +33,7 @@ MORE_FIELDS = (
     "save_every",
     "lr_scheduler",
     "grad_accum",
+    "device",
     "mixed_precision",
     "gradient_checkpointing",
     "snr_gamma",

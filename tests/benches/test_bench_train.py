@@ -9,7 +9,7 @@ from studio.cli import main
 
 def test_bench_train_reports_each_method(tiny_dirs: dict, capsys) -> None:
     code = main(["bench", "train", "--model", str(tiny_dirs["sd1"]), "--steps", "3", "--threads", "1",
-                 "--method", "dreambooth_lora", "--method", "kronecker"])
+                 "--device", "cpu", "--method", "dreambooth_lora", "--method", "kronecker"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     lora, kron = report["rows"]

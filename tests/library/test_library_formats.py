@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,9 @@ def test_canonical_folder_is_read_by_diffusers_and_peft(tmp_path) -> None:
     theirs, ours = BUILDERS["sd1"](), BUILDERS["sd1"]()
     make_kohya(ours, tmp_path / "k.safetensors", "sd1", seed=5, alpha=2.0)
     entry = import_adapter(tmp_path / "k.safetensors", name="canon", pipe=ours)
-    LoraConfig.from_pretrained(str(entry.folder))  # a valid PEFT config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain PEFT config: PEFT reads it without an unknown-key warning
+        LoraConfig.from_pretrained(str(entry.folder))
     theirs.load_lora_weights(str(entry.folder), weight_name="adapter_model.safetensors", adapter_name="canon")
     load_adapters(ours, ["canon"])
     ids = torch.tensor([[49406, 320, 1000] + [49407] * 74])
@@ -146,3 +150,22 @@ def test_lokr_weights_and_mixed_type_refusal(tmp_path) -> None:
         assert (pipe.unet(x, 10, ctx).sample - base).abs().max() == 0
     assert np.isfinite(half.numpy()).all()
     assert Library().get("kron").meta.lokr["decompose_both"] is True
+
+
+def test_a_folder_with_the_studio_fields_inside_adapter_config_still_reads(tmp_path) -> None:
+    """Folders written before studio.json kept the studio's fields under a "studio" key of adapter_config.json."""
+    import json
+
+    from studio.library import Library
+
+    sd1 = BUILDERS["sd1"]()
+    make_kohya(sd1, tmp_path / "k.safetensors", "sd1", seed=6, alpha=3.0)
+    entry = import_adapter(tmp_path / "k.safetensors", name="older", pipe=sd1)
+    studio = json.loads((entry.folder / "studio.json").read_text())
+    config = json.loads((entry.folder / "adapter_config.json").read_text())
+    assert "studio" not in config and studio["components"]
+    (entry.folder / "studio.json").unlink()
+    (entry.folder / "adapter_config.json").write_text(json.dumps({**config, "studio": studio}))
+    back = Library().get("older")
+    _same(entry.state_dict(), back.state_dict())
+    assert back.meta.alphas == entry.meta.alphas and back.meta.ranks == entry.meta.ranks

@@ -13,6 +13,10 @@ from studio.errors import StudioError
 from trainers.recipes.base import BaseTrainConfig, BaseTrainer, step_batch
 
 
+def _trainer(run: Path, config: BaseTrainConfig | None = None) -> BaseTrainer:
+    return BaseTrainer(run, config, device="cpu")  # explicit: the suite also runs where a GPU is visible
+
+
 MICRO = {
     "steps": 4,
     "batch_size": 4,
@@ -59,13 +63,13 @@ def _checkpoint(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_stop_and_resume_gives_the_same_weights(tmp_path: Path) -> None:
-    straight = BaseTrainer(tmp_path / "a", BaseTrainConfig(**MICRO))
+    straight = _trainer(tmp_path / "a", BaseTrainConfig(**MICRO))
     assert straight.train(progress=False)["status"] == "done"
 
-    first = BaseTrainer(tmp_path / "b", BaseTrainConfig(**MICRO))
+    first = _trainer(tmp_path / "b", BaseTrainConfig(**MICRO))
     assert first.train(progress=False, cancel=lambda: first.step >= 1)["status"] == "cancelled"
     assert first.step == 1
-    resumed = BaseTrainer(tmp_path / "b")  # a new process would do exactly this
+    resumed = _trainer(tmp_path / "b")  # a new process would do exactly this
     assert resumed.step == 1
     resumed.train(progress=False)
 
@@ -81,7 +85,7 @@ def test_stop_and_resume_gives_the_same_weights(tmp_path: Path) -> None:
 
 
 def test_the_ema_moves_towards_the_trained_weights(tmp_path: Path) -> None:
-    trainer = BaseTrainer(tmp_path / "e", BaseTrainConfig(**MICRO))
+    trainer = _trainer(tmp_path / "e", BaseTrainConfig(**MICRO))
     start = {k: v.clone() for k, v in trainer.pipe.unet.state_dict().items()}
     trainer.train(progress=False)
     ema, live = trainer.method.ema_unet().state_dict(), trainer.pipe.unet.state_dict()
@@ -92,20 +96,20 @@ def test_the_ema_moves_towards_the_trained_weights(tmp_path: Path) -> None:
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
-    run = BaseTrainer(tmp_path / "r", BaseTrainConfig(**MICRO))
+    run = _trainer(tmp_path / "r", BaseTrainConfig(**MICRO))
     run.train(progress=False, cancel=lambda: run.step >= 1)
     with pytest.raises(StudioError, match="other settings"):
-        BaseTrainer(tmp_path / "r", BaseTrainConfig(**{**MICRO, "lr": 1e-3}))
+        _trainer(tmp_path / "r", BaseTrainConfig(**{**MICRO, "lr": 1e-3}))
     with pytest.raises(StudioError, match="no run"):
-        BaseTrainer(tmp_path / "empty")
+        _trainer(tmp_path / "empty")
 
 
 def test_damaged_checkpoint_says_what_to_do(tmp_path: Path) -> None:
-    run = BaseTrainer(tmp_path / "d", BaseTrainConfig(**MICRO))
+    run = _trainer(tmp_path / "d", BaseTrainConfig(**MICRO))
     run.train(progress=False, cancel=lambda: run.step >= 1)
     (tmp_path / "d" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(StudioError, match="delete it to restart"):
-        BaseTrainer(tmp_path / "d")
+        _trainer(tmp_path / "d")
 
 
 def test_export_is_a_standard_diffusers_folder_equal_to_studio_generate(tmp_path: Path) -> None:
@@ -114,7 +118,7 @@ def test_export_is_a_standard_diffusers_folder_equal_to_studio_generate(tmp_path
     from studio.generate import GenerateConfig, generate
     from studio.world.base import export_base
 
-    trainer = BaseTrainer(tmp_path / "run", BaseTrainConfig(**{**MICRO, "steps": 2}))
+    trainer = _trainer(tmp_path / "run", BaseTrainConfig(**{**MICRO, "steps": 2}))
     trainer.train(progress=False)
     # Training two steps leaves the UNet near its random start; perturb it so the check sees real weights.
     pipe = trainer.ema_pipeline()
@@ -152,21 +156,21 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_a_second_stage_starts_from_a_model_folder(tmp_path: Path) -> None:
     from studio.world.base import export_base
 
-    first = BaseTrainer(tmp_path / "one", BaseTrainConfig(**{**MICRO, "steps": 1}))
+    first = _trainer(tmp_path / "one", BaseTrainConfig(**{**MICRO, "steps": 1}))
     first.train(progress=False)
     pipe = first.ema_pipeline()
     with torch.no_grad():
         for p in pipe.unet.parameters():
             p.add_(0.05)  # not the seeded initialisation of the next run
     out = export_base(pipe, tmp_path / "model")
-    second = BaseTrainer(tmp_path / "two", BaseTrainConfig(**{**MICRO, "init": str(out)}))
+    second = _trainer(tmp_path / "two", BaseTrainConfig(**{**MICRO, "init": str(out)}))
     exported = {k: v.half().float() for k, v in pipe.unet.state_dict().items()}  # shipped in fp16
     assert all(torch.equal(second.pipe.unet.state_dict()[k], v) for k, v in exported.items())
     with pytest.raises(StudioError, match="another architecture"):
         wider = {**MICRO, "init": str(out), "unet": {**MICRO["unet"], "block_out_channels": [32, 64, 96]}}
-        BaseTrainer(tmp_path / "three", BaseTrainConfig(**wider))
+        _trainer(tmp_path / "three", BaseTrainConfig(**wider))
     with pytest.raises(StudioError, match="no unet/ folder"):
-        BaseTrainer(tmp_path / "four", BaseTrainConfig(**{**MICRO, "init": str(tmp_path)}))
+        _trainer(tmp_path / "four", BaseTrainConfig(**{**MICRO, "init": str(tmp_path)}))
 
 
 def test_a_second_stage_may_add_attention_where_the_first_had_none(tmp_path: Path) -> None:
@@ -193,7 +197,7 @@ def test_a_second_stage_may_add_attention_where_the_first_had_none(tmp_path: Pat
 def test_zero_terminal_snr_trains_and_samples_with_v_prediction(tmp_path: Path) -> None:
     from studio.world.base import ZERO_SNR
 
-    trainer = BaseTrainer(tmp_path / "run", BaseTrainConfig(**{**MICRO, "steps": 1, "scheduler": dict(ZERO_SNR)}))
+    trainer = _trainer(tmp_path / "run", BaseTrainConfig(**{**MICRO, "steps": 1, "scheduler": dict(ZERO_SNR)}))
     trainer.train(progress=False)
     for scheduler in (trainer.loop.noise, trainer.ema_pipeline().scheduler):
         assert scheduler.config.prediction_type == "v_prediction"
@@ -210,7 +214,7 @@ def test_a_stage_can_shorten_the_context_limit_objects_and_continue_the_text_enc
                                                         "free_phrasing": 0.0}), torch.device("cpu"))
     assert images.shape[0] == 4 and all(" and " not in c for c in captions)  # one object per scene
 
-    first = BaseTrainer(tmp_path / "one", BaseTrainConfig(**{**MICRO, "steps": 1, "max_length": 40}))
+    first = _trainer(tmp_path / "one", BaseTrainConfig(**{**MICRO, "steps": 1, "max_length": 40}))
     first.train(progress=False)
     pipe = first.ema_pipeline()
     assert pipe.tokenizer.model_max_length == 40
@@ -221,14 +225,14 @@ def test_a_stage_can_shorten_the_context_limit_objects_and_continue_the_text_enc
     assert CLIPTokenizer.from_pretrained(out / "tokenizer").model_max_length == 40  # kept by every pipeline
 
     stage = {**MICRO, "init": str(out), "train_text_encoder": True}
-    kept = BaseTrainer(tmp_path / "two", BaseTrainConfig(**{**stage, "init_text_encoder": True}))
-    fresh = BaseTrainer(tmp_path / "three", BaseTrainConfig(**stage))
+    kept = _trainer(tmp_path / "two", BaseTrainConfig(**{**stage, "init_text_encoder": True}))
+    fresh = _trainer(tmp_path / "three", BaseTrainConfig(**stage))
     exported = {k: v.half().float() for k, v in pipe.text_encoder.state_dict().items()}  # shipped in fp16
     assert all(torch.equal(kept.pipe.text_encoder.state_dict()[k], v) for k, v in exported.items())
     assert not all(torch.equal(fresh.pipe.text_encoder.state_dict()[k], v) for k, v in exported.items())
     (out / "text_encoder" / "config.json").unlink()
     with pytest.raises(StudioError, match="no text_encoder/ folder"):
-        BaseTrainer(tmp_path / "four", BaseTrainConfig(**{**stage, "init_text_encoder": True}))
+        _trainer(tmp_path / "four", BaseTrainConfig(**{**stage, "init_text_encoder": True}))
     with pytest.raises(StudioError, match="max-objects must be"):
         BaseTrainConfig(max_objects=0)
     with pytest.raises(StudioError, match="max-length must be"):

@@ -283,14 +283,30 @@ def test_loop_names_no_method_and_registry_keys_match() -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", pytest.param("auto", marks=pytest.mark.gpu)])
 def test_bf16_keeps_frozen_weights_bf16_and_trained_tensors_fp32(precision: str, tmp_path: Path) -> None:
+    device = "cuda" if precision == "auto" else "cpu"  # auto means bf16 on a GPU
     method, pipe = DreamBoothLoRA(), tiny_pipe()
-    config = quick(mixed_precision=precision, train_steps=2)
+    config = quick(mixed_precision=precision, train_steps=2, device=device)
     result = train_loop(method, pipe, emblem(sample_prompts=["a sks emblem"]), config, tmp_path)
     assert result.status == "done" and all(torch.isfinite(torch.tensor(result.losses))) and len(result.samples) == 1
     assert pipe.unet.conv_in.weight.dtype == pipe.vae.decoder.conv_out.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in method.trainable_tensors().values())
     assert any(k.endswith("lora_B.weight") and p.abs().max() > 0 for k, p in method.trainable_tensors().items())
-    resumed = train_loop(
-        DreamBoothLoRA(), tiny_pipe(), emblem(), quick(mixed_precision=precision, train_steps=3), tmp_path, resume=True
-    )
+    again = quick(mixed_precision=precision, train_steps=3, device=device)
+    resumed = train_loop(DreamBoothLoRA(), tiny_pipe(), emblem(), again, tmp_path, resume=True)
     assert resumed.step == 3 and resumed.losses[:2] == result.losses
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(StudioError, match="--device cuda: no CUDA device"):
+        train_loop(DreamBoothLoRA(), tiny_pipe(), emblem(), quick(device="cuda"), tmp_path)
+
+
+@pytest.mark.gpu
+def test_one_process_trains_on_the_gpu_then_on_the_cpu(tmp_path: Path) -> None:
+    """accelerate keeps the first run's device process-wide; each run of the loop gets the device it asks for."""
+    for device in ("cuda", "cpu", "cuda"):
+        pipe = tiny_pipe()
+        result = train_loop(DreamBoothLoRA(), pipe, emblem(), quick(device=device), tmp_path / device)
+        assert result.status == "done" and pipe.unet.device.type == device

@@ -28,6 +28,8 @@ def test_studio_train_end_to_end(tiny_dirs: dict[str, Path], capsys: pytest.Capt
         "emblem-11",
         "--model",
         str(tiny_dirs["sd1"]),
+        "--device",
+        "cpu",
         "--train-steps",
         "3",
         "--world-images",
@@ -80,7 +82,8 @@ def test_two_gloo_processes_share_the_data_and_agree(tiny_dirs: dict, tmp_path: 
     if shutil.which(str(launcher)) is None:
         pytest.skip("accelerate's launcher is not installed beside this interpreter")
     library = tmp_path / "lib"
-    env = {**os.environ, "STUDIO_LIBRARY": str(library), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "STUDIO_LIBRARY": str(library), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "true"}  # CPU processes over gloo, also where a GPU is visible
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
            "-m", "studio", "train", "--method", "dreambooth_lora", "--world-emblem", "3", "--trigger", "sks",

@@ -45,5 +45,6 @@ def quick(**overrides: Any) -> TrainConfig:
         "batch_size": 1,  # the defaults (4 images per step, 20 renders) are the bench's recipe; tests stay small
         "world_images": 5,
         "prior_preservation": False,  # on by default for world emblems; the tests that want it ask for it
+        "device": "cpu",  # explicit: the suite also runs where a GPU is visible
     }
     return TrainConfig(**{**base, **overrides})

@@ -16,7 +16,7 @@ from trainers import TrainConfig, train
 
 
 def _train(model: Path, name: str, emblem: int) -> None:
-    config = TrainConfig(trigger="sks", name=name, world_emblem=emblem, model=str(model), train_steps=2,
+    config = TrainConfig(trigger="sks", name=name, world_emblem=emblem, model=str(model), device="cpu", train_steps=2,
                          world_images=3, sample_steps=1, save_every=0, progress=False, prior_preservation=False,
                          sample_prompts=["a large sks emblem in the center on a white background"])  # fmt: skip
     assert train("dreambooth_lora", config).status == "done"

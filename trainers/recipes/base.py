@@ -130,13 +130,13 @@ def initial_unet(unet, folder: str) -> list[str]:  # noqa: ANN001 (diffusers.UNe
 class BaseTrainer:
     """One run folder of base training: the `full` method (trainers/methods/full.py) on the shared loop."""
 
-    def __init__(self, run_dir: str | Path, config: BaseTrainConfig | None = None) -> None:
+    def __init__(self, run_dir: str | Path, config: BaseTrainConfig | None = None, *, device: str = "auto") -> None:
         from studio.models.tokenizer import clip_tokenizer  # noqa: F401 (fail early without open_clip's BPE)
         from studio.world import base
         from studio.world.vae import VAE_DIR, load_vae
         from trainers.methods.full import Full, FullConfig
 
-        self.run_dir = Path(run_dir)
+        self.run_dir, self.device = Path(run_dir), device  # the device is the machine's, not the run's: a run resumes
         saved = self.run_dir / "config.json"
         if config is None:
             if not saved.is_file():
@@ -188,7 +188,7 @@ class BaseTrainer:
             lr_scheduler="cosine", lr_warmup_steps=c.warmup, snr_gamma=c.snr_gamma, save_every=c.save_every,
             sample_every=c.sample_every,
             sample_steps=c.sample_steps, sample_prompts=list(SAMPLE_PROMPTS), seed=c.seed, run_dir=str(self.run_dir),
-            progress=progress,
+            progress=progress, device=self.device,
         )
 
     def train(self, max_minutes: float | None = None, progress: bool = True, cancel=None) -> dict:  # noqa: ANN001

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import StudioError
-from studio.library.adapter import read_adapter, tensor_keys
+from studio.library.adapter import STUDIO_NAME, read_adapter, tensor_keys
 from studio.library.formats.diffusers import WEIGHT_NAME, read_diffusers, write_diffusers
 from studio.library.formats.kohya import read_kohya, write_kohya
 from studio.library.formats.lycoris import read_lycoris, write_lycoris
@@ -30,6 +30,8 @@ def detect(path: Path) -> str:
         raise StudioError(f"{path} does not exist")
     if path.is_dir():
         config = path / "adapter_config.json"
+        if (path / STUDIO_NAME).is_file():
+            return "native"
         if config.is_file():
             try:
                 is_native = "studio" in json.loads(config.read_text())
