@@ -36,9 +36,15 @@ def test_verdict_names_each_missed_bar() -> None:
     assert verdict(texture) == ["colour"]
 
 
+# Two steps on 3 renders, one image a step, 2 class images: the bench's whole path (training with prior preservation,
+# every judgement, the ratio rule, the files), not its figures, which `studio bench adapters` measures.
+SMALL = {"train_steps": 2, "sample_steps": 2, "batch_size": 1, "world_images": 3, "num_class_images": 2,
+         "device": "cpu"}
+
+
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     report = run_bench(str(tiny_dirs["sd1"]), ["dreambooth_lora", "kronecker"], tmp_path, steps=2, n_base=2,
-                       n_texture=2, overrides={"train_steps": 2, "sample_steps": 2, "device": "cpu"}, n_emblems=1)
+                       n_texture=2, overrides=SMALL, n_emblems=1)
     rows = report["rows"]
     kinds = [(r["method"], r["kind"]) for r in rows]
     assert kinds == [(m, k) for m in ("dreambooth_lora", "kronecker") for k in ("emblem", "texture")]
@@ -49,8 +55,7 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     assert rows[0]["params_ratio"] == 1.0 and 0 < rows[2]["params_ratio"] < 1  # Kronecker: fewer parameters
     assert set(report["base_accuracy"]) == {"shape", "colour", "position", "background", "mean"}
     alone = run_bench(str(tiny_dirs["sd1"]), ["kronecker"], tmp_path / "k", steps=2, n_base=2, n_texture=2,
-                      overrides={"train_steps": 2, "sample_steps": 2, "device": "cpu"},
-                      n_emblems=1)  # ratio still against the LoRA
+                      overrides=SMALL, n_emblems=1)  # ratio still against the LoRA
     assert [r["params_ratio"] for r in alone["rows"]] == [rows[2]["params_ratio"]] * 2
     table = (tmp_path / "adapters-bench.md").read_text()
     assert table.count("| dreambooth_lora |") == 2 and "misses the bar" in table  # 2 steps on random weights
