@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from studio import atomic
+from studio.distributed import wait_for_everyone
 from studio.errors import StudioError
 from trainers.config import TrainConfig
 from trainers.data import TrainData
@@ -441,7 +442,7 @@ class Loop:
             probe = self.micro_loss(self.step * self.config.grad_accum + len(self.window))
         if not torch.isfinite(probe):
             raise self._diverged(f"the loss became {probe.item()}")
-        self.accelerator.wait_for_everyone()
+        wait_for_everyone(self.accelerator)
         if self.accelerator.is_main_process:
             grads = {n: p.grad.detach().clone() for n, p in self.trainable.items() if p.grad is not None}
             state = {

@@ -22,12 +22,13 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from studio.batch import read_jobs, run_batch
+    from studio.distributed import wait_for_everyone
 
     jobs = read_jobs(args.jobs)  # every process validates the whole file before any work starts
     cpu = (args.device or "").startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     state = PartialState(cpu=cpu or not torch.cuda.is_available())  # CPU processes meet over gloo
     device = args.device or (str(state.device) if state.distributed_type.value != "NO" else None)
     counts = run_batch(jobs, args.out, rank=state.process_index, world_size=state.num_processes, device=device)
-    state.wait_for_everyone()
+    wait_for_everyone(state)
     print(json.dumps({"rank": state.process_index, **counts}))
     return 0

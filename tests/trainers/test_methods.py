@@ -136,6 +136,7 @@ def test_trained_adapter_round_trips_through_the_library(
             "sample_steps": 1,
             "save_every": 0,
             "progress": False,
+            "device": "cpu",  # explicit: the suite also runs where a GPU is visible
             "sample_prompts": ["a large sks emblem in the center on a white background"],
         }
     )
