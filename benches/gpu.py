@@ -1,0 +1,116 @@
+"""`studio bench gpu`: the studio's speed on a GPU, side by side in one run.
+
+- Generation: milliseconds per image at batch 1, 16 and 128 (20 steps, the model's guidance), with each denoising
+  step replayed as a recorded CUDA graph and with plain launches (`--no-cuda-graphs`); median of `--runs` timed
+  calls after a warm-up call that also records the graphs, CUDA synchronised around each call.
+- Training: one DreamBooth-LoRA on a Shapes World emblem at the defaults on the GPU, for `--train-steps` optimizer
+  steps: median seconds per step after the first, and the whole run's seconds (class images included) projected to
+  the default step count.
+
+Writes `gpu-bench.json` and `gpu-bench.md` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from studio.models import DEFAULT_MODEL
+
+
+DEFAULT_BATCHES = [1, 16, 128]
+
+
+def generation(model: str, batches: list[int], runs: int, steps: int) -> list[dict]:
+    from studio.generate import GenerateConfig, cached_pipeline, generate
+
+    pipe = cached_pipeline(model, "cuda")
+    rows = []
+    for batch in batches:
+        row: dict = {"batch": batch}
+        for graphs in (True, False):
+            config = GenerateConfig(prompt="a large red star on the left on a white background", model=model,
+                                    steps=steps, num_images=batch, device="cuda", cuda_graphs=graphs)
+            generate(config, pipe=pipe)  # warm-up (and recording)
+            times = []
+            for seed in range(runs):
+                config.seed = seed
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                generate(config, pipe=pipe, output_type="pt")
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            row["graphs" if graphs else "plain"] = round(1000 * statistics.median(times) / batch, 3)
+        row["speedup"] = round(row["plain"] / row["graphs"], 2)
+        rows.append(row)
+    return rows
+
+
+def training(model: str, steps: int) -> dict:
+    from trainers import Callbacks, TrainConfig, train
+
+    marks: list[float] = []
+    with tempfile.TemporaryDirectory() as library:
+        defaults = TrainConfig(trigger="sks", name="gpu-bench", world_emblem=3)
+        config = TrainConfig(trigger="sks", name="gpu-bench", world_emblem=3, model=model, train_steps=steps,
+                             sample_every=0, save_every=0, device="cuda", progress=False,
+                             run_dir=str(Path(library) / ".runs" / "gpu-bench"))
+        start = time.perf_counter()
+        train("dreambooth_lora", config, callbacks=Callbacks(on_step=lambda step, loss: marks.append(
+            time.perf_counter())), library=_library(library))
+        whole = time.perf_counter() - start
+    per_step = statistics.median(b - a for a, b in zip(marks, marks[1:]))
+    fixed = whole - per_step * steps  # class images, previews, saving: paid once per run
+    return {"method": "dreambooth_lora", "steps": steps, "s_per_step_median": round(per_step, 4),
+            "run_s": round(whole, 1), "default_steps": defaults.train_steps,
+            "projected_default_run_s": round(fixed + per_step * defaults.train_steps, 1)}
+
+
+def _library(root: str):  # -> studio.library.Library
+    from studio.library import Library
+
+    return Library(root)
+
+
+def run(args: argparse.Namespace) -> int:
+    from studio.errors import StudioError
+
+    if not torch.cuda.is_available():
+        raise StudioError("studio bench gpu needs a CUDA device; `studio bench generate` measures the CPU")
+    report = {"device": torch.cuda.get_device_name(), "model": args.model, "steps": args.steps, "runs": args.runs,
+              "generation": generation(args.model, args.batch, args.runs, args.steps)}
+    if args.train_steps:
+        report["training"] = training(args.model, args.train_steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# studio bench gpu ({report['device']}, {args.steps} steps, median of {args.runs})", "",
+             "| batch | ms/image, CUDA graphs | ms/image, plain | speed-up |", "|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['graphs']} | {r['plain']} | {r['speedup']}x |" for r in report["generation"]]
+    if "training" in report:
+        t = report["training"]
+        lines += ["", f"Training (DreamBooth-LoRA, world emblem): {t['s_per_step_median']} s/step over "
+                      f"{t['steps']} steps; a default run of {t['default_steps']} steps projects to "
+                      f"{t['projected_default_run_s']} s."]
+    from studio.atomic import write_json, write_text
+
+    write_json(out / "gpu-bench.json", report)
+    write_text(out / "gpu-bench.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def register_bench(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("gpu", help="generation ms/image (CUDA graphs vs plain) and training s/step on a GPU")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable; default 1, 16, 128)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=60, help="training steps timed (0: no training)")
+    parser.add_argument("--out", default="bench-out/gpu")
+    parser.set_defaults(func=lambda args: run(argparse.Namespace(**{**vars(args),
+                                                                    "batch": args.batch or DEFAULT_BATCHES})))

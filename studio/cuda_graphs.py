@@ -1,0 +1,128 @@
+"""The UNet's denoising step replayed as a CUDA graph: one launch per step instead of one per layer.
+
+A small model such as `studio-tiny` spends a step of batch 1 launching kernels, not computing: hundreds of launches
+of a few microseconds each, with the host in between. PyTorch's CUDA graphs (`torch.cuda.CUDAGraph`, "CUDA Graphs"
+in the PyTorch docs) record those launches once and replay them with one call. A graph is a fixed program over fixed
+buffers, so it is recorded per input shape and per adapter state (PEFT's scales are numbers baked into the recorded
+kernels) and used only where nothing else changes the computation between steps: default attention processors, no
+forward hooks, no extra UNet inputs. Anywhere else the UNet runs as it always does.
+
+`graphed_unet(pipe)` is a context manager around a pipeline call; recorded graphs are kept on the UNet for the next
+call (at most `MAX_GRAPHS`, least recently used first out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+MAX_GRAPHS = 8
+_DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+_PLAIN_KWARGS = {"encoder_hidden_states", "timestep_cond", "cross_attention_kwargs", "added_cond_kwargs",
+                 "return_dict"}
+
+
+def _adapter_state(unet: nn.Module) -> tuple:
+    """What PEFT layers bake into a recorded graph: active adapters, their scales, merges, disabled flags."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = []
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            scaling = getattr(module, "scaling", {})
+            state.append((name, tuple(module.active_adapters), tuple(sorted(scaling.items())),
+                          tuple(module.merged_adapters), module.disable_adapters))
+    return tuple(state)
+
+
+def eligible(unet: nn.Module) -> str | None:
+    """None when the UNet's step can be recorded as it stands, else why not (a composer's processor or hook)."""
+    processors = getattr(unet, "attn_processors", {})
+    odd = [n for n, p in processors.items() if type(p).__name__ not in _DEFAULT_PROCESSORS]
+    if odd:
+        return f"attention processor {type(processors[odd[0]]).__name__} at {odd[0]}"
+    for name, module in unet.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"a forward hook on {name or 'the UNet'}"
+    return None
+
+
+class UNetGraphs:
+    """Recorded steps of one UNet, keyed by input shapes and adapter state; `__call__` has the UNet's signature."""
+
+    def __init__(self, unet: nn.Module, forward: Callable[..., Any]) -> None:
+        self.unet, self.forward = unet, forward
+        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.replays = 0
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> Any:
+        extra = kwargs.get("added_cond_kwargs") or {}
+        if (args or set(kwargs) - _PLAIN_KWARGS or kwargs.get("timestep_cond") is not None
+                or kwargs.get("cross_attention_kwargs") or not sample.is_cuda or encoder_hidden_states is None
+                or not all(isinstance(v, torch.Tensor) for v in extra.values())):
+            return self.forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(sample.shape[0]) if t.ndim == 0 else t  # (B,), as the UNet makes it
+        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states,
+                  **{f"added.{k}": v for k, v in sorted(extra.items())}}
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), _adapter_state(self.unet))
+        if key not in self.graphs:
+            self.graphs[key] = self._record(inputs)
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, static, out = self.graphs[key]
+        for name, value in inputs.items():
+            static[name].copy_(value)
+        graph.replay()
+        self.replays += 1
+        out = out.clone()  # (B, C, h, w): the next replay overwrites the recorded output
+        if kwargs.get("return_dict", True):
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+    def _run(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        added = {k.split(".", 1)[1]: v for k, v in static.items() if k.startswith("added.")}
+        return self.forward(static["sample"], static["timestep"], static["encoder_hidden_states"],
+                            added_cond_kwargs=added or None, return_dict=False)[0]
+
+    def _record(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]:
+        static = {k: v.clone() for k, v in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as recording requires
+            for _ in range(2):
+                self._run(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._run(static)
+        return graph, static, out
+
+
+@contextlib.contextmanager
+def graphed_unet(pipe: Any, enabled: bool = True) -> Iterator[UNetGraphs | None]:
+    """Within the block, the pipeline's UNet steps replay recorded CUDA graphs where `eligible`; yields the recorder
+    (None when off: disabled, not on CUDA, or not eligible)."""
+    unet = getattr(pipe, "unet", None)
+    if not enabled or unet is None or unet.device.type != "cuda" or eligible(unet) is not None:
+        yield None
+        return
+    graphs = unet.__dict__.get("_studio_graphs")
+    if graphs is None:
+        graphs = unet.__dict__["_studio_graphs"] = UNetGraphs(unet, unet.forward)
+    unet.forward = graphs  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    try:
+        yield graphs
+    finally:
+        del unet.forward

@@ -1,0 +1,69 @@
+"""Recorded CUDA-graph steps: used only where nothing alters the UNet between steps, and equal to plain launches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import BUILDERS
+
+from studio.cuda_graphs import eligible, graphed_unet
+from studio.generate import GenerateConfig, generate
+
+
+def test_a_plain_unet_is_eligible_and_a_composer_or_hook_is_not() -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = BUILDERS["sd1"]().unet
+    assert eligible(unet) is None
+    handle = unet.down_blocks[0].register_forward_hook(lambda *args: None)
+    assert "forward hook on down_blocks.0" in eligible(unet)
+    handle.remove()
+
+    class Masked(AttnProcessor):  # a composer's processor, e.g. region masks that change per step
+        pass
+
+    name = next(iter(unet.attn_processors))
+    unet.set_attn_processor({n: Masked() if n == name else p for n, p in unet.attn_processors.items()})
+    assert eligible(unet) == f"attention processor Masked at {name}"
+
+
+def test_off_the_gpu_nothing_is_recorded() -> None:
+    pipe = BUILDERS["sd1"]()
+    with graphed_unet(pipe) as graphs:
+        assert graphs is None and "forward" not in pipe.unet.__dict__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_graphed_steps_equal_plain_launches_also_when_adapters_change(kind: str, tiny_dirs: dict) -> None:
+    from peft import LoraConfig
+
+    from studio.generate import cached_pipeline
+
+    model = str(tiny_dirs[kind])
+    pipe = cached_pipeline(model, "cuda")
+    config = GenerateConfig(prompt="a large red star on the left", model=model, seed=3, steps=4, num_images=2,
+                            device="cuda")
+
+    def images(graphs: bool) -> np.ndarray:
+        config.cuda_graphs = graphs
+        return np.stack([np.asarray(i, dtype=np.int16) for i in generate(config, pipe=pipe).images])
+
+    plain, graphed = images(False), images(True)
+    recorder = pipe.unet.__dict__["_studio_graphs"]
+    assert recorder.replays == 4 and len(recorder.graphs) == 1
+    assert np.abs(plain - graphed).max() <= 1  # the same kernels, replayed
+    assert "forward" not in pipe.unet.__dict__  # the UNet is itself again after the call
+
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.unet.add_adapter(lora, adapter_name="graph-a")  # random, non-identity weights
+    try:
+        for weight in (1.0, 0.5):  # a scale is baked into a recording: each weight is its own graph
+            pipe.unet.set_adapters(["graph-a"], weights=[weight])
+            with_adapter, graphed = images(False), images(True)
+            assert np.abs(with_adapter - graphed).max() <= 1 and np.abs(with_adapter - plain).max() > 1
+    finally:
+        pipe.unet.delete_adapters("graph-a")
+    assert len(recorder.graphs) == 3
+    torch.cuda.synchronize()
