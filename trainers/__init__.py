@@ -19,6 +19,7 @@ from trainers.loop import Callbacks, LoopResult, train_loop
 from trainers.method import Method, MethodConfig
 from trainers.methods.dreambooth_lora import DreamBoothLoRA, DreamBoothLoRAConfig
 from trainers.methods.kronecker import Kronecker, KroneckerConfig
+from trainers.methods.orthogonal import Orthogonal, OrthogonalConfig
 from trainers.run import TrainResult, resolve_method, train
 
 
@@ -26,6 +27,7 @@ from trainers.run import TrainResult, resolve_method, train
 METHODS: dict[str, type[Method]] = {
     "dreambooth_lora": DreamBoothLoRA,
     "kronecker": Kronecker,
+    "orthogonal": Orthogonal,
 }
 
 
@@ -68,6 +70,8 @@ __all__ = [
     "DreamBoothLoRAConfig",
     "Kronecker",
     "KroneckerConfig",
+    "Orthogonal",
+    "OrthogonalConfig",
     "LoopResult",
     "Method",
     "MethodConfig",

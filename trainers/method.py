@@ -3,6 +3,7 @@
 A method file holds a `MethodConfig` subclass with the paper's defaults, a `Method` subclass and its private math,
 nothing about data, accelerate, logging or the UI. The loop calls, in this order:
 
+    claim(config, library, name)   before the run (a classmethod): library-allocated settings
     attach(components)        once; components is the diffusers pipeline, every model frozen, on the training device
     trainable_tensors()       name -> Parameter, the tensors the optimizer trains (stable names: checkpoint keys;
                               `<component>.` first, and a `text_encoder*.` name makes the loop run that encoder
@@ -64,6 +65,12 @@ class Method(ABC):
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
         return [{"params": list(self.trainable_tensors().values()), "lr": self.config.lr}]
+
+    @classmethod
+    def claim(cls, config: MethodConfig, library: Any, name: str) -> MethodConfig:
+        """Before a run: the config with whatever the library allocates to adapter `name` filled in (orthogonal
+        adaptation: its basis columns); recorded with the run, so a resumed run gets the same."""
+        return config
 
     def regularizer(self, step: int) -> torch.Tensor | None:
         return None

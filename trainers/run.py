@@ -114,6 +114,7 @@ def train(
     library = library if library is not None else Library()
     if config.name in library and not config.overwrite:
         raise StudioError(f"an adapter named {config.name!r} already exists; pick another --name or pass --overwrite")
+    method.config = method_config = type(method).claim(method_config, library, config.name)
     run_dir, resume = _prepare_run_dir(method_config, config)
     pipe = load_pipeline(config.model)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

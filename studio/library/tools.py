@@ -3,6 +3,8 @@
 Merge combinations follow PEFT's `add_weighted_adapter` (peft/tuners/lora/model.py): `cat` concatenates the ranks
 (exactly the weighted sum of deltas), `linear` sums A and B separately with sqrt(weight * scale) (same ranks only; not
 the sum of deltas, as in PEFT), `svd` truncates the weighted sum of deltas to `rank`. LoKr inputs merge by `svd`.
+Orthogonal-adaptation adapters merge by `cat` (their plain sum) only when their basis columns are disjoint
+(studio/library/orthogonal.py); the result is again an orthogonal adapter holding the union of their columns.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from studio.errors import StudioError
 from studio.library.formats import read_any, write_any
 from studio.library.meta import KINDS, AdapterMeta, modules_of
+from studio.library.orthogonal import METHOD as ORTHOGONAL
+from studio.library.orthogonal import check_disjoint
 from studio.library.store import Entry, Library, check_name, slugify
 
 
@@ -125,6 +129,9 @@ def merge(
     families = {e.meta.base.family for e in entries if e.meta.base.family != "unknown"}
     if len(families) > 1:
         raise StudioError(f"cannot merge adapters for different bases ({', '.join(sorted(families))})")
+    columns = None
+    if len(entries) > 1 and all(e.meta.method == ORTHOGONAL for e in entries) and combination == "cat":
+        columns = check_disjoint([(e.name, e.meta.method_config) for e in entries])  # the sum is interference-free
     tensors = [e.state_dict() for e in entries]
     lokr = any(e.meta.peft_type != "LORA" for e in entries)
     if lokr and combination != "svd":
@@ -169,14 +176,12 @@ def merge(
     else:
         raise StudioError(f"unknown combination {combination!r}; use cat, linear or svd")
     first = entries[0].meta
+    method_config = {"sources": [n for n, _ in sources], "weights": weights, "combination": combination, "rank": rank}
+    if columns is not None:  # still orthogonal: it merges on with adapters of other columns
+        method_config.update(basis_seed=first.method_config.get("basis_seed"), columns=[list(c) for c in columns])
     meta = AdapterMeta(
-        method="merge",
-        method_config={
-            "sources": [n for n, _ in sources],
-            "weights": weights,
-            "combination": combination,
-            "rank": rank,
-        },
+        method=ORTHOGONAL if columns is not None else "merge",
+        method_config=method_config,
         kind=first.kind if len({e.meta.kind for e in entries}) == 1 else "unknown",
         trigger_words=list(dict.fromkeys(t for e in entries for t in e.meta.trigger_words)),
         tags=list(dict.fromkeys(t for e in entries for t in e.meta.tags)),

@@ -1,0 +1,74 @@
+"""Orthogonal adaptation: frozen basis rows, library-allocated disjoint columns, interference-free merge by sum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_helpers import quick
+
+from studio.errors import StudioError
+from studio.library import Library, delta_weight
+from studio.library.tools import merge
+from trainers import OrthogonalConfig, train
+from trainers.methods.orthogonal import orthogonal_basis
+
+
+def test_the_basis_is_orthogonal_and_the_same_for_every_caller() -> None:
+    basis = orthogonal_basis(96, 0)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(96), atol=1e-5, rtol=0)
+    orthogonal_basis.cache_clear()
+    assert torch.equal(orthogonal_basis(96, 0), basis) and not torch.allclose(orthogonal_basis(96, 1), basis)
+
+
+def _orthogonal(name: str, model: Path, **method: object) -> object:
+    config = OrthogonalConfig(rank=4, lr=5e-2, train_text_encoder=True, **method)
+    return train(config, quick(name=name, model=str(model), train_steps=3, lr=None))
+
+
+def test_two_concepts_get_disjoint_columns_and_merge_by_a_plain_sum(tiny_dirs: dict) -> None:
+    first, second = _orthogonal("orth-a", tiny_dirs["sd1"]), _orthogonal("orth-b", tiny_dirs["sd1"])
+    a, b = first.entry, second.entry
+    assert (a.meta.method_config["first_column"], b.meta.method_config["first_column"]) == (0, 4)
+    sa, sb = a.state_dict(), b.state_dict()
+    for module in a.modules:
+        down_a, down_b = sa[f"{module}.lora_A.weight"].flatten(1), sb[f"{module}.lora_A.weight"].flatten(1)
+        basis = orthogonal_basis(down_a.shape[1], 0)
+        torch.testing.assert_close(down_a, basis[:, 0:4].T)  # frozen: exactly the allocated basis rows
+        torch.testing.assert_close(down_a @ down_b.T, torch.zeros(4, 4), atol=1e-5, rtol=0)
+    assert any(sa[f"{m}.lora_B.weight"].abs().max() > 0 for m in a.modules)  # the up factors trained
+
+    merged = merge([("orth-a", 1.0), ("orth-b", 1.0)], "orth-ab")
+    assert merged.meta.method == "orthogonal" and merged.meta.method_config["columns"] == [[0, 4], [4, 8]]
+    sm = merged.state_dict()
+    for module in a.modules:
+        da, db = delta_weight(a.meta, sa, module), delta_weight(b.meta, sb, module)
+        torch.testing.assert_close(delta_weight(merged.meta, sm, module), da + db, atol=1e-6, rtol=1e-5)
+        # no crosstalk: b's residual is zero on a's input subspace, so the sum acts on a's inputs as a alone does
+        rows_a = sa[f"{module}.lora_A.weight"].flatten(1)  # (4, d_in)
+        torch.testing.assert_close(db @ rows_a.T, torch.zeros(db.shape[0], 4), atol=1e-5, rtol=0)
+
+    third = _orthogonal("orth-c", tiny_dirs["sd1"])
+    assert third.entry.meta.method_config["first_column"] == 8  # the merge's columns are taken too
+    clash = _orthogonal("orth-clash", tiny_dirs["sd1"], first_column=2)
+    assert clash.entry.meta.method_config["first_column"] == 2
+    with pytest.raises(StudioError, match="'orth-clash' and 'orth-a' share basis columns 2-3"):
+        merge([("orth-a", 1.0), ("orth-clash", 1.0)], "bad")
+    _orthogonal("orth-seed", tiny_dirs["sd1"], basis_seed=5)
+    with pytest.raises(StudioError, match="different bases"):
+        merge([("orth-a", 1.0), ("orth-seed", 1.0)], "bad")
+    assert "bad" not in Library()
+
+
+def test_a_resumed_run_keeps_its_columns_and_a_full_basis_is_refused(tiny_dirs: dict) -> None:
+    config = OrthogonalConfig(rank=4)
+    cancelled = train(config, quick(name="orth-r", model=str(tiny_dirs["sd1"]), train_steps=3),
+                      cancel=lambda: True)
+    assert cancelled.status == "cancelled"
+    _orthogonal("orth-other", tiny_dirs["sd1"])  # takes the next free block, not the unfinished run's
+    resumed = train(config, quick(name="orth-r", model=str(tiny_dirs["sd1"]), train_steps=3, resume="latest"))
+    assert resumed.entry.meta.method_config["first_column"] == 0
+    assert Library().get("orth-other").meta.method_config["first_column"] == 4
+    with pytest.raises(StudioError, match="inputs: its basis holds"):
+        _orthogonal("orth-full", tiny_dirs["sd1"], first_column=10_000)
