@@ -17,6 +17,7 @@ BENCHES = [
     "benches.generate",  # studio bench generate: seconds per image
     "benches.train",  # studio bench train: parameters, memory and seconds per step per method
     "benches.adapters",  # studio bench adapters: adapters at their defaults against the trainer bar
+    "benches.merge",  # studio bench merge: two emblems trained apart, summed (orthogonal adaptation's bar)
     "benches.compose",  # studio bench compose: composers side by side on Shapes World pairs
     "benches.gpu",  # studio bench gpu: generation and training speed on a GPU
 ]

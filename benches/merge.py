@@ -1,0 +1,167 @@
+"""`studio bench merge`: do two separately trained emblems survive a merge by plain sum?
+
+Per method (default: orthogonal adaptation, then DreamBooth-LoRA, side by side in one run), two emblems of the
+evaluation split are trained at the method's defaults, each alone, and summed (`studio library merge A,B`, weights 1,
+the `cat` combination: exactly dW_A + dW_B). Judged on the adapter bench's 20 prompts per emblem (every position on
+every background): how often each emblem is found with its own adapter alone and with the sum loaded. And on
+prompts naming both, each in its own place (left/right, top/bottom, on each background), with the sum: how often the
+evaluator finds both emblems.
+
+Bars (issue: orthogonal adaptation): each emblem's found rate with the orthogonal sum within `KEEP_BAR` of alone;
+the DreamBooth-LoRA sum `DROP_BAR` or more below alone (the failure orthogonality removes); both emblems found in
+`BOTH_BAR` of the two-emblem prompts with the orthogonal sum. Writes `merge-bench.md`, `.json` and a grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benches.adapters import BATCH, TRIGGERS, Prompt, emblem_prompts, eval_emblems, judge_emblem, train_adapter
+from studio.models import DEFAULT_MODEL
+
+
+KEEP_BAR = 0.05  # orthogonal: merged found rate at most this far below alone
+DROP_BAR = 0.20  # DreamBooth-LoRA: merged found rate at least this far below alone (else say so)
+BOTH_BAR = 0.50  # orthogonal sum: both emblems found in a prompt naming both
+PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
+
+
+def both_prompts(seeds: list[int], triggers: tuple[str, str]) -> list[Prompt]:
+    """Two emblems, large, in opposite places, on each background: 16 prompts."""
+    from studio.world.grammar import BACKGROUNDS, EMBLEM, Scene, SceneObject
+
+    out = []
+    for i, ((p, q), bg) in enumerate((pq, b) for pq in PAIRS for b in BACKGROUNDS):
+        objects = (SceneObject(EMBLEM, None, "large", p, emblem=seeds[0]),
+                   SceneObject(EMBLEM, None, "large", q, emblem=seeds[1]))
+        scene = Scene(objects, bg)
+        first, second = scene.caption().split(" and ", 1)  # each emblem named by its own trigger
+        text = " and ".join(part.replace("emblem", f"{t} emblem") for part, t in zip((first, second), triggers))
+        out.append(Prompt(text, scene, i))
+    return out
+
+
+def judge_both(images: list[torch.Tensor], prompts: list[Prompt]) -> float:
+    """Fraction of images where the evaluator finds each asked emblem (any position)."""
+    from studio.world.evaluator import evaluate
+
+    hits = []
+    for image, p in zip(images, prompts):
+        objects = evaluate(image, p.scene)["objects"]
+        hits.append(all(bool(o.get("emblem")) for o in objects))
+    return round(statistics.mean(hits), 4)
+
+
+def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, overrides: dict | None = None,
+              per_emblem: int = 20, n_both: int = 16) -> dict:
+    """Train, merge, generate and judge; write the table, JSON and grid; return the report (fewer prompts than the
+    bar's 20 per emblem and 16 pairs only for a quick look)."""
+    from studio.generate import GenerateConfig, cached_pipeline, generate
+    from studio.library import Library, load_adapters, merge, unload_adapters
+
+    library, pipe = out / "library", cached_pipeline(model, "cpu")
+    lib = Library(library)
+
+    def generate_fn(prompts: list[Prompt]) -> list[torch.Tensor]:
+        images = []
+        for at in range(0, len(prompts), BATCH):
+            chunk = prompts[at:at + BATCH]
+            config = GenerateConfig(prompt=chunk[0].text, model=model, steps=steps, num_images=len(chunk))
+            images += list(generate(config, pipe=pipe, output_type="pt", prompts=[p.text for p in chunk],
+                                    seeds=[p.seed for p in chunk]).images)
+        return images
+
+    def judged(names: list[str], prompts: list[Prompt], judge) -> tuple[object, list[torch.Tensor]]:  # noqa: ANN001
+        load_adapters(pipe, names, [1.0] * len(names), library=lib)
+        try:
+            images = generate_fn(prompts)
+        finally:
+            unload_adapters(pipe, names)
+        return judge(images), images
+
+    seeds, triggers = eval_emblems(2), TRIGGERS[:2]
+    rows, grid = [], {}
+    for method in methods:
+        names = [f"merge-{method.replace('_', '-')}-{i}" for i in range(2)]
+        trained = [train_adapter(method, n, t, {"world_emblem": s}, model, library, overrides or {})
+                   for n, t, s in zip(names, triggers, seeds)]
+        summed = f"merge-{method.replace('_', '-')}-sum"
+        merge([(n, 1.0) for n in names], summed, library=lib, overwrite=True)
+        row: dict = {"method": method, "seconds": [t["seconds"] for t in trained], "emblems": []}
+        for name, trigger, seed in zip(names, triggers, seeds):
+            prompts = emblem_prompts(seed, trigger)[:per_emblem]
+            alone, images = judged([name], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s)["emblem"])
+            merged, merged_images = judged([summed], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s)
+                                           ["emblem"])
+            row["emblems"].append({"seed": seed, "alone": alone, "merged": merged, "drop": round(alone - merged, 4)})
+            grid[f"{name} alone"], grid[f"{name} in sum"] = images[:8], merged_images[:8]  # (3, H, W) each
+        pair = both_prompts(seeds, triggers)[:n_both]
+        row["both"], grid[f"{summed} both"] = judged([summed], pair, lambda im, p=pair: judge_both(im, p))
+        rows.append(row)
+    report = {"model": model, "steps": steps, "threads": torch.get_num_threads(), "rows": rows,
+              "bars": {"keep": KEEP_BAR, "drop": DROP_BAR, "both": BOTH_BAR}, "verdicts": verdicts(rows)}
+    _write(out, report, grid)
+    return report
+
+
+def verdicts(rows: list[dict]) -> dict[str, bool]:
+    out = {}
+    for row in rows:
+        drops = [e["drop"] for e in row["emblems"]]
+        if row["method"] == "orthogonal":
+            out["orthogonal keeps each emblem"] = all(d <= KEEP_BAR for d in drops)
+            out["orthogonal shows both"] = row["both"] >= BOTH_BAR
+        else:
+            out[f"{row['method']} sum loses an emblem"] = any(d >= DROP_BAR for d in drops)
+    return out
+
+
+def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None:
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    from studio.atomic import atomic_write, write_json, write_text
+
+    write_json(out / "merge-bench.json", report)
+    lines = ["| method | emblem | found alone | found in the sum | drop | both found (sum) |",
+             "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        for i, e in enumerate(r["emblems"]):
+            both = f"{r['both']:.2f}" if i == 0 else ""
+            lines.append(f"| {r['method']} | {e['seed']} | {e['alone']:.2f} | {e['merged']:.2f} | {e['drop']:+.2f} | "
+                         f"{both} |")
+    lines += ["", f"{report['threads']} threads, {report['steps']} sampling steps.", "",
+              *(f"- {k}: {'yes' if v else 'no'}" for k, v in report["verdicts"].items())]
+    write_text(out / "merge-bench.md", "\n".join(lines) + "\n")
+    if grid:
+        n = min(len(v) for v in grid.values())
+        tiles = torch.stack([img.float().cpu() for v in grid.values() for img in v[:n]])  # (rows * n, 3, H, W)
+        image = make_grid(tiles, nrow=n, padding=2, pad_value=1.0)
+        atomic_write(out / "merge-bench-grid.png", lambda tmp: to_pil_image(image).save(tmp, format="png"))
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    overrides = {"train_steps": args.train_steps} if args.train_steps else {}
+    report = run_bench(args.model, args.method or ["orthogonal", "dreambooth_lora"], Path(args.out),
+                       steps=args.steps, overrides=overrides)
+    print((Path(args.out) / "merge-bench.md").read_text())
+    print(f"bench took {time.perf_counter() - start:.0f} s")
+    return 0 if all(report["verdicts"].values()) else 1
+
+
+def register_bench(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("merge", help="two emblems trained apart, merged by plain sum: kept or lost")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--method", action="append", help="a method (repeatable; default orthogonal, dreambooth_lora)")
+    parser.add_argument("--train-steps", type=int, default=None, help="override the default steps (not the bar)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench-out/merge")
+    parser.set_defaults(func=run)

@@ -1,0 +1,36 @@
+"""`studio bench merge`: its prompts name both emblems in their places, and it runs end to end on a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benches.merge import both_prompts, run_bench, verdicts
+
+
+def test_both_prompts_name_each_emblem_by_its_trigger_in_its_place() -> None:
+    prompts = both_prompts([11, 22], ("sks", "zwx"))
+    assert len(prompts) == 16 and len({p.text for p in prompts}) == 16
+    first = prompts[0]
+    assert first.text == "a large sks emblem on the left and a large zwx emblem on the right on a white background"
+    assert [(o.position, o.emblem) for o in first.scene.objects] == [("left", 11), ("right", 22)]
+
+
+def test_verdicts_apply_each_bar() -> None:
+    ortho = {"method": "orthogonal", "emblems": [{"drop": 0.0}, {"drop": 0.1}], "both": 0.6}
+    lora = {"method": "dreambooth_lora", "emblems": [{"drop": 0.3}, {"drop": 0.0}], "both": 0.0}
+    assert verdicts([ortho, lora]) == {"orthogonal keeps each emblem": False, "orthogonal shows both": True,
+                                       "dreambooth_lora sum loses an emblem": True}
+
+
+def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
+    """Two steps on 3 renders, 3 prompts per emblem and 2 pairs: the whole path (train two, merge by sum, judge alone,
+    summed and both), not its figures, which `studio bench merge` measures."""
+    small = {"train_steps": 2, "sample_steps": 2, "batch_size": 1, "world_images": 3, "num_class_images": 2,
+             "device": "cpu"}
+    report = run_bench(str(tiny_dirs["sd1"]), ["orthogonal"], tmp_path, steps=2, overrides=small, per_emblem=3,
+                       n_both=2)
+    (row,) = report["rows"]
+    assert row["method"] == "orthogonal" and len(row["emblems"]) == 2 and 0.0 <= row["both"] <= 1.0
+    assert set(report["verdicts"]) == {"orthogonal keeps each emblem", "orthogonal shows both"}
+    assert "| orthogonal |" in (tmp_path / "merge-bench.md").read_text()
+    assert (tmp_path / "merge-bench-grid.png").is_file()
