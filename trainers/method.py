@@ -106,6 +106,10 @@ class Method(ABC):
                     )
                 p.copy_(state[name])
 
+    def card_notes(self) -> str:
+        """Markdown the model card adds about this method (what the implementation follows, its settings)."""
+        return ""
+
     def meta(self, **fields: Any) -> AdapterMeta:
         """An AdapterMeta carrying this method's key and config; `fields` fill the rest (ranks, alphas, ...)."""
         return AdapterMeta(method=self.config.method, method_config=asdict(self.config), **fields)

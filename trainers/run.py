@@ -132,6 +132,7 @@ def train(
         meta.base.checkpoint = checkpoint
         samples = {f"seed{config.seed + i:04d}.png": _png(image) for i, image in enumerate(looped.samples)}
         card = render_card(config.name, meta, sample_prompts=looped.sample_prompts, data_summary=data.summary)
+        card += method.card_notes()
         card += f"\nTrained {looped.step} steps; final loss {looped.losses[-1]:.4f}.\n\n![loss curve](loss.png)\n"
         result.entry = library.add(
             config.name,

@@ -31,6 +31,7 @@ def test_two_concepts_get_disjoint_columns_and_merge_by_a_plain_sum(tiny_dirs: d
     first, second = _orthogonal("orth-a", tiny_dirs["sd1"]), _orthogonal("orth-b", tiny_dirs["sd1"])
     a, b = first.entry, second.entry
     assert (a.meta.method_config["first_column"], b.meta.method_config["first_column"]) == (0, 4)
+    assert "independent implementation" in a.card and "columns 4-7" in b.card
     sa, sb = a.state_dict(), b.state_dict()
     for module in a.modules:
         down_a, down_b = sa[f"{module}.lora_A.weight"].flatten(1), sb[f"{module}.lora_A.weight"].flatten(1)

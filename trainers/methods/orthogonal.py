@@ -97,6 +97,19 @@ class Orthogonal(DreamBoothLoRA):
                 down.requires_grad_(False)
                 nn.init.zeros_(layer.lora_B[ADAPTER].weight)  # dW = 0: training starts at the base
 
+    def card_notes(self) -> str:
+        c = self.config
+        return (
+            "## Method\n\nOrthogonal adaptation (Po, Yang, Aberman, Wetzstein, CVPR 2024). This is an independent "
+            "implementation: no code was published with the paper. It follows the paper's residual with a frozen "
+            "input-side factor (section 4), frozen factors drawn from a shared randomized orthogonal basis per input "
+            "width (section 4.2) and merging by summation (eq. 1). Its own choices: the library allocates disjoint "
+            "basis columns instead of random ones, convolutions are adapted too, and the text encoders get "
+            f"orthogonal LoRA instead of the paper's ED-LoRA embeddings.\n\nBasis seed {c.basis_seed}, columns "
+            f"{c.first_column}-{(c.first_column or 0) + c.rank - 1} of each layer's basis; merge it with other "
+            "orthogonal adapters of this base by `studio library merge A,B --name AB` (a plain sum).\n"
+        )
+
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         return {k: p for k, p in super().trainable_tensors().items() if k.endswith("lora_B.weight")}
 
