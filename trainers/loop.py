@@ -39,6 +39,7 @@ from trainers.method import Method
 
 
 CHECKPOINT = "checkpoint.pt"
+SYNC_EVERY = 25  # optimizer steps between host reads of the loss on a GPU
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _DATA, _CLASS, _NOISE, _GLOBAL = 0, 1, 2, 3  # generator streams
 _NOISE_KEYS = (
@@ -136,6 +137,12 @@ def epoch_indices(seed: int, stream: int, start: int, count: int, n: int) -> lis
     return out
 
 
+def _reads_every(device: torch.device, callbacks: Callbacks) -> int:
+    """Optimizer steps between host reads of the loss: every step on the CPU (a read costs nothing there) or when a
+    callback wants each step's loss, else SYNC_EVERY."""
+    return SYNC_EVERY if device.type == "cuda" and callbacks.on_step is None else 1
+
+
 def _accelerator(device: str) -> Any:  # -> accelerate.Accelerator
     """The run's Accelerator on `device` (auto | cpu | cuda). CPU processes of one launch meet over gloo.
 
@@ -214,9 +221,13 @@ class Loop:
         self.trainable = method.trainable_tensors()
         if not self.trainable:
             raise StudioError(f"method {type(method).__name__} attached no trainable tensors; check its targets")
-        self.optimizer = torch.optim.AdamW(
-            method.trainable_parameters(), lr=method.config.lr, weight_decay=c.weight_decay
+        on_gpu = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(  # fused on a GPU: one kernel for every tensor's update
+            method.trainable_parameters(), lr=method.config.lr, weight_decay=c.weight_decay, fused=on_gpu or None
         )
+        # Reading a loss or a norm on the host waits for the GPU; a GPU run reads them every SYNC_EVERY steps (and
+        # before any checkpoint, which is only written when its probe loss is finite), unless a callback wants each.
+        self.sync_every = _reads_every(self.device, self.callbacks)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         schedule = "constant_with_warmup" if c.lr_scheduler == "constant" and c.lr_warmup_steps else c.lr_scheduler
         self.lr_scheduler = get_scheduler(
@@ -331,6 +342,18 @@ class Loop:
             )
         return StudioError(f"{what} at step {self.step + 1}: training diverged and stopped; {advice}")
 
+    def _settle(self) -> None:
+        """Losses still on the device become numbers (one wait for the GPU); a non-finite one stops the run."""
+        pending = [i for i, v in enumerate(self.losses) if isinstance(v, torch.Tensor)]
+        if pending:
+            values = torch.stack([self.losses[i].float() for i in pending]).tolist()
+            for i, v in zip(pending, values):
+                self.losses[i] = v
+            bad = next((i for i, v in zip(pending, values) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise self._diverged(f"the loss became {values[pending.index(bad)]} (first at step {bad + 1})")
+        self.window = [v.item() if isinstance(v, torch.Tensor) else v for v in self.window]
+
     def _optimizer_step(self) -> None:
         c, params = self.config, list(self.trainable.values())
         if self.accelerator.num_processes > 1:
@@ -338,7 +361,7 @@ class Loop:
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, "mean")
         norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
-        if not torch.isfinite(norm):
+        if self.sync_every == 1 and not torch.isfinite(norm):
             raise self._diverged(f"the gradient norm became {norm.item()}")
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -368,15 +391,17 @@ class Loop:
                 m = self.step * c.grad_accum + len(self.window)
                 self.seen.append((m * self.accelerator.num_processes + self.accelerator.process_index) * c.batch_size)
                 loss = self.micro_loss(m)
-                if not torch.isfinite(loss):
+                if self.sync_every == 1 and not torch.isfinite(loss):
                     raise self._diverged(f"the loss became {loss.item()}")
                 self.accelerator.backward(loss / c.grad_accum)
-                self.window.append(loss.item())
+                self.window.append(loss.item() if self.sync_every == 1 else loss.detach())
                 if len(self.window) < c.grad_accum:
                     continue
                 self._optimizer_step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(self.losses[-20:]):.4f}")
+                if self.step % self.sync_every == 0 or self.step == c.train_steps:
+                    self._settle()
+                    bar.set_postfix(loss=f"{np.mean(self.losses[-20:]):.4f}")
                 if cb.on_step:
                     cb.on_step(self.step, self.losses[-1])
                 if (c.save_every and self.step % c.save_every == 0) or self.step == c.train_steps:
@@ -385,6 +410,7 @@ class Loop:
                     self.preview()
         finally:
             bar.close()
+        self._settle()
         if status == "cancelled":
             self.save()
         self._record_rank(status)
@@ -438,6 +464,7 @@ class Loop:
         """Checkpoint the current state, if it is good: the loss of the next micro-step with it is finite."""
         from studio.plots import line_plot
 
+        self._settle()
         with torch.no_grad():  # a pure function of (seed, m): probing it changes nothing
             probe = self.micro_loss(self.step * self.config.grad_accum + len(self.window))
         if not torch.isfinite(probe):

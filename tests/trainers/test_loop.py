@@ -104,6 +104,25 @@ def test_nan_guard_keeps_last_good_checkpoint_and_resumes(tmp_path: Path) -> Non
     assert {g["initial_lr"] for g in _checkpoint(tmp_path)["optimizer"]["param_groups"]} == {5e-5}  # UNet, text
 
 
+def test_reading_losses_every_few_steps_trains_the_same_and_still_stops_on_nan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU run reads its losses every few steps (no wait for the GPU in between); forced here on the CPU."""
+    every = train_loop(DreamBoothLoRA(), tiny_pipe(), emblem(), quick(train_steps=5), tmp_path / "every")
+    monkeypatch.setattr(trainers.loop, "_reads_every", lambda device, callbacks: 3)
+    method = DreamBoothLoRA()
+    deferred = train_loop(method, tiny_pipe(), emblem(), quick(train_steps=5), tmp_path / "deferred")
+    assert deferred.losses == every.losses and all(isinstance(v, float) for v in deferred.losses)
+    _assert_same(_checkpoint(tmp_path / "every")["method"], _checkpoint(tmp_path / "deferred")["method"], "method")
+
+    pipe, calls = tiny_pipe(), []  # UNet calls: steps 1 and 2, the probe before the checkpoint at 2, then step 3
+    pipe.unet.conv_out.register_forward_hook(lambda m, a, out: out * float("nan") if calls.append(1) or len(calls) >= 4
+                                             else out)
+    with pytest.raises(StudioError, match=r"loss became nan \(first at step 3\).*last good checkpoint \(step 2\)"):
+        train_loop(DreamBoothLoRA(), pipe, emblem(), quick(train_steps=6, save_every=2), tmp_path / "nan")
+    assert _checkpoint(tmp_path / "nan")["step"] == 2
+
+
 def test_nan_guard_on_a_diverging_lr(tmp_path: Path) -> None:
     with pytest.raises(
         StudioError, match=r"diverged.*no checkpoint was saved.*lower --lr \(now 1e\+30\) and start again"
