@@ -10,8 +10,9 @@ Per shape (batch 2, K = 4 adapters of rank 16 on each of q, k, v):
              per-adapter loop written by hand (peft/tuners/lora/layer.py, Linear.forward)
   loop       per-adapter loop with per-token S, kohya-style masked LoRA: the unfused path the kernel replaces
 Self-attention projects q|k|v of the hidden states; cross-attention q on the hidden states and k|v on the 77x2048
-context. CUDA: bf16, triton.testing.do_bench (median ms). CPU: fp32, median of 7 runs after 2 warm-ups; CPU numbers
-check that everything runs and are not the bar. Writes DIR/kernel_bench.json and DIR/kernel_bench.md.
+context. CUDA: bf16, triton.testing.do_bench (median ms of eager calls, L2 flushed, host overhead included) and
+do_bench_cudagraph (replayed from a CUDA graph: GPU time, L2 warm). CPU: fp32, median of 7 runs after 2 warm-ups;
+CPU numbers check that everything runs and are not the bar. Writes DIR/kernel_bench.json and DIR/kernel_bench.md.
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ SHAPES = [("self", 640, 4096), ("self", 1280, 1024), ("cross", 640, 4096), ("cro
 PATHS = ("merged", "fused", "reference", "peft", "loop")
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    """A function that times `fn()` in ms: do_bench's median on CUDA, else the median of 7 runs after 2 warm-ups."""
+def timer(device: torch.device, graph: bool = False) -> Callable[[Callable[[], Any]], float]:
+    """A function that times `fn()` in ms: do_bench's median on CUDA (`graph`: replayed from a CUDA graph, so GPU
+    time without host overhead), else the median of 7 runs after 2 warm-ups."""
     if device.type == "cuda":
         import triton.testing
 
+        if graph:
+            return lambda fn: float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
         return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
     def cpu(fn: Callable[[], Any]) -> float:
@@ -102,6 +106,8 @@ def path_fns(case: dict, peft_layers: dict | None) -> dict[str, Callable[[], Any
                                     [case["adapters"][p] for p in ps])) for x, ps in groups(case)]  # fmt: skip
     scales = {"qkv": case["s_tok"], "q": case["s_tok"], "kv": case["s_ctx"]}
 
+    consts = case["s_const"].tolist()  # host floats, read once: no device sync inside the timed (or captured) calls
+
     def loop(masked: bool) -> list[torch.Tensor]:
         out = []
         for p in "qkv":
@@ -110,7 +116,7 @@ def path_fns(case: dict, peft_layers: dict | None) -> dict[str, Callable[[], Any
             y = F.linear(x, case["weights"][p])
             for k, (a, b) in enumerate(case["adapters"][p]):
                 lora = F.linear(F.linear(x, a), b)  # (B, N, d): lora_B(lora_A(x))
-                y = y + (lora * s[..., k : k + 1].to(lora.dtype) if masked else lora * float(case["s_const"][k]))
+                y = y + (lora * s[..., k : k + 1].to(lora.dtype) if masked else lora * consts[k])
             out.append(y)
         return out
 
@@ -191,7 +197,7 @@ def run(quick: bool = False, device: torch.device | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shrink = 16 if quick and device.type == "cpu" else 1  # CPU --quick: 1/16 of the tokens
     shapes = SHAPES[::2] if quick else SHAPES
-    bench = timer(device)
+    timers = {"ms": timer(device)} | ({"graph_ms": timer(device, graph=True)} if device.type == "cuda" else {})
     rows = []
     for kind, d, tokens in shapes:
         case = make_case(kind, d, tokens // shrink, device, dtype)
@@ -200,15 +206,15 @@ def run(quick: bool = False, device: torch.device | None = None) -> dict:
         shape = f"{kind} d={d} N={tokens // shrink}" + (" ctx=77x2048" if kind == "cross" else "")
         row: dict[str, Any] = {"shape": shape, "peft": "peft" if layers is not None else "hand-written"}
         with torch.no_grad():
-            for name in PATHS:
-                try:
-                    row[f"{name}_ms"] = bench(fns[name])
-                except Exception as exc:  # keep the other paths' numbers; say what failed
-                    row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        floor = row.get("merged_ms")
-        for name in PATHS[1:]:
-            if floor and f"{name}_ms" in row:
-                row[f"{name}_x"] = row[f"{name}_ms"] / floor
+            for unit, bench in timers.items():
+                for name in PATHS:
+                    try:
+                        row[f"{name}_{unit}"] = bench(fns[name])
+                    except Exception as exc:  # keep the other paths' numbers; say what failed
+                        row[f"{name}_{unit}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                for name in PATHS[1:]:
+                    if row.get(f"merged_{unit}") and f"{name}_{unit}" in row:
+                        row[f"{name}_{unit}_x"] = row[f"{name}_{unit}"] / row[f"merged_{unit}"]
         rows.append(row)
     probe = make_case("self", 640, 8, device, dtype)
     backend = dispatch.choose_backend(probe["x"], probe["weights"]["q"], [probe["adapters"]["q"][0][0]])
@@ -234,17 +240,18 @@ def _version(name: str) -> str | None:
 def markdown(result: dict) -> str:
     """The timing table (ms, and the ratio to merged weights) and the accuracy section."""
     head = f"{result['device']}, {result['dtype']}, fused backend: {result['fused_backend']}, K={result['adapters']}"
-    lines = [head + f" r={result['rank']}, batch {result['batch']}", ""]
-    lines += ["| shape | " + " | ".join(PATHS) + " |", "|---" * (len(PATHS) + 1) + "|"]
-    for row in result["rows"]:
-        cells = []
-        for name in PATHS:
-            if f"{name}_ms" not in row:
-                cells.append("error")
-                continue
-            ratio = f" ({row[f'{name}_x']:.2f}x)" if f"{name}_x" in row else ""
-            cells.append(f"{row[f'{name}_ms']:.3f}{ratio}")
-        lines.append(f"| {row['shape']} | " + " | ".join(cells) + " |")
+    lines = [head + f" r={result['rank']}, batch {result['batch']}; ms per layer (ratio to merged weights)"]
+    titles = {"ms": "eager calls (host overhead included)", "graph_ms": "replayed from a CUDA graph (GPU time)"}
+    for unit, title in titles.items():
+        if not any(f"merged_{unit}" in row for row in result["rows"]):
+            continue
+        lines += ["", f"{title}:", "", "| shape | " + " | ".join(PATHS) + " |", "|---" * (len(PATHS) + 1) + "|"]
+        for row in result["rows"]:
+            cells = []
+            for name in PATHS:
+                ratio = f" ({row[f'{name}_{unit}_x']:.2f}x)" if f"{name}_{unit}_x" in row else ""
+                cells.append(f"{row[f'{name}_{unit}']:.3f}{ratio}" if f"{name}_{unit}" in row else "error")
+            lines.append(f"| {row['shape']} | " + " | ".join(cells) + " |")
     lines += ["", "accuracy (relative Frobenius error):"]
     lines += [f"- {key}: {value:.3e}" if isinstance(value, float) else f"- {key}: {value}"
               for key, value in result["accuracy"].items()]  # fmt: skip

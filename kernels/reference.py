@@ -29,6 +29,7 @@ fallback on a CPU and the ground truth the Triton kernel is tested against.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,13 +113,15 @@ def pack(
     return PackedProjections(weight, bias, lora_a, lora_b, tuple(ranks), sizes, n_adapters)
 
 
-def token_scales(scales: torch.Tensor | float, lead: Sequence[int], n_adapters: int) -> torch.Tensor:
+def token_scales(
+    scales: torch.Tensor | float, lead: Sequence[int], n_adapters: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Scales as one row per token: (T, K), T = prod(lead), where `lead` is x's shape without d_in.
 
     Accepted: a float or (K,) (every token), (B, K) per sample when x is (B, N, d_in), (B, N, K) per token, or
-    (T, K) when x is (T, d_in). Sizes of 1 broadcast.
+    (T, K) when x is (T, d_in). Sizes of 1 broadcast. A float is made on `device` (no host-to-device copy).
     """
-    s = torch.as_tensor(scales)
+    s = scales if isinstance(scales, torch.Tensor) else torch.full((n_adapters,), float(scales), device=device)
     if s.ndim == 0:
         s = s.expand(n_adapters)
     lead = tuple(int(n) for n in lead)
@@ -143,10 +146,18 @@ def column_scales(scales: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     return scales.index_select(1, group_index(ranks, scales.device))  # (T, R)
 
 
-def group_index(ranks: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """(R,) int64: the scale group g of every rank column; group g owns ranks[g] consecutive columns."""
-    groups = torch.arange(len(ranks)).repeat_interleave(torch.tensor(list(ranks), dtype=torch.long))
-    return groups.to(device)
+def group_index(ranks: Sequence[int], device: torch.device | str = "cpu", modulo: int = 0) -> torch.Tensor:
+    """(R,) int32: the scale group g of every rank column (group g owns ranks[g] consecutive columns), or g % modulo.
+
+    Cached per device, so a call copies nothing to the device (and can be captured in a CUDA graph). Read-only.
+    """
+    return _group_index(tuple(int(r) for r in ranks), torch.device(device), modulo)
+
+
+@functools.lru_cache(maxsize=256)
+def _group_index(ranks: tuple[int, ...], device: torch.device, modulo: int) -> torch.Tensor:
+    groups = torch.arange(len(ranks)).repeat_interleave(torch.tensor(ranks, dtype=torch.long))  # (R,)
+    return (groups % modulo if modulo else groups).to(device=device, dtype=torch.int32)
 
 
 def lora_linear(
@@ -165,7 +176,7 @@ def lora_linear(
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
-    s = token_scales(scales, lead, len(ranks)).to(device=x.device, dtype=x.dtype)  # (T, G)
+    s = token_scales(scales, lead, len(ranks), x.device).to(device=x.device, dtype=x.dtype)  # (T, G)
     y = F.linear(x2, weight, bias)  # (T, N): the base GEMM
     if sum(ranks):
         h = x2 @ lora_a.T  # (T, R): the shrink, every adapter at once
@@ -177,7 +188,7 @@ def projections(x: torch.Tensor, packed: PackedProjections, scales: torch.Tensor
     """All packed projections of x (..., d_in) with S broadcastable to (T, K): a tuple of (..., d_p)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
-    s = token_scales(scales, lead, packed.n_adapters).repeat(1, len(packed.sizes))  # (T, P K), p-major
+    s = token_scales(scales, lead, packed.n_adapters, x.device).repeat(1, len(packed.sizes))  # (T, P K), p-major
     y = lora_linear(x2, packed.weight, packed.bias, packed.lora_a, packed.lora_b, s, packed.ranks)  # (T, N)
     return tuple(part.reshape(*lead, part.shape[-1]) for part in y.split(packed.sizes, dim=1))
 

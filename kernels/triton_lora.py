@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import Factor, PackedProjections, column_scales, group_index, pack, token_scales
+from .reference import Factor, PackedProjections, group_index, pack, token_scales
 
 
 @triton.jit
@@ -144,9 +144,12 @@ _INTERPRET_SHRINK = {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_D": 16}
 _INTERPRET_FUSED = {"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_D": 16, "BLOCK_R": 16, "GROUP_T": 2}
 
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton at import, so read once here too
+
+
 def interpreting() -> bool:
     """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -172,10 +175,13 @@ def _forward(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     s: torch.Tensor,
-    ranks: tuple[int, ...],
+    groups: torch.Tensor,
     bounds: tuple[int, int, int, int],
 ) -> torch.Tensor:
-    """Launch shrink and fused GEMM: x (T, D), weight (N, D), lora_a (R, D), lora_b (N, R), s (T, G) -> (T, N)."""
+    """Shrink, then fused GEMM: x (T, D), weight (N, D), lora_a (R, D), lora_b (N, R), s (T, G) -> (T, N).
+
+    groups (R,) int32 names the column of s that scales each rank column.
+    """
     (t, d), n, r = x.shape, weight.shape[0], lora_a.shape[0]
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)  # (T, N)
     if t == 0 or n == 0:
@@ -185,7 +191,6 @@ def _forward(
     upcast = interpret and x.dtype != torch.float32
     h = y  # placeholder pointer when there are no ranks
     if r:
-        groups = group_index(ranks, x.device).to(torch.int32)  # (R,) scale group of each rank column
         h = torch.empty(t, r, dtype=torch.float32, device=x.device)  # (T, R) scaled shrink
         shrink = _shrink_kernel if interpret else _shrink_tuned
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
@@ -211,17 +216,16 @@ class _FusedLoRALinear(torch.autograd.Function):
     """Triton forward; plain-torch backward (the module docstring says why)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, s, ranks, bounds):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, lora_a, lora_b, s)
-        ctx.ranks = ranks
-        return _forward(x, weight, bias, lora_a, lora_b, s, ranks, bounds)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, s, groups, bounds):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, lora_a, lora_b, s, groups)
+        return _forward(x, weight, bias, lora_a, lora_b, s, groups, bounds)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        x, weight, lora_a, lora_b, s, groups = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b, need_s = ctx.needs_input_grad[:6]
         dx = dw = dbias = da = db = ds = None
-        s_col = column_scales(s, ctx.ranks).to(dy.dtype)  # (T, R)
+        s_col = s.index_select(1, groups).to(dy.dtype)  # (T, R)
         g = dy @ lora_b  # (T, R): gradient at the scaled shrink output h
         if need_x:
             dx = dy @ weight + (g * s_col) @ lora_a  # (T, D)
@@ -236,7 +240,6 @@ class _FusedLoRALinear(torch.autograd.Function):
             if need_b:
                 db = dy.T @ (u * s_col)  # (N, R)
             if need_s:
-                groups = group_index(ctx.ranks, s.device)  # (R,)
                 ds = s.new_zeros(s.shape).index_add_(1, groups, (g * u).to(s.dtype))  # (T, G)
         return dx, dw, dbias, da, db, ds, None, None
 
@@ -248,13 +251,13 @@ def _apply(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     s: torch.Tensor,
-    ranks: tuple[int, ...],
+    groups: torch.Tensor,
     bounds: tuple[int, int, int, int],
 ) -> torch.Tensor:
     tensors = (x, weight, bias, lora_a, lora_b, s)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _FusedLoRALinear.apply(*tensors, ranks, bounds)
-    return _forward(*tensors, ranks, bounds)
+        return _FusedLoRALinear.apply(*tensors, groups, bounds)
+    return _forward(*tensors, groups, bounds)
 
 
 def lora_linear(
@@ -269,8 +272,8 @@ def lora_linear(
     """`kernels.reference.lora_linear` in Triton: x (..., d_in) -> (..., N); lora_b is treated as dense."""
     lead, (n, r) = x.shape[:-1], lora_b.shape
     x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
-    s = token_scales(scales, lead, len(ranks)).to(device=x.device, dtype=torch.float32)  # (T, G)
-    y = _apply(x2, weight, bias, lora_a, lora_b, s, tuple(ranks), (n, n, r, r))  # (T, N)
+    s = token_scales(scales, lead, len(ranks), x.device).to(device=x.device, dtype=torch.float32)  # (T, G)
+    y = _apply(x2, weight, bias, lora_a, lora_b, s, group_index(ranks, x.device), (n, n, r, r))  # (T, N)
     return y.reshape(*lead, n)
 
 
@@ -278,10 +281,10 @@ def projections(x: torch.Tensor, packed: PackedProjections, scales: torch.Tensor
     """`kernels.reference.projections` in Triton: a tuple of (..., d_p), one fused launch pair for all P."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
-    s = token_scales(scales, lead, packed.n_adapters).to(device=x.device, dtype=torch.float32)  # (T, K)
-    s = s.repeat(1, len(packed.sizes))  # (T, P K), p-major like packed.ranks
+    s = token_scales(scales, lead, packed.n_adapters, x.device).to(device=x.device, dtype=torch.float32)  # (T, K)
+    groups = group_index(packed.ranks, x.device, modulo=packed.n_adapters)  # (R,): column of s, shared by projections
     bounds = _bounds(packed.sizes, packed.rank_sizes)
-    y = _apply(x2, packed.weight, packed.bias, packed.lora_a, packed.lora_b, s, packed.ranks, bounds)  # (T, N)
+    y = _apply(x2, packed.weight, packed.bias, packed.lora_a, packed.lora_b, s, groups, bounds)  # (T, N)
     return tuple(part.reshape(*lead, part.shape[-1]) for part in y.split(packed.sizes, dim=1))
 
 

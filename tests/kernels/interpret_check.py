@@ -17,6 +17,19 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+
+# Triton before 3.8 turns a scalar kernel argument into a Python int with int(array) on a 1-element array (a loop
+# `range(0, D, BLOCK)` does it), which numpy 2.x refuses; 3.8 squeezes first. Do the same here, for the harness only.
+_patch_lang_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+if _patch_lang_tensor is not None:
+
+    def _squeezing_patch(tensor: type, scope: object) -> None:
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = _squeezing_patch
 from kernel_naive import adapters, rand  # noqa: E402
 
 from kernels import dispatch, reference, triton_lora  # noqa: E402
