@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .dispatch import (
+from kernels.dispatch import (
     AdapterFactors,
     FusedLoRAAttnProcessor,
     choose_backend,
@@ -32,7 +32,7 @@ from .dispatch import (
     projections,
     region_scales,
 )
-from .reference import PackedProjections, column_scales, pack, token_scales
+from kernels.reference import PackedProjections, column_scales, pack, token_scales
 
 
 __all__ = [

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, reference
+from kernels import dispatch, reference
 
 
 N_ADAPTERS, RANK, BATCH, CONTEXT = 4, 16, 2, (77, 2048)

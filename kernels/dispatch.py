@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .reference import Factor, PackedProjections
+from kernels import reference
+from kernels.reference import Factor, PackedProjections
 
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _triton_module() -> tuple[Any, str | None]:
     """(kernels.triton_lora or None, why not); imported once, on first need."""
     try:
-        from . import triton_lora
+        from kernels import triton_lora
     except Exception as exc:  # ImportError, or a triton that fails to initialise
         return None, f"triton does not import ({type(exc).__name__}: {exc})"
     return triton_lora, None

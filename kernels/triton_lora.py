@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import Factor, PackedProjections, group_index, pack, token_scales
+from kernels.reference import Factor, PackedProjections, group_index, pack, token_scales
 
 
 @triton.jit
