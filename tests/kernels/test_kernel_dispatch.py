@@ -6,14 +6,17 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from kernel_naive import adapters, naive, rand
 
 import kernels
 from kernels import dispatch, reference
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _operands(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
