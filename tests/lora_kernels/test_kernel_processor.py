@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from kernel_naive import naive, rand
 
-from kernels.dispatch import AdapterFactors, FusedLoRAAttnProcessor, region_scales
+from lora_kernels.dispatch import AdapterFactors, FusedLoRAAttnProcessor, region_scales
 
 
 attention_processor = pytest.importorskip("diffusers.models.attention_processor")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_naive import adapters, rand
 
-from kernels import dispatch, reference
+from lora_kernels import dispatch, reference
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton]

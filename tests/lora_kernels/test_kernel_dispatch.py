@@ -12,8 +12,8 @@ import pytest
 import torch
 from kernel_naive import adapters, naive, rand
 
-import kernels
-from kernels import dispatch, reference
+import lora_kernels
+from lora_kernels import dispatch, reference
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ def _operands(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.T
 
 
 def test_our_package_is_the_one_imported() -> None:
-    assert os.path.dirname(kernels.__file__) == str(ROOT / "kernels")
+    assert os.path.dirname(lora_kernels.__file__) == str(ROOT / "lora_kernels")
 
 
 def test_auto_falls_back_to_the_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,13 +88,13 @@ def test_adapter_factors_need_one_entry_per_adapter() -> None:
     reason="Hugging Face's kernels distribution is not installed: nothing shares our name",
 )
 def test_transformers_still_imports_beside_hugging_face_kernels() -> None:
-    """transformers 5 does `from kernels import CUDAProperties, ...`; from the repo root it must still import."""
+    """transformers 5 imports Hugging Face's top-level `kernels`; with the repo root first on sys.path (`./dev app`,
+    `./dev test`) nothing of ours may shadow it, and ours must import beside it."""
     code = (
-        "import kernels, transformers.modeling_utils\n"
-        "from kernels import get_kernel, CUDAProperties\n"
-        "import importlib.metadata as m\n"
-        "assert kernels.__version__ == m.version('kernels'), kernels.__version__\n"
-        f"assert kernels.reference.__name__ == 'kernels.reference' and kernels.__file__.startswith({str(ROOT)!r})\n"
+        "import kernels, lora_kernels, transformers.modeling_utils\n"
+        "from kernels import CUDAProperties\n"
+        f"assert not kernels.__file__.startswith({str(ROOT / 'kernels')!r}), kernels.__file__\n"
+        "assert lora_kernels.reference.__name__ == 'lora_kernels.reference'\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""kernels.reference, the spec, against a per-adapter loop and merged weights, in float64 with random adapters."""
+"""lora_kernels.reference, the spec, against a per-adapter loop and merged weights, in float64 with random adapters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_naive import adapters, merged, naive, rand
 
-from kernels import reference
+from lora_kernels import reference
 
 
 D_IN, D_CTX = 24, 40

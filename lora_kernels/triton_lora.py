@@ -1,4 +1,4 @@
-"""The fused adapter projection in Triton: same functions and signatures as `kernels.reference`.
+"""The fused adapter projection in Triton: same functions and signatures as `lora_kernels.reference`.
 
 Two launches per call (shapes as in the reference's module docstring, G = P K scale groups):
 
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import Factor, PackedProjections, group_index, pack, token_scales
+from lora_kernels.reference import Factor, PackedProjections, group_index, pack, token_scales
 
 
 @triton.jit
@@ -269,7 +269,7 @@ def lora_linear(
     scales: torch.Tensor | float,
     ranks: Sequence[int],
 ) -> torch.Tensor:
-    """`kernels.reference.lora_linear` in Triton: x (..., d_in) -> (..., N); lora_b is treated as dense."""
+    """`lora_kernels.reference.lora_linear` in Triton: x (..., d_in) -> (..., N); lora_b is treated as dense."""
     lead, (n, r) = x.shape[:-1], lora_b.shape
     x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
     s = token_scales(scales, lead, len(ranks), x.device).to(device=x.device, dtype=torch.float32)  # (T, G)
@@ -278,7 +278,7 @@ def lora_linear(
 
 
 def projections(x: torch.Tensor, packed: PackedProjections, scales: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
-    """`kernels.reference.projections` in Triton: a tuple of (..., d_p), one fused launch pair for all P."""
+    """`lora_kernels.reference.projections` in Triton: a tuple of (..., d_p), one fused launch pair for all P."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (T, d_in)
     s = token_scales(scales, lead, packed.n_adapters, x.device).to(device=x.device, dtype=torch.float32)  # (T, K)
@@ -295,6 +295,6 @@ def fused_qkv(
     adapters: Sequence[Sequence[Factor]],
     scales: torch.Tensor | float,
 ) -> tuple[torch.Tensor, ...]:
-    """`kernels.reference.fused_qkv` in Triton (self-attention q|k|v, or cross-attention q alone and k|v on the
+    """`lora_kernels.reference.fused_qkv` in Triton (self-attention q|k|v, or cross-attention q alone and k|v on the
     context)."""
     return projections(x, pack(weights, biases, adapters), scales)

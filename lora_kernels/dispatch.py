@@ -1,9 +1,10 @@
 """One entry point per op that picks Triton or the reference per call, and an attention processor built on it.
 
 Backend choice (`choose_backend`): an explicit `backend=` argument, else the `STUDIO_KERNELS` environment variable,
-else "auto". "reference" always runs `kernels.reference`. "auto" runs `kernels.triton_lora` when every check passes
-(x on CUDA, triton imports, one of fp16/bf16/fp32 shared by every operand, one device, shapes that fit) and the
-reference otherwise, logging the reason once. "triton" raises the failing check's message instead of falling back.
+else "auto". "reference" always runs `lora_kernels.reference`. "auto" runs `lora_kernels.triton_lora` when every
+check passes (x on CUDA, triton imports, one of fp16/bf16/fp32 shared by every operand, one device, shapes that fit)
+and the reference otherwise, logging the reason once. "triton" raises the failing check's message instead of falling
+back.
 The checks follow diffusers' attention dispatcher (diffusers/models/attention_dispatch.py, constraints per backend).
 
 `FusedLoRAAttnProcessor` is diffusers' `AttnProcessor2_0` (diffusers 0.42) with the projections replaced:
@@ -24,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.reference import Factor, PackedProjections
+from lora_kernels import reference
+from lora_kernels.reference import Factor, PackedProjections
 
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @functools.cache
 def _triton_module() -> tuple[Any, str | None]:
-    """(kernels.triton_lora or None, why not); imported once, on first need."""
+    """(lora_kernels.triton_lora or None, why not); imported once, on first need."""
     try:
-        from kernels import triton_lora
+        from lora_kernels import triton_lora
     except Exception as exc:  # ImportError, or a triton that fails to initialise
         return None, f"triton does not import ({type(exc).__name__}: {exc})"
     return triton_lora, None
@@ -104,7 +105,7 @@ def lora_linear(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """`x W^T + b + ((x A_cat^T) * S_col) B_cat^T` (kernels.reference.lora_linear) on the chosen backend."""
+    """`x W^T + b + ((x A_cat^T) * S_col) B_cat^T` (lora_kernels.reference.lora_linear) on the chosen backend."""
     name = choose_backend(x, weight, (bias, lora_a, lora_b), backend)
     return _module(name).lora_linear(x, weight, bias, lora_a, lora_b, scales, ranks)
 
@@ -112,7 +113,7 @@ def lora_linear(
 def projections(
     x: torch.Tensor, packed: PackedProjections, scales: torch.Tensor | float, *, backend: str | None = None
 ) -> tuple[torch.Tensor, ...]:
-    """Every packed projection of x (kernels.reference.projections) on the chosen backend."""
+    """Every packed projection of x (lora_kernels.reference.projections) on the chosen backend."""
     name = choose_backend(x, packed.weight, (packed.bias, packed.lora_a, packed.lora_b), backend)
     return _module(name).projections(x, packed, scales)
 
@@ -126,7 +127,7 @@ def fused_qkv(
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """q, k, v (or any projections of one x) with K adapters each (kernels.reference.fused_qkv), chosen backend."""
+    """q, k, v (or any projections of one x) with K adapters each (`reference.fused_qkv`), on the chosen backend."""
     return projections(x, reference.pack(weights, biases, adapters), scales, backend=backend)
 
 

@@ -32,7 +32,7 @@ if _patch_lang_tensor is not None:
     interpreter._patch_lang_tensor = _squeezing_patch
 from kernel_naive import adapters, rand  # noqa: E402
 
-from kernels import dispatch, reference, triton_lora  # noqa: E402
+from lora_kernels import dispatch, reference, triton_lora  # noqa: E402
 
 
 def rel(got: torch.Tensor | tuple, want: torch.Tensor | tuple) -> float:

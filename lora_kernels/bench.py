@@ -1,11 +1,11 @@
 """Time the fused adapter projection beside its floor and the unfused paths it replaces, at SDXL attention shapes.
 
-    python -m kernels.bench [--out DIR] [--quick]
+    python -m lora_kernels.bench [--out DIR] [--quick]
 
 Per shape (batch 2, K = 4 adapters of rank 16 on each of q, k, v):
   merged     base GEMM with merged weights, W + sum_k s_k B_k A_k: the floor (diffusers fuse_lora)
-  fused      kernels.dispatch (Triton on CUDA) with per-token S (2, N, 4)
-  reference  kernels.reference (plain torch, concatenated ranks) with the same S
+  fused      lora_kernels.dispatch (Triton on CUDA) with per-token S (2, N, 4)
+  reference  lora_kernels.reference (plain torch, concatenated ranks) with the same S
   peft       peft LoraLayers with 4 active adapters, constant scales (PEFT has no per-token S); without peft, the same
              per-adapter loop written by hand (peft/tuners/lora/layer.py, Linear.forward)
   loop       per-adapter loop with per-token S, kohya-style masked LoRA: the unfused path the kernel replaces
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch, reference
+from lora_kernels import dispatch, reference
 
 
 N_ADAPTERS, RANK, BATCH, CONTEXT = 4, 16, 2, (77, 2048)
@@ -264,7 +264,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_kernels.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for kernel_bench.json and kernel_bench.md")
     parser.add_argument("--quick", action="store_true", help="two shapes; on CPU also 1/16 of the tokens")
     args = parser.parse_args(argv)
