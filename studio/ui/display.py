@@ -3,7 +3,9 @@
 A 64x64 image drawn at 400 px by the browser is a blur; `display_image` enlarges it by an integer factor to at least
 `DISPLAY_SIDE` pixels, each pixel a block, and the page's `.pixelated` galleries keep any further scaling crisp
 (CSS `image-rendering: pixelated`). The files a user downloads (the PNGs with their parameters, the library's
-samples) are always the originals; only the copies on screen are enlarged.
+samples) are always the originals; only the copies on screen are enlarged. In `.labelled` galleries each image's
+caption (its seed, step, prompt) sits under it in full, instead of over its bottom edge cut to one line, and a
+phone's width shows two images a row (pairs stay side by side) instead of cutting off the last column.
 """
 
 from __future__ import annotations
@@ -20,8 +22,19 @@ from studio.atomic import atomic_write
 
 DISPLAY_SIDE = 256  # enlarge until the longer side is at least this
 PIXELATED = "pixelated"  # elem_classes of galleries and images that show generated pixels
+LABELLED = "labelled"  # elem_classes of galleries whose captions are shown in full under each image
 CSS = f"""
 .{PIXELATED} img {{ image-rendering: pixelated; }}
+.{LABELLED} .thumbnail-item.thumbnail-lg {{ aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }}
+.{LABELLED} .thumbnail-item.thumbnail-lg > img {{ aspect-ratio: 1 / 1; height: auto; min-height: 0; flex: none; }}
+.{LABELLED} .grid-wrap.fixed-height {{ max-height: none; min-height: 0; }}
+.{LABELLED} .thumbnail-item .caption-label {{
+  position: static; max-width: none; white-space: normal; overflow: visible; text-overflow: clip;
+  border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0; opacity: 1;
+}}
+@media (max-width: 640px) {{
+  .{LABELLED} .grid-container {{ grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }}
+}}
 """
 _VIEWS: Path | None = None
 

@@ -22,7 +22,7 @@ from studio.generate import GenerateConfig, generate, save_result
 from studio.models import DEFAULT_MODEL
 from studio.pnginfo import a1111_text, read_parameters
 from studio.schedulers import SAMPLER_NAMES, SCHEDULERS
-from studio.ui.display import PIXELATED, display_copy
+from studio.ui.display import LABELLED, PIXELATED, display_copy
 from studio.ui.errors import shows_errors
 from studio.ui.fields import form_values
 
@@ -77,7 +77,7 @@ def read_png(path: str | None) -> tuple[str, dict[str, Any]]:
 
 
 def random_seed() -> int:
-    """A fresh seed for the seed box (the 🎲 button)."""
+    """A fresh seed for the seed box (the Random seed button)."""
     return random.randrange(SEED_RANGE)
 
 
@@ -131,7 +131,7 @@ def build_generate_tab() -> GenerateTab:
                 form["seed"] = gr.Number(
                     0, label="Seed (image i uses seed + i)", precision=0, elem_id="gen-seed", scale=4, min_width=120
                 )
-                dice = gr.Button("🎲 Random seed", elem_id="gen-random-seed", scale=1, min_width=110)
+                dice = gr.Button("Random seed", elem_id="gen-random-seed", scale=1, min_width=110)
             form.update(
                 {
                     "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="gen-steps"),
@@ -151,15 +151,16 @@ def build_generate_tab() -> GenerateTab:
             button = gr.Button("Generate", variant="primary", elem_id="gen-button")
         with gr.Column():
             gallery = gr.Gallery(
-                label="Images (enlarged, crisp pixels; click one to choose it)",
+                label="Images (click one to choose it)",
                 columns=4,
+                height="auto",
                 format="png",
                 elem_id="gen-gallery",
-                elem_classes=[PIXELATED],
+                elem_classes=[PIXELATED, LABELLED],
             )
             with gr.Row():
                 to_compose = gr.Button("Send to Compose", elem_id="gen-to-compose", min_width=120)
-                to_train = gr.Button("Send to Train (as a training image)", elem_id="gen-to-train", min_width=120)
+                to_train = gr.Button("Send to Train", elem_id="gen-to-train", min_width=120)
             info = gr.Textbox(label="Parameters", lines=4, elem_id="gen-info")
             files = gr.File(
                 label="PNG files at their own size (with their parameters) and the grid",
@@ -167,12 +168,14 @@ def build_generate_tab() -> GenerateTab:
                 elem_id="gen-files",
             )
     history_gallery = gr.Gallery(
-        label="History of this session (newest first; click an image to restore its parameters)",
+        label="History (newest first; click to restore)",
         columns=8,
-        height=200,
+        height=300,
+        fit_columns=False,
+        allow_preview=False,
         format="png",
         elem_id="gen-history",
-        elem_classes=[PIXELATED],
+        elem_classes=[PIXELATED, LABELLED],
     )
     with gr.Accordion("Read the parameters of a PNG", open=False):
         with gr.Row():

@@ -24,13 +24,14 @@ from studio.library.compat import BaseSignature, base_signature, fit
 from studio.library.formats import FORMATS
 from studio.library.meta import KINDS
 from studio.models import DEFAULT_MODEL
-from studio.ui.display import PIXELATED, display_copy
+from studio.ui.display import LABELLED, PIXELATED, display_copy
 from studio.ui.errors import shows_errors
 
 
 COLUMNS = ["name", "fits base", "kind", "method", "type", "base", "trigger words", "tags", "ranks", "description"]
 ALL = "all"  # a filter that keeps everything
 SORTS = ("name", "method", "kind", "base")
+FAMILIES = ("sd1", "sd2", "sdxl", "unknown")  # base families (`studio.library.compat.family_of`)
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\([^)]*\)")  # card images point into the entry folder, not the page
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)  # the card's YAML header (shown as metadata instead)
 
@@ -99,13 +100,11 @@ def _badge(entry: Any, signature: BaseSignature | None) -> str:
 
 
 def filter_choices() -> dict[str, list[str]]:
-    """The methods and bases present in the library (plus "all"); kinds are the fixed ones."""
+    """The methods present in the library, the kinds and the base families (each with "all" first)."""
     entries = Library().list()
-    return {
-        "method": [ALL, *sorted({e.meta.method for e in entries})],
-        "kind": [ALL, *KINDS],
-        "base": [ALL, *sorted({e.meta.base.family for e in entries})],
-    }
+    families = dict.fromkeys([*FAMILIES, *sorted({e.meta.base.family for e in entries})])
+    methods = sorted({e.meta.method for e in entries})
+    return {"method": [ALL, *methods], "kind": [ALL, *KINDS], "base": [ALL, *families]}
 
 
 def card_text(card: str) -> str:
@@ -170,7 +169,7 @@ def build_library_tab() -> gr.Tab:
             fit_columns=False,
             format="png",
             elem_id="lib-gallery",
-            elem_classes=[PIXELATED],
+            elem_classes=[PIXELATED, LABELLED],
         )
         table = gr.Dataframe(headers=COLUMNS, label="metadata", interactive=False, elem_id="lib-table")
         problems = gr.Textbox(label="entries that could not be read", visible=False)

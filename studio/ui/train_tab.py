@@ -15,7 +15,7 @@ import gradio as gr
 from studio.errors import StudioError
 from studio.library.store import check_name
 from studio.plots import loss_series
-from studio.ui.display import PIXELATED
+from studio.ui.display import LABELLED, PIXELATED
 from studio.ui.errors import shows_errors
 from studio.ui.fields import field_input, form_values
 from studio.ui.jobs import Job, JobQueue
@@ -207,34 +207,36 @@ def build_train_tab(jobs: JobQueue) -> dict[str, Any]:
                 resume = gr.Button("Resume", elem_id="train-resume")
         with gr.Column():
             status = gr.Textbox(
-                "no training yet", label="status (with the estimated time left)", elem_id="train-status"
+                "no training yet", label="status (with the estimated time left)", lines=2, elem_id="train-status"
             )
             curve = gr.LinePlot(
                 loss_frame(loss_series([])),  # typed from the start: the chart keeps its first axis types
                 x="step",
                 color="series",
                 color_map=COLOURS,
-                label="training loss: raw, smoothed, last checkpoint",
-                show_label=True,
-                height=240,
+                label="training loss",  # not shown: the legend names the lines (raw, smoothed, last checkpoint)
+                show_label=False,
+                height=280,
                 tooltip="all",
                 elem_id="train-loss",
                 **chart_axis(False),
             )
             log_scale = gr.Checkbox(False, label="log scale", elem_id="train-log-scale")
             previews = gr.Gallery(
-                label="previews (each with its step and prompt)",
+                label="previews (step · prompt)",
                 columns=4,
+                height="auto",
                 format="png",
                 elem_id="train-previews",
-                elem_classes=[PIXELATED],
+                elem_classes=[PIXELATED, LABELLED],
             )
             comparison = gr.Gallery(
-                label="after training: the sample prompts without (left) and with (right) the adapter",
-                columns=2,
+                label="after training: without | with the adapter",
+                columns=4,
+                height="auto",
                 format="png",
                 elem_id="train-compare",
-                elem_classes=[PIXELATED],
+                elem_classes=[PIXELATED, LABELLED],
             )
             table = gr.Dataframe(
                 headers=["job", "adapter", "state", "step", "status"], label="job queue", elem_id="train-jobs"

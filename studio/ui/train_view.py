@@ -1,9 +1,11 @@
 """What the Train tab shows of a job: the loss chart's data, labelled previews, the side-by-side after training.
 
 The chart plots `studio.plots.loss_series`, the numbers `loss.png` is drawn from: raw losses, their moving average
-and the last checkpoint (a vertical line), on numeric axes. Gradio's chart types each column from its dtype and
-keeps the first types it saw, so every frame, even an empty one, has numeric `step`/`loss` columns (an empty
-untyped frame made them categories: a falling loss read as a rising one).
+and the last checkpoint (a vertical line), on numeric axes. Gradio's chart builds its Vega spec from the first frame
+it gets and afterwards only swaps the data, so that first frame must already say everything: numeric `step`/`loss`
+columns (an empty untyped frame made them categories, and a loss curve read upside down) and every series name
+(the colours are assigned to the names present then; a series that appears later is drawn in no colour). Every
+frame therefore starts with one empty (NaN, not drawn) row per series.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ def _log10(value: float) -> float:
 
 
 def loss_frame(series: LossSeries) -> pd.DataFrame:
-    """Long-format rows (step, loss, log10 loss, series) of the raw and smoothed losses and the checkpoint line."""
+    """Long-format rows (step, loss, log10 loss, series) of the raw and smoothed losses and the checkpoint line,
+    after one NaN row per series."""
     rows: list[tuple[int, float, str]] = [(s, v, "raw") for s, v in zip(series.steps, series.raw)]
     rows += [(s, v, "smoothed") for s, v in zip(series.steps, series.smoothed)]
     values = series.finite()
     if series.checkpoint is not None and values:
         rows += [(series.checkpoint, bound(values), "last checkpoint") for bound in (min, max)]  # a vertical line
-    rows = [r for r in rows if math.isfinite(r[1])]
+    first = series.steps[0] if series.steps else 1
+    anchors = [(first, math.nan, name) for name in SERIES]  # every series named from the first frame on
+    rows = anchors + [r for r in rows if math.isfinite(r[1])]
     return pd.DataFrame(
         {
             "step": pd.Series([r[0] for r in rows], dtype="int64"),
