@@ -167,6 +167,7 @@ def build_library_tab() -> gr.Tab:
             columns=8,
             height=220,
             fit_columns=False,
+            allow_preview=False,  # a click chooses the adapter
             format="png",
             elem_id="lib-gallery",
             elem_classes=[PIXELATED, LABELLED],
@@ -178,10 +179,10 @@ def build_library_tab() -> gr.Tab:
         with gr.Row():
             with gr.Column():
                 card = gr.Markdown(elem_id="lib-card")
-                previews = gr.Gallery(
-                    label="previews", columns=4, format="png", elem_id="lib-previews", elem_classes=[PIXELATED]
-                )
-                loss = gr.Image(label="loss curve", type="filepath", format="png", elem_id="lib-loss")
+                previews = gr.Gallery(label="previews", columns=4, height=200, format="png", elem_id="lib-previews",
+                                      elem_classes=[PIXELATED])  # fmt: skip
+                loss = gr.Image(label="loss curve", show_label=False, type="filepath", format="png",
+                                elem_id="lib-loss")  # fmt: skip  (the PNG has its own title)
                 with gr.Accordion("metadata (JSON)", open=False):
                     summary = gr.JSON(label="metadata")
             with gr.Column():

@@ -26,6 +26,15 @@ MAIN_BUTTONS = {
     "Compose": "compose-button",
     "Batch": "batch-start",
 }
+# what Tab reaches on each tab, in this order (the main button among the controls around it)
+KEYBOARD_PATHS = {
+    "Generate": ["gen-random-seed", "gen-button", "gen-to-compose", "gen-to-train", "gen-history"],
+    "Train": ["train-start", "train-cancel", "train-resume", "train-log-scale"],
+    "Library": ["lib-refresh", "lib-filter-method", "lib-filter-kind", "lib-filter-base", "lib-sort",
+                "lib-fits-model"],
+    "Compose": ["compose-button", "compose-sweep"],
+    "Batch": ["batch-start"],
+}
 
 
 def shot(page: Any, name: str, full_page: bool = True) -> Path:
@@ -116,7 +125,7 @@ def line_boxes(page: Any, selector: str, series: str) -> list[dict[str, Any]]:
     """Bounding boxes and stroke colours of the chart's lines of one series (Vega names it in each line's label)."""
     return page.locator(selector).evaluate(
         """(el, series) => Array.from(el.querySelectorAll('.mark-line path'))
-            .filter(p => (p.getAttribute('aria-label') || '').includes('series: ' + series + ';'))
+            .filter(p => (p.getAttribute('aria-label') || '').split('; ').includes('series: ' + series))
             .map(p => {
                 const r = p.getBoundingClientRect();
                 return {x: r.x, y: r.y, width: r.width, height: r.height, stroke: getComputedStyle(p).stroke};

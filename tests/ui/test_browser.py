@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from browser_pages import (
+    KEYBOARD_PATHS,
     MAIN_BUTTONS,
     TIMEOUT_MS,
     captions_below,
@@ -374,14 +375,17 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     expect(page.locator(".toast-body")).to_have_count(0)
     page.get_by_text("More settings").click()  # closed again: the page as a new user sees it
 
-    # Keyboard: from the top of the page, Tab reaches each tab, Enter opens it, and Tab reaches its main button.
-    for name, button in MAIN_BUTTONS.items():
+    # Keyboard: from the top of the page, Tab reaches each tab, Enter opens it, and Tab reaches its main button and
+    # the controls around it (the history's images were chosen with Enter above).
+    for name, path in KEYBOARD_PATHS.items():
         page.locator("h1", has_text="LoRA Studio").click()  # Tab goes on from the top of the page
         tab_until(page, f"tab-{name.lower()}-button", limit=12)
         page.keyboard.press("Enter")
         expect(page.locator(f"#tab-{name.lower()}-button")).to_have_attribute("aria-selected", "true")
-        tab_until(page, button, limit=60)
-        assert page.evaluate("() => document.activeElement.tagName") == "BUTTON"
+        for elem_id in path:
+            tab_until(page, elem_id, limit=60)
+            if elem_id == MAIN_BUTTONS[name]:
+                assert page.evaluate("() => document.activeElement.tagName") == "BUTTON"
 
     # A phone's width (390 px): every tab's main button is on screen and nothing scrolls sideways.
     page.set_viewport_size({"width": 390, "height": 844})
