@@ -58,7 +58,9 @@ Cancel = threading.Event | Callable[[], bool] | None
 @dataclass
 class Callbacks:
     on_step: Callable[[int, float], None] | None = None  # after each optimizer step: (step, mean loss of the step)
-    on_sample: Callable[[int, list[Any]], None] | None = None  # previews: (step, PIL images, one per sample prompt)
+    # previews: (step, PIL images, one per sample prompt; each image's `info` holds its "prompt" and "seed")
+    on_sample: Callable[[int, list[Any]], None] | None = None
+    on_checkpoint: Callable[[int], None] | None = None  # after a checkpoint is written: (its step)
     on_done: Callable[[Any], None] | None = None  # once, last: the LoopResult (trainers.train: the TrainResult)
 
 
@@ -448,6 +450,8 @@ class Loop:
                                     size=f"{self.resolution}x{self.resolution}")
             with self.autocast():
                 images = generate(config, pipe=self.pipe, prompts=prompts).images  # one batch, seed + i for prompt i
+            for i, (image, prompt) in enumerate(zip(images, prompts)):
+                image.info.update(prompt=prompt, seed=c.seed + i, step=self.step)  # what the preview shows
         for name, model in self.models.items():
             model.train(modes[name])
         if images and self.accelerator.is_main_process:
@@ -462,7 +466,7 @@ class Loop:
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def save(self) -> None:
         """Checkpoint the current state, if it is good: the loss of the next micro-step with it is finite."""
-        from studio.plots import line_plot
+        from studio.plots import draw_loss, loss_series
 
         self._settle()
         with torch.no_grad():  # a pure function of (seed, m): probing it changes nothing
@@ -483,13 +487,11 @@ class Loop:
             }
             atomic.atomic_write(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
             atomic.write_json(self.run_dir / "losses.json", self.losses)
-            line_plot(
-                self.losses,
-                self.run_dir / "loss.png",
-                title="training loss (MSE)",
-                smooth=max(1, len(self.losses) // 20),
-            )
+            series = loss_series(self.losses, checkpoint=self.step)
+            draw_loss(series, self.run_dir / "loss.png", title="training loss (MSE)")
         self.saved_step = self.step
+        if self.callbacks.on_checkpoint and self.accelerator.is_main_process:
+            self.callbacks.on_checkpoint(self.step)
 
     def load(self) -> None:
         path = self.run_dir / CHECKPOINT

@@ -31,6 +31,7 @@ class TrainResult:
     entry: Any = None  # studio.library.Entry when done
     method: Method | None = None  # the trained method, still attached to `pipe`
     pipe: Any = None
+    sample_prompts: list[str] = dataclasses.field(default_factory=list)  # the previews' prompts (seed + i for i)
 
 
 def resolve_method(method: str | MethodConfig, config: TrainConfig) -> MethodConfig:
@@ -123,7 +124,8 @@ def train(
     user_done = (callbacks or Callbacks()).on_done
     loop_callbacks = dataclasses.replace(callbacks or Callbacks(), on_done=None)
     looped = train_loop(method, pipe, data, config, run_dir, callbacks=loop_callbacks, cancel=cancel, resume=resume)
-    result = TrainResult(looped.status, config.name, looped.step, looped.losses, run_dir, method=method, pipe=pipe)
+    result = TrainResult(looped.status, config.name, looped.step, looped.losses, run_dir, method=method, pipe=pipe,
+                         sample_prompts=list(looped.sample_prompts))  # fmt: skip
     if looped.status == "done" and PartialState().is_main_process:  # one library write under `accelerate launch`
         state_dict, meta = method.export()
         meta.kind, meta.trigger_words = data.kind, [config.trigger]

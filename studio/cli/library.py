@@ -28,7 +28,7 @@ def _warn_problems(lib: Any) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     lib = _lib()
-    entries = lib.search(args.query, tag=args.tag, kind=args.kind, base=args.base, name=args.name)
+    entries = lib.search(args.query, tag=args.tag, kind=args.kind, base=args.base, name=args.name, method=args.method)
     if args.json:
         print(json.dumps([e.summary() for e in entries], indent=2))
     else:
@@ -167,6 +167,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tag")
     p.add_argument("--kind", choices=KINDS)
     p.add_argument("--base", help="base family (sd1, sd2, sdxl) or base name")
+    p.add_argument("--method", help="training method (dreambooth_lora, kronecker, ...), imported or merge")
     p.add_argument("--name", help="name substring")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
@@ -175,6 +176,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tag")
     p.add_argument("--kind", choices=KINDS)
     p.add_argument("--base")
+    p.add_argument("--method")
     p.add_argument("--name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)

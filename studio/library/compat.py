@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -158,23 +159,32 @@ def align_names(
     return new_sd, meta
 
 
-def check_compatible(pipe: Any, name: str, meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse an architecture mismatch (naming the first module); warn on another checkpoint of it."""
-    expected = expected_shapes(meta, state_dict)
-    actual = base_shapes(pipe, list(expected))
+def _mismatch(
+    name: str, meta: AdapterMeta, expected: dict[str, tuple[int, ...]], actual: dict[str, tuple[int, ...] | None]
+) -> str | None:
+    """Why an adapter expecting `expected` base shapes does not fit a base with `actual` ones; None when it fits."""
     for module, shape in expected.items():
-        have = actual[module]
+        have = actual.get(module)
         if have is None:
-            raise StudioError(
+            return (
                 f"adapter {name!r} does not fit this pipeline: module {module} is missing (adapter base: "
                 f"{meta.base.family}); load it on a {meta.base.family} model"
             )
         fits = have == shape if meta.peft_type == "LORA" else (have[0], int(torch.Size(have[1:]).numel())) == shape
         if not fits:
-            raise StudioError(
+            return (
                 f"adapter {name!r} does not fit this pipeline: module {module} has shape {list(have)}, the adapter "
                 f"expects {list(shape)} (adapter base: {meta.base.family}); load it on a matching model"
             )
+    return None
+
+
+def check_compatible(pipe: Any, name: str, meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse an architecture mismatch (naming the first module); warn on another checkpoint of it."""
+    expected = expected_shapes(meta, state_dict)
+    problem = _mismatch(name, meta, expected, base_shapes(pipe, list(expected)))
+    if problem:
+        raise StudioError(problem)
     if meta.base.checkpoint and meta.base.checkpoint != checkpoint_hash(pipe):
         warnings.warn(
             f"adapter {name!r} was made on another checkpoint ({meta.base.name or meta.base.checkpoint}) of this "
@@ -182,3 +192,58 @@ def check_compatible(pipe: Any, name: str, meta: AdapterMeta, state_dict: dict[s
             CheckpointMismatchWarning,
             stacklevel=3,
         )
+
+
+@dataclass
+class BaseSignature:
+    """What compatibility needs of a base, kept without the pipeline: every weight's shape and the checkpoint hash."""
+
+    name: str
+    family: str
+    shapes: dict[str, tuple[int, ...]]  # "<component>.<module>" -> base weight shape
+    checkpoint: str
+
+
+def base_signature(pipe: Any, name: str = "") -> BaseSignature:
+    """The signature of a loaded pipeline (read once; checking many adapters against it needs no pipeline)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        for module_name, module in model.named_modules():
+            base = getattr(module, "base_layer", module)  # a module already wrapped by PEFT
+            weight = getattr(base, "weight", None)
+            if isinstance(weight, torch.Tensor) and ".base_layer" not in module_name:
+                shapes[f"{component}.{module_name}"] = tuple(weight.shape)
+    return BaseSignature(name, family_of(pipe), shapes, checkpoint_hash(pipe))
+
+
+@dataclass
+class Fit:
+    """How an adapter fits a base: "fits", "other-checkpoint" (loads, with a warning) or "no" (refused)."""
+
+    level: str
+    reason: str = ""
+
+    @property
+    def badge(self) -> str:
+        return {"fits": "✓ fits", "other-checkpoint": "~ other checkpoint", "no": "✗ does not fit"}[self.level]
+
+
+def fit(entry: Any, signature: BaseSignature) -> Fit:
+    """Does library `entry` (a `studio.library.Entry`) load on the base of `signature`? As `load_adapters` decides:
+    the architecture must match (by the stored fingerprint, or the tensors' shapes when none was stored)."""
+    meta, modules = entry.meta, entry.modules
+    if meta.base.fingerprint:
+        mine = fingerprint({m: signature.shapes.get(m) for m in modules})
+        problem = None if mine == meta.base.fingerprint else (
+            f"made for another architecture ({meta.base.family}{f', {meta.base.name}' if meta.base.name else ''})"
+        )
+    else:  # an import without base information: compare the tensors' shapes
+        problem = _mismatch(entry.name, meta, expected_shapes(meta, entry.state_dict()), signature.shapes)
+    if problem:
+        return Fit("no", problem)
+    if meta.base.checkpoint and meta.base.checkpoint != signature.checkpoint:
+        return Fit("other-checkpoint", f"made on another checkpoint ({meta.base.name or meta.base.checkpoint})")
+    return Fit("fits", f"made for {signature.name or signature.family}")

@@ -228,8 +228,10 @@ class Library:
         tag: str | None = None,
         kind: str | None = None,
         base: str | None = None,
+        method: str | None = None,
     ) -> list[Entry]:
-        """Entries matching every given filter: name substring, tag, kind, base family, free text (card, fields)."""
+        """Entries matching every given filter: name substring, tag, kind, base family or name, training method, free
+        text (card, fields)."""
         index = self._read_index()
         out = []
         for entry in self.list():
@@ -239,6 +241,8 @@ class Library:
             if tag and tag.lower() not in [t.lower() for t in m.tags]:
                 continue
             if kind and m.kind != kind:
+                continue
+            if method and m.method != method:
                 continue
             if base and base.lower() not in (m.base.family.lower(), m.base.name.lower()):
                 continue

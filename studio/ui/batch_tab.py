@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.batch import read_jobs, run_batch
+from studio.ui.display import PIXELATED, display_copy
 from studio.ui.errors import shows_errors
 
 
@@ -49,11 +50,15 @@ def build_batch_tab() -> None:
             summary = gr.Textbox(label="result", elem_id="batch-summary")
             archive = gr.File(label="all images as a zip", elem_id="batch-zip")
         with gr.Column():
-            gallery = gr.Gallery(label="images", columns=4, format="png", elem_id="batch-gallery")
+            gallery = gr.Gallery(label="images (enlarged, crisp pixels; the zip holds the originals)", columns=4,
+                                 format="png", elem_id="batch-gallery", elem_classes=[PIXELATED])
 
     @shows_errors
     def on_run(path: str | None, progress: gr.Progress = gr.Progress()) -> tuple[list[str], str, str]:  # noqa: B008
-        return run_batch_file(path, progress=lambda done, total: progress((done, total), desc="images"))
+        files, text, archive = run_batch_file(
+            path, progress=lambda done, total: progress((done, total), desc="images")
+        )
+        return [display_copy(f) for f in files], text, archive
 
     start.click(
         on_run,

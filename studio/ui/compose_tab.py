@@ -19,6 +19,7 @@ import composers
 from studio.generate import GenerateConfig, make_grid
 from studio.models import DEFAULT_MODEL
 from studio.pnginfo import a1111_text, save_png
+from studio.ui.display import PIXELATED, display_copy, display_image
 from studio.ui.errors import shows_errors
 
 
@@ -68,7 +69,7 @@ def run_sweep(
     return make_grid(images, columns=len(weights))
 
 
-def build_compose_tab() -> None:
+def build_compose_tab() -> dict[str, Any]:
     with gr.Row():
         with gr.Column():
             form = {
@@ -87,22 +88,27 @@ def build_compose_tab() -> None:
                 button = gr.Button("Compose", variant="primary", elem_id="compose-button")
                 sweep = gr.Button("Weight sweep of two adapters", elem_id="compose-sweep")
         with gr.Column():
-            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="compose-gallery")
+            gallery = gr.Gallery(label="Images (enlarged, crisp pixels)", columns=2, format="png",
+                                 elem_id="compose-gallery", elem_classes=[PIXELATED])
             info = gr.Textbox(label="Parameters", lines=4, elem_id="compose-info")
+            files = gr.File(label="PNG files at their own size (with their parameters)", file_count="multiple",
+                            elem_id="compose-files")
             grid = gr.Image(label=f"Sweep: rows first adapter, columns second, weights {SWEEP_WEIGHTS}",
-                            type="pil", format="png", elem_id="compose-grid")
+                            type="pil", format="png", elem_id="compose-grid", elem_classes=[PIXELATED])
 
     def values_of(values: dict) -> dict[str, Any]:
         return {name: values[component] for name, component in form.items()}
 
     @shows_errors
-    def on_compose(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str]:  # noqa: B008
-        return run_compose(values_of(values), progress=lambda s, t: progress((s, t), desc="denoising"))
+    def on_compose(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str, list]:  # noqa: B008
+        paths, text = run_compose(values_of(values), progress=lambda s, t: progress((s, t), desc="denoising"))
+        return [display_copy(p) for p in paths], text, paths
 
     @shows_errors
     def on_sweep(values: dict, progress: gr.Progress = gr.Progress()) -> Image.Image:  # noqa: B008
-        return run_sweep(values_of(values), progress=lambda s, t: progress((s, t), desc="sweep"))
+        return display_image(run_sweep(values_of(values), progress=lambda s, t: progress((s, t), desc="sweep")))
 
     shared = {"concurrency_id": "pipeline", "concurrency_limit": 1}  # the pipeline cache is shared with Generate
-    button.click(on_compose, inputs=set(form.values()), outputs=[gallery, info], api_name="compose", **shared)
+    button.click(on_compose, inputs=set(form.values()), outputs=[gallery, info, files], api_name="compose", **shared)
     sweep.click(on_sweep, inputs=set(form.values()), outputs=grid, api_name="sweep", **shared)
+    return form

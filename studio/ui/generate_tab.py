@@ -1,12 +1,16 @@
 """The Generate tab: `studio.generate` with its sampler, several images shown as a grid, PNG parameters read back.
 
 Images are written as `studio generate` writes them (`save_png`: A1111 `parameters` plus the studio's JSON), so a
-downloaded image carries its parameters, and dropping such a PNG (or an A1111 one) fills the form again.
+downloaded image carries its parameters, and dropping such a PNG (or an A1111 one) fills the form again. The page
+shows them enlarged with crisp pixels (`studio.ui.display`), each with its seed; the session's images stay in a
+history whose every image restores the parameters it was made with, and the chosen image can be sent to the
+Compose tab (its parameters) or to the Train tab (as a training image).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +22,17 @@ from studio.generate import GenerateConfig, generate, save_result
 from studio.models import DEFAULT_MODEL
 from studio.pnginfo import a1111_text, read_parameters
 from studio.schedulers import SAMPLER_NAMES, SCHEDULERS
+from studio.ui.display import LABELLED, PIXELATED, display_copy
 from studio.ui.errors import shows_errors
 from studio.ui.fields import form_values
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(GenerateConfig) if f.name not in ("clip_skip", "device"))
+API_ONLY = ("clip_skip", "device", "cuda_graphs")  # settings of the CLI and API only, not in the form
+FIELDS = tuple(f.name for f in dataclasses.fields(GenerateConfig) if f.name not in API_ONLY)
 # A1111 `parameters` keys -> GenerateConfig fields (studio PNGs carry the fields themselves as JSON)
 A1111_KEYS = {"Steps": "steps", "CFG scale": "guidance", "Seed": "seed", "Size": "size", "Model": "model"}
+HISTORY_LIMIT = 48  # images kept in a session's history (newest first)
+SEED_RANGE = 2**32  # random seeds, as A1111 draws them
 
 
 def config_from_form(fields: dict[str, Any]) -> GenerateConfig:
@@ -68,7 +76,45 @@ def read_png(path: str | None) -> tuple[str, dict[str, Any]]:
     return a1111_text(fields), fields
 
 
-def build_generate_tab() -> None:
+def random_seed() -> int:
+    """A fresh seed for the seed box (the Random seed button)."""
+    return random.randrange(SEED_RANGE)
+
+
+def image_records(paths: list[str]) -> list[dict[str, Any]]:
+    """One record per generated PNG: its path (the original, with parameters) and the parameters it carries."""
+    return [{"path": str(p), "params": read_parameters(p)} for p in paths]
+
+
+def caption(params: dict[str, Any]) -> str:
+    return f"seed {params.get('seed')}"
+
+
+def gallery_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(enlarged copy, "seed S") for a gallery; the originals stay in the records for download and sending."""
+    return [(display_copy(r["path"]), caption(r["params"])) for r in records]
+
+
+def restore_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """Form fields that make this one image again: its parameters, its own seed, one image."""
+    return {**fields_from_parameters(params), "num_images": 1}
+
+
+def add_to_history(history: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest images first, at most HISTORY_LIMIT."""
+    return [*reversed(records), *history][:HISTORY_LIMIT]
+
+
+@dataclasses.dataclass
+class GenerateTab:
+    """What the rest of the page wires to: the chosen image and the buttons that send it elsewhere."""
+
+    current: gr.State  # the chosen image's record ({"path", "params"}), or None
+    to_compose: gr.Button
+    to_train: gr.Button
+
+
+def build_generate_tab() -> GenerateTab:
     with gr.Row():
         with gr.Column():
             form = {
@@ -80,23 +126,57 @@ def build_generate_tab() -> None:
                     elem_id="gen-prompt",
                 ),
                 "negative": gr.Textbox("", label="Negative prompt", elem_id="gen-negative"),
-                "seed": gr.Number(0, label="Seed (image i uses seed + i)", precision=0, elem_id="gen-seed"),
-                "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="gen-steps"),
-                "guidance": gr.Textbox("", label="Guidance (empty: the model's recommended)", elem_id="gen-guidance"),
-                "guidance_rescale": gr.Textbox(
-                    "", label="Guidance rescale 0-1 (empty: the model's recommended)", elem_id="gen-rescale"
-                ),
-                "scheduler": gr.Dropdown(
-                    ["", *SCHEDULERS], value="", label="Sampler (empty: the model's own)", elem_id="gen-sampler"
-                ),
-                "size": gr.Textbox("", label="Size WxH (empty: the model's native)", elem_id="gen-size"),
-                "num_images": gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count"),
             }
+            with gr.Row(equal_height=True):
+                form["seed"] = gr.Number(
+                    0, label="Seed (image i uses seed + i)", precision=0, elem_id="gen-seed", scale=4, min_width=120
+                )
+                dice = gr.Button("Random seed", elem_id="gen-random-seed", scale=1, min_width=110)
+            form.update(
+                {
+                    "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="gen-steps"),
+                    "guidance": gr.Textbox(
+                        "", label="Guidance (empty: the model's recommended)", elem_id="gen-guidance"
+                    ),
+                    "guidance_rescale": gr.Textbox(
+                        "", label="Guidance rescale 0-1 (empty: the model's recommended)", elem_id="gen-rescale"
+                    ),
+                    "scheduler": gr.Dropdown(
+                        ["", *SCHEDULERS], value="", label="Sampler (empty: the model's own)", elem_id="gen-sampler"
+                    ),
+                    "size": gr.Textbox("", label="Size WxH (empty: the model's native)", elem_id="gen-size"),
+                    "num_images": gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count"),
+                }
+            )
             button = gr.Button("Generate", variant="primary", elem_id="gen-button")
         with gr.Column():
-            gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gen-gallery")
+            gallery = gr.Gallery(
+                label="Images (click one to choose it)",
+                columns=4,
+                height="auto",
+                format="png",
+                elem_id="gen-gallery",
+                elem_classes=[PIXELATED, LABELLED],
+            )
+            with gr.Row():
+                to_compose = gr.Button("Send to Compose", elem_id="gen-to-compose", min_width=120)
+                to_train = gr.Button("Send to Train", elem_id="gen-to-train", min_width=120)
             info = gr.Textbox(label="Parameters", lines=4, elem_id="gen-info")
-            files = gr.File(label="PNG files (with their parameters) and the grid", file_count="multiple")
+            files = gr.File(
+                label="PNG files at their own size (with their parameters) and the grid",
+                file_count="multiple",
+                elem_id="gen-files",
+            )
+    history_gallery = gr.Gallery(
+        label="History (newest first; click to restore)",
+        columns=8,
+        height=300,
+        fit_columns=False,
+        allow_preview=False,
+        format="png",
+        elem_id="gen-history",
+        elem_classes=[PIXELATED, LABELLED],
+    )
     with gr.Accordion("Read the parameters of a PNG", open=False):
         with gr.Row():
             dropped = gr.File(label="Drop a PNG made by the studio or A1111", type="filepath", elem_id="png-drop")
@@ -104,20 +184,40 @@ def build_generate_tab() -> None:
                 dropped_text = gr.Textbox(label="Its parameters", lines=4, elem_id="png-info")
                 dropped_fields = gr.State({})
                 use = gr.Button("Use these parameters")
+    latest, history, current = gr.State([]), gr.State([]), gr.State(None)
 
     @shows_errors
-    def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str, list]:  # noqa: B008
+    def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
         fields = {name: values[component] for name, component in form.items()}
-        return run_generate(fields, progress=lambda step, total: progress((step, total), desc="denoising"))
+        images, text, paths = run_generate(
+            fields, progress=lambda step, total: progress((step, total), desc="denoising")
+        )
+        records = image_records(images)
+        past = add_to_history(values[history], records)
+        return gallery_items(records), text, paths, records, past, gallery_items(past), records[0]
 
     button.click(
         on_generate,
-        inputs=set(form.values()),
-        outputs=[gallery, info, files],
+        inputs={*form.values(), history},
+        outputs=[gallery, info, files, latest, history, history_gallery, current],
         api_name="generate",
         concurrency_id="pipeline",  # one shared pipeline cache with the Batch tab: one run at a time
         concurrency_limit=1,
     )
+    dice.click(random_seed, outputs=form["seed"], api_name=False)
+
+    def on_choose(records: list[dict], evt: gr.SelectData) -> dict | None:
+        return records[evt.index] if 0 <= evt.index < len(records) else None
+
+    gallery.select(on_choose, inputs=latest, outputs=current, api_name=False)
+
+    def on_history(records: list[dict], evt: gr.SelectData) -> tuple[Any, ...]:
+        record = records[evt.index]
+        fields = restore_fields(record["params"])
+        updates = [gr.update(value=fields[name]) if name in fields else gr.skip() for name in form]
+        return (*updates, a1111_text(record["params"]), record)
+
+    history_gallery.select(on_history, inputs=history, outputs=[*form.values(), info, current], api_name=False)
 
     @shows_errors
     def on_drop(path: str | None) -> tuple[str, dict]:
@@ -129,3 +229,4 @@ def build_generate_tab() -> None:
         return [gr.update(value=fields[name]) if name in fields else gr.skip() for name in form]
 
     use.click(on_use, inputs=dropped_fields, outputs=list(form.values()))
+    return GenerateTab(current, to_compose, to_train)

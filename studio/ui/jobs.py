@@ -32,15 +32,20 @@ class Job:
     state: str = "queued"  # queued | running | done | cancelled | failed
     step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
-    previews: list[Any] = field(default_factory=list)  # PIL images of the latest previews
+    previews: list[Any] = field(default_factory=list)  # PIL images of the latest previews (info: prompt, seed)
     preview_step: int = 0
-    preview_version: int = 0  # bumped when new previews arrive (they are sent to the page only then)
+    preview_version: int = 0  # bumped when new previews or the comparison arrive (sent to the page only then)
+    checkpoint_step: int | None = None  # step of the last checkpoint written
+    comparison: list[tuple[Any, str]] = field(default_factory=list)  # after training: (image, caption), without/with
+    phase: str = ""  # what a running job does besides stepping, e.g. "comparing with and without the adapter"
     message: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
     version: int = 0  # bumped on every change, so a poller can skip unchanged plots
     submitted: float = field(default_factory=time.time)
     started: float = 0.0
     first_step: int = 0  # the step this run started from (a resumed run starts at its checkpoint)
+    first_step_time: float = 0.0  # when this run's first step was reported, and its latest one (for the pace)
+    last_step_time: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -48,15 +53,30 @@ class Job:
 
     def report_step(self, step: int, loss: float) -> None:
         """`trainers.Callbacks.on_step`."""
+        now = time.time()
         if not self.losses:
-            self.first_step = step - 1
-        self.step = step
+            self.first_step, self.first_step_time = step - 1, now
+        self.step, self.last_step_time = step, now
         self.losses.append((step, float(loss)))
         self.version += 1
 
     def report_previews(self, step: int, images: list[Any]) -> None:
         """`trainers.Callbacks.on_sample`."""
         self.previews, self.preview_step = list(images), step
+        self.preview_version += 1
+        self.version += 1
+
+    def report_checkpoint(self, step: int) -> None:
+        """`trainers.Callbacks.on_checkpoint`."""
+        self.checkpoint_step = step
+        self.version += 1
+
+    def report_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.version += 1
+
+    def report_comparison(self, items: list[tuple[Any, str]]) -> None:
+        self.comparison = list(items)
         self.preview_version += 1
         self.version += 1
 
@@ -67,12 +87,14 @@ def _clock(seconds: float) -> str:
 
 
 def _timing(job: Job) -> str:
-    """`, 0:12 elapsed, about 1:30 left` from the pace of this run's steps so far."""
+    """`, 0:12 elapsed, about 1:30 left` from the pace of this run's steps so far (set-up before the first step, such
+    as loading the model and rendering class images, is left out of the pace once two steps are done)."""
     elapsed = time.time() - job.started
     done = job.step - job.first_step
     if not job.losses or done <= 0:
         return f", {_clock(elapsed)} elapsed"
-    return f", {_clock(elapsed)} elapsed, about {_clock(elapsed / done * max(job.total - job.step, 0))} left"
+    pace = (job.last_step_time - job.first_step_time) / (done - 1) if done >= 2 else elapsed / done
+    return f", {_clock(elapsed)} elapsed, about {_clock(pace * max(job.total - job.step, 0))} left"
 
 
 class JobQueue:
@@ -131,6 +153,8 @@ class JobQueue:
         if job.state == "running":
             loss = f", loss {job.losses[-1][1]:.4f}" if job.losses else ""
             stopping = " (stopping...)" if job.cancel.is_set() else ""
+            if job.phase:
+                return f"running: {job.label}, {job.phase}{stopping}"
             return f"running: {job.label}, step {job.step}/{job.total}{loss}{_timing(job)}{stopping}"
         return f"{job.state}: {job.message}"
 

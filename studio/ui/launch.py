@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from studio.paths import library_dir
+from studio.ui.display import CSS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def launch(
     demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None, **kwargs: Any
 ) -> Any:
-    """Queue and serve `demo`; the library folder may be served (its previews), nothing else outside the temp dir."""
+    """Queue and serve `demo` with the page's CSS; the library folder may be served (its previews), nothing else
+    outside the temp dir."""
     library = library_dir()
     library.mkdir(parents=True, exist_ok=True)
     demo.queue(default_concurrency_limit=1)
@@ -38,6 +40,7 @@ def launch(
         auth=auth,
         allowed_paths=[str(library.resolve())],
         show_error=True,
+        css=CSS + kwargs.pop("css", ""),
         **kwargs,
     )
 

@@ -1,11 +1,14 @@
 """The Library tab: `studio.library` in the page: previews and metadata, search, import, export, merge, edit, delete.
 
 Each action calls the function `studio library ...` calls (`import_adapter`, `export_adapter`, `merge`, `edit`,
-`Library.remove`); deleting asks for confirmation first.
+`Library.remove`); deleting asks for confirmation first. The listing filters by method, kind and base
+(`Library.search`), sorts by any of them, and marks each adapter with whether it loads on a chosen base model
+(`studio.library.compat.fit`, the check `load_adapters` makes). A chosen adapter's model card is shown as text.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import tempfile
@@ -15,13 +18,20 @@ from typing import Any
 import gradio as gr
 
 from studio.cli.library import parse_sources
+from studio.errors import StudioError
 from studio.library import Library, edit, export_adapter, import_adapter, merge
+from studio.library.compat import BaseSignature, base_signature, fit
 from studio.library.formats import FORMATS
 from studio.library.meta import KINDS
+from studio.models import DEFAULT_MODEL
+from studio.ui.display import LABELLED, PIXELATED, display_copy
 from studio.ui.errors import shows_errors
 
 
-COLUMNS = ["name", "kind", "method", "type", "base", "trigger words", "tags", "ranks", "description"]
+COLUMNS = ["name", "fits base", "kind", "method", "type", "base", "trigger words", "tags", "ranks", "description"]
+ALL = "all"  # a filter that keeps everything
+SORTS = ("name", "method", "kind", "base")
+FAMILIES = ("sd1", "sd2", "sdxl", "unknown")  # base families (`studio.library.compat.family_of`)
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\([^)]*\)")  # card images point into the entry folder, not the page
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)  # the card's YAML header (shown as metadata instead)
 
@@ -30,34 +40,91 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def _row(s: dict[str, Any]) -> list[Any]:
+def _row(s: dict[str, Any], badge: str) -> list[Any]:
     lists = (", ".join(map(str, s[key])) for key in ("trigger_words", "tags", "ranks"))
-    return [s["name"], s["kind"], s["method"], s["type"], s["base"], *lists, s["description"]]
+    return [s["name"], badge, s["kind"], s["method"], s["type"], s["base"], *lists, s["description"]]
 
 
-def library_view(query: str = "") -> tuple[list[tuple[str, str]], list[list[Any]], list[str], str]:
-    """(gallery of first previews, metadata rows, names, problems) of the entries matching `query`."""
+@functools.lru_cache(maxsize=4)
+def signature_of(model: str) -> BaseSignature:
+    """The base `model`'s signature, read once per model from the page's shared pipeline cache."""
+    from studio.generate import cached_pipeline
+
+    return base_signature(cached_pipeline(model, "cpu"), name=model)
+
+
+def _chosen(value: str | None) -> str | None:
+    return None if value in (None, "", ALL) else value
+
+
+def library_view(
+    query: str = "",
+    *,
+    method: str | None = None,
+    kind: str | None = None,
+    base: str | None = None,
+    sort: str = "name",
+    fits_model: str | None = None,
+) -> tuple[list[tuple[str, str]], list[list[Any]], list[str], str]:
+    """(gallery of first previews, metadata rows, names, problems) of the entries matching `query` and the method,
+    kind and base filters (None or "all": any), sorted by `sort` then name; with `fits_model`, each entry is marked
+    with whether it loads on that base."""
+    if sort not in SORTS:
+        raise gr.Error(f"sort by one of {', '.join(SORTS)}, not {sort!r}")
     lib = Library()
-    entries = lib.search(query) if query and query.strip() else lib.list()
-    gallery = [(str(e.samples[0]), e.name) for e in entries if e.samples]
-    rows = [_row(e.summary()) for e in entries]
+    entries = lib.search(
+        query.strip() if query and query.strip() else None,
+        method=_chosen(method),
+        kind=_chosen(kind),
+        base=_chosen(base),
+    )
+    summaries = {e.name: e.summary() for e in entries}
+    entries.sort(key=lambda e: (str(summaries[e.name][sort]), e.name))
+    signature = signature_of(fits_model.strip()) if fits_model and fits_model.strip() else None
+    badges = {e.name: _badge(e, signature) for e in entries}
+    gallery = [
+        (display_copy(e.samples[0]), f"{e.name} {badges[e.name]}".strip()) for e in entries if e.samples
+    ]
+    rows = [_row(summaries[e.name], badges[e.name]) for e in entries]
     problems = "\n".join(f"{name}: unreadable ({message})" for name, message in sorted(lib.problems.items()))
     return gallery, rows, [e.name for e in entries], problems
 
 
-def entry_view(name: str | None) -> tuple[str, list[str], dict[str, Any], str, str, str, str]:
-    """(card, previews, summary, trigger words, tags, kind, description) of one entry."""
+def _badge(entry: Any, signature: BaseSignature | None) -> str:
+    if signature is None:
+        return ""
+    try:
+        return fit(entry, signature).badge
+    except StudioError:  # damaged weights: the entry is listed, the check cannot be made
+        return "? unreadable"
+
+
+def filter_choices() -> dict[str, list[str]]:
+    """The methods present in the library, the kinds and the base families (each with "all" first)."""
+    entries = Library().list()
+    families = dict.fromkeys([*FAMILIES, *sorted({e.meta.base.family for e in entries})])
+    methods = sorted({e.meta.method for e in entries})
+    return {"method": [ALL, *methods], "kind": [ALL, *KINDS], "base": [ALL, *families]}
+
+
+def card_text(card: str) -> str:
+    """The model card as shown: without its YAML header (shown as metadata instead) and image links (the previews
+    and the loss curve are shown beside it)."""
+    return _IMAGE_LINK.sub("", _FRONT_MATTER.sub("", card)).strip()
+
+
+def entry_view(name: str | None) -> tuple[str, list[str], str | None, dict[str, Any], str, str, str, str]:
+    """(card, previews, loss curve, summary, trigger words, tags, kind, description) of one entry."""
     if not name:
-        return "", [], {}, "", "", "subject", ""
+        return "", [], None, {}, "", "", "subject", ""
     entry = Library().get(name)
-    previews = [str(p) for p in entry.samples]
-    if (entry.folder / "loss.png").is_file():
-        previews.append(str(entry.folder / "loss.png"))
+    previews = [display_copy(p) for p in entry.samples]
+    loss = entry.folder / "loss.png"
     meta = entry.meta
-    card = _IMAGE_LINK.sub("", _FRONT_MATTER.sub("", entry.card))
     return (
-        card,
+        card_text(entry.card),
         previews,
+        str(loss) if loss.is_file() else None,
         entry.summary(),
         ", ".join(meta.trigger_words),
         ", ".join(meta.tags),
@@ -79,17 +146,31 @@ def export_entry(name: str | None, format: str, out_dir: Path | None = None) -> 
 
 
 def build_library_tab() -> gr.Tab:
-    with gr.Tab("Library", elem_id="tab-library") as tab:
+    with gr.Tab("Library", id="library", elem_id="tab-library") as tab:
         with gr.Row():
-            query = gr.Textbox(label="search (names, cards, trigger words, tags)", scale=4, elem_id="lib-search")
-            refresh = gr.Button("Refresh", scale=1, elem_id="lib-refresh")
+            query = gr.Textbox(
+                label="search (names, cards, trigger words, tags)", scale=4, min_width=200, elem_id="lib-search"
+            )
+            refresh = gr.Button("Refresh", scale=1, min_width=100, elem_id="lib-refresh")
+        with gr.Row():
+            choices = filter_choices()
+            method_filter, kind_filter, base_filter = (
+                gr.Dropdown(choices[key], value=ALL, label=key, min_width=120, elem_id=f"lib-filter-{key}")
+                for key in ("method", "kind", "base")
+            )
+            sort = gr.Dropdown(list(SORTS), value="name", label="sort by", min_width=120, elem_id="lib-sort")
+            fits_model = gr.Textbox(
+                DEFAULT_MODEL, label="fits base? (a model; empty: no check)", min_width=160, elem_id="lib-fits-model"
+            )
         gallery = gr.Gallery(
-            label="adapters (first preview)",
+            label="adapters (first preview; ✓ fits the base above, ✗ does not)",
             columns=8,
             height=220,
             fit_columns=False,
+            allow_preview=False,  # a click chooses the adapter
             format="png",
             elem_id="lib-gallery",
+            elem_classes=[PIXELATED, LABELLED],
         )
         table = gr.Dataframe(headers=COLUMNS, label="metadata", interactive=False, elem_id="lib-table")
         problems = gr.Textbox(label="entries that could not be read", visible=False)
@@ -97,9 +178,13 @@ def build_library_tab() -> gr.Tab:
         message = gr.Textbox(label="result", elem_id="lib-message")
         with gr.Row():
             with gr.Column():
-                card = gr.Markdown()
-                previews = gr.Gallery(label="previews and loss curve", columns=4, format="png")
-                summary = gr.JSON(label="metadata")
+                card = gr.Markdown(elem_id="lib-card")
+                previews = gr.Gallery(label="previews", columns=4, height=200, format="png", elem_id="lib-previews",
+                                      elem_classes=[PIXELATED])  # fmt: skip
+                loss = gr.Image(label="loss curve", show_label=False, type="filepath", format="png",
+                                elem_id="lib-loss")  # fmt: skip  (the PNG has its own title)
+                with gr.Accordion("metadata (JSON)", open=False):
+                    summary = gr.JSON(label="metadata")
             with gr.Column():
                 with gr.Accordion("Edit", open=False):
                     triggers = gr.Textbox(label="trigger words (comma-separated)")
@@ -128,20 +213,36 @@ def build_library_tab() -> gr.Tab:
                     confirm = gr.Button("Yes, delete it", variant="stop", elem_id="lib-delete-confirm")
                     keep = gr.Button("Keep it")
 
-    listing = [gallery, table, selected, problems]
-    details = [card, previews, summary, triggers, tags, kind, description]
+    filters = [method_filter, kind_filter, base_filter]
+    listing = [gallery, table, selected, problems, *filters]
+    details = [card, previews, loss, summary, triggers, tags, kind, description]
+    view_inputs = [query, *filters, sort, fits_model]
+
+    def view(text: str, method: str, kind_value: str, base: str, order: str, model: str) -> tuple[Any, ...]:
+        """The listing's outputs (gallery, rows, names, problems, filter choices) for the current filters."""
+        try:
+            items, rows, names, trouble = library_view(
+                text, method=method, kind=kind_value, base=base, sort=order, fits_model=model
+            )
+        except StudioError as err:  # the base to check against does not load: list without the check
+            gr.Warning(f"cannot check which adapters fit {model!r}: {err}")
+            items, rows, names, trouble = library_view(text, method=method, kind=kind_value, base=base, sort=order)
+        present = filter_choices()
+        updates = [gr.update(choices=present[key]) for key in ("method", "kind", "base")]
+        return items, rows, names, gr.update(value=trouble, visible=bool(trouble)), *updates
 
     @shows_errors
-    def on_refresh(text: str, current: str | None) -> tuple[Any, ...]:
-        items, rows, names, trouble = library_view(text)
+    def on_refresh(current: str | None, *values: str) -> tuple[Any, ...]:
+        items, rows, names, trouble, *updates = view(*values)
         chosen = current if current in names else None
-        return items, rows, gr.update(choices=names, value=chosen), gr.update(value=trouble, visible=bool(trouble))
+        return items, rows, gr.update(choices=names, value=chosen), trouble, *updates
 
-    for event in (tab.select, refresh.click, query.submit):
-        event(on_refresh, inputs=[query, selected], outputs=listing, api_name=False)
+    for event in (tab.select, refresh.click, query.submit, *(c.input for c in (*filters, sort)), fits_model.submit):
+        event(on_refresh, inputs=[selected, *view_inputs], outputs=listing, api_name=False)
 
     def on_pick(evt: gr.SelectData) -> str:
-        return evt.value["caption"] if isinstance(evt.value, dict) else str(evt.value)
+        caption = evt.value["caption"] if isinstance(evt.value, dict) else str(evt.value)
+        return caption.split()[0]  # "name ✓ fits": names are slugs, without spaces
 
     gallery.select(on_pick, outputs=selected)
     selected.change(shows_errors(entry_view), inputs=selected, outputs=details)
@@ -151,16 +252,10 @@ def build_library_tab() -> gr.Tab:
 
         @shows_errors
         def handler(*args: Any) -> tuple[Any, ...]:
-            text, name = action(*args)
-            items, rows, names, trouble = library_view("")
+            text, name = action(*args[: -len(view_inputs)])
+            items, rows, names, trouble, *updates = view(*args[-len(view_inputs) :])
             chosen = name if name in names else None
-            return (
-                text,
-                items,
-                rows,
-                gr.update(choices=names, value=chosen),
-                gr.update(value=trouble, visible=bool(trouble)),
-            )
+            return text, items, rows, gr.update(choices=names, value=chosen), trouble, *updates
 
         return handler
 
@@ -176,7 +271,8 @@ def build_library_tab() -> gr.Tab:
         )
         return f"saved {entry.name}", entry.name
 
-    save.click(on_save, inputs=[selected, triggers, tags, kind, description, rename], outputs=[message, *listing])
+    edits = [selected, triggers, tags, kind, description, rename]
+    save.click(on_save, inputs=[*edits, *view_inputs], outputs=[message, *listing])
 
     @after
     def on_import(path: str | None, name: str) -> tuple[str, str]:
@@ -185,14 +281,16 @@ def build_library_tab() -> gr.Tab:
         entry = import_adapter(path, name=name.strip() or None)
         return f"imported {entry.name}", entry.name
 
-    import_button.click(on_import, inputs=[upload, import_name], outputs=[message, *listing])
+    import_button.click(on_import, inputs=[upload, import_name, *view_inputs], outputs=[message, *listing])
 
     @after
     def on_merge(text: str, name: str, how: str, rank: float | None) -> tuple[str, str]:
         entry = merge(parse_sources(text), name.strip(), combination=how, rank=int(rank) if rank else None)
         return f"merged into {entry.name}", entry.name
 
-    merge_button.click(on_merge, inputs=[sources, merged_name, combination, merge_rank], outputs=[message, *listing])
+    merge_button.click(
+        on_merge, inputs=[sources, merged_name, combination, merge_rank, *view_inputs], outputs=[message, *listing]
+    )
 
     export.click(shows_errors(export_entry), inputs=[selected, format], outputs=exported)
 
@@ -209,7 +307,7 @@ def build_library_tab() -> gr.Tab:
         Library().remove(name)
         return f"deleted {name}", None
 
-    confirm.click(on_confirm, inputs=selected, outputs=[message, *listing]).then(
+    confirm.click(on_confirm, inputs=[selected, *view_inputs], outputs=[message, *listing]).then(
         lambda: gr.update(visible=False), outputs=confirm_row
     )
     return tab

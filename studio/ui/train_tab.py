@@ -1,7 +1,8 @@
 """The Train tab: `trainers.train` through the job queue, with live progress, loss curve, previews, cancel, resume.
 
 The form's fields are `TrainConfig`'s (see `studio.ui.fields`); `configs_from_mapping` turns them into the method
-and run configs exactly as `studio train` does. A finished run lands in the library (the Library tab shows it).
+and run configs exactly as `studio train` does. A finished run lands in the library (the Library tab shows it), and
+its sample prompts are rendered with and without the new adapter, side by side (`studio.compare.compare_adapter`).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from studio.errors import StudioError
 from studio.library.store import check_name
+from studio.plots import loss_series
+from studio.ui.display import LABELLED, PIXELATED
 from studio.ui.errors import shows_errors
 from studio.ui.fields import field_input, form_values
 from studio.ui.jobs import Job, JobQueue
+from studio.ui.train_view import COLOURS, LOG_LOSS, LOSS, comparison_items, job_series, loss_frame, preview_items
 from studio.ui.uploads import check_uploads, dataset_dir, save_dataset
 from studio.world.textures import TEXTURES
 from trainers import METHODS, Callbacks, TrainConfig, configs_from_mapping, train
@@ -96,14 +99,44 @@ def submit_training(jobs: JobQueue, form: dict[str, Any], *, resume: bool = Fals
         save_dataset(uploads, dataset_dir(config.name))
 
     def work(job: Job) -> tuple[str, str]:
-        callbacks = Callbacks(on_step=job.report_step, on_sample=job.report_previews)
+        callbacks = Callbacks(
+            on_step=job.report_step, on_sample=job.report_previews, on_checkpoint=job.report_checkpoint
+        )
         result = train(method, config, callbacks=callbacks, cancel=job.cancel)
-        if result.status == "done":
-            return "done", f"{config.name} is in the library ({result.step} steps, final loss {result.losses[-1]:.4f})"
-        return "cancelled", f"{config.name} stopped at step {result.step} of {config.train_steps}; Resume continues it"
+        if result.status != "done":
+            return "cancelled", (
+                f"{config.name} stopped at step {result.step} of {config.train_steps}; Resume continues it"
+            )
+        message = f"{config.name} is in the library ({result.step} steps, final loss {result.losses[-1]:.4f})"
+        result.pipe = result.method = None  # the comparison loads the base afresh: free the trained copy first
+        return "done", message + side_by_side(job, config, result.sample_prompts)
 
     label = f"{config.name} ({method.method}{', resumed' if resume else ''})"
     return jobs.submit(label, config.train_steps, work, key=config.name)
+
+
+def side_by_side(job: Job, config: Any, prompts: list[str]) -> str:
+    """Render the run's sample prompts without and with its new adapter (the previews' seeds, steps and size) for
+    the job to show; returns a note for the job's message when that could not be done."""
+    from studio.compare import compare_adapter
+    from studio.generate import resolve_device
+    from studio.models import load_pipeline
+
+    if not prompts:
+        return ""
+    job.report_phase(f"rendering {len(prompts)} sample prompt(s) with and without the adapter")
+    size = "{}x{}".format(*job.previews[0].size) if job.previews else None
+    try:
+        device = resolve_device(config.device)
+        pipe = load_pipeline(config.model, device=device)  # its own copy: the page's cached one may be in use
+        comparison = compare_adapter(config.name, prompts, model=config.model, seed=config.seed,
+                                     steps=config.sample_steps, size=size, device=device, pipe=pipe)  # fmt: skip
+    except StudioError as err:
+        return f"; the side-by-side failed: {err}"
+    finally:
+        job.phase = ""
+    job.report_comparison(comparison.pairs())
+    return ""
 
 
 def job_rows(jobs: JobQueue) -> list[list[Any]]:
@@ -111,25 +144,35 @@ def job_rows(jobs: JobQueue) -> list[list[Any]]:
 
 
 def job_view(jobs: JobQueue, job_id: int | None, seen: tuple[int, int]) -> tuple[Any, ...]:
-    """(status, loss curve, previews, jobs table, seen) of the watched job.
+    """(status, loss curve, previews, side-by-side, jobs table, seen) of the watched job.
 
-    `seen` is the (version, preview version) the page shows: unchanged curves and previews are not sent again.
+    `seen` is the (version, preview version) the page shows: unchanged curves and images are not sent again.
     A job that failed since the last look also pops up its error.
     """
     job = jobs.get(job_id)
     if job is None:
-        return "no training yet", gr.skip(), gr.skip(), job_rows(jobs), seen
+        return "no training yet", gr.skip(), gr.skip(), gr.skip(), job_rows(jobs), seen
     version, preview_version = seen
     if job.version == version:
-        return jobs.status(job), gr.skip(), gr.skip(), job_rows(jobs), seen
+        return jobs.status(job), gr.skip(), gr.skip(), gr.skip(), job_rows(jobs), seen
     if job.state == "failed":
         gr.Warning(jobs.status(job))
-    curve = pd.DataFrame(job.losses, columns=["step", "loss"])
-    previews = list(job.previews) if job.preview_version != preview_version else gr.skip()
-    return jobs.status(job), curve, previews, job_rows(jobs), (job.version, job.preview_version)
+    curve = loss_frame(job_series(job))
+    if job.preview_version != preview_version:
+        previews, comparison = preview_items(job), comparison_items(job)
+    else:
+        previews = comparison = gr.skip()
+    return jobs.status(job), curve, previews, comparison, job_rows(jobs), (job.version, job.preview_version)
 
 
-def build_train_tab(jobs: JobQueue) -> None:
+def chart_axis(log_scale: bool) -> dict[str, Any]:
+    """The loss chart's y column and title: the loss, or its log10 for a log scale."""
+    if log_scale:
+        return {"y": LOG_LOSS, "y_title": "log10(loss), log scale"}
+    return {"y": LOSS, "y_title": "loss (MSE)"}
+
+
+def build_train_tab(jobs: JobQueue) -> dict[str, Any]:
     with gr.Row():
         with gr.Column():
             form: dict[str, Any] = {
@@ -163,9 +206,38 @@ def build_train_tab(jobs: JobQueue) -> None:
                 cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
                 resume = gr.Button("Resume", elem_id="train-resume")
         with gr.Column():
-            status = gr.Textbox("no training yet", label="status", elem_id="train-status")
-            curve = gr.LinePlot(x="step", y="loss", label="loss", height=220, elem_id="train-loss")
-            previews = gr.Gallery(label="previews", columns=4, format="png", elem_id="train-previews")
+            status = gr.Textbox(
+                "no training yet", label="status (with the estimated time left)", lines=2, elem_id="train-status"
+            )
+            curve = gr.LinePlot(
+                loss_frame(loss_series([])),  # typed from the start: the chart keeps its first axis types
+                x="step",
+                color="series",
+                color_map=COLOURS,
+                label="training loss",  # not shown: the legend names the lines (raw, smoothed, last checkpoint)
+                show_label=False,
+                height=280,
+                tooltip="all",
+                elem_id="train-loss",
+                **chart_axis(False),
+            )
+            log_scale = gr.Checkbox(False, label="log scale", elem_id="train-log-scale")
+            previews = gr.Gallery(
+                label="previews (step · prompt)",
+                columns=4,
+                height="auto",
+                format="png",
+                elem_id="train-previews",
+                elem_classes=[PIXELATED, LABELLED],
+            )
+            comparison = gr.Gallery(
+                label="after training: without | with the adapter",
+                columns=4,
+                height="auto",
+                format="png",
+                elem_id="train-compare",
+                elem_classes=[PIXELATED, LABELLED],
+            )
             table = gr.Dataframe(
                 headers=["job", "adapter", "state", "step", "status"], label="job queue", elem_id="train-jobs"
             )
@@ -216,11 +288,14 @@ def build_train_tab(jobs: JobQueue) -> None:
 
     cancel.click(on_cancel, inputs=watched, outputs=status, concurrency_limit=None)
 
+    log_scale.change(lambda log: gr.LinePlot(**chart_axis(log)), inputs=log_scale, outputs=curve, api_name=False)
+
     timer = gr.Timer(1.0)
     timer.tick(
         lambda job_id, version: job_view(jobs, job_id, version),
         inputs=[watched, seen],
-        outputs=[status, curve, previews, table, seen],
+        outputs=[status, curve, previews, comparison, table, seen],
         concurrency_limit=None,
         show_progress="hidden",
     )
+    return form

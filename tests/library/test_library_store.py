@@ -48,10 +48,12 @@ def test_add_list_get_search_remove() -> None:
     lib = Library()
     sd, meta = _tiny(0)
     lib.add("one", sd, meta, train_config={"seed": 0}, samples={"seed0000.png": b"\x89PNG"})
-    meta2 = AdapterMeta(**{**meta.__dict__, "kind": "subject", "tags": ["dog"], "description": "a corgi"})
+    meta2 = AdapterMeta(**{**meta.__dict__, "kind": "subject", "tags": ["dog"], "description": "a corgi",
+                            "method": "sara"})  # fmt: skip
     lib.add("two", sd, meta2)
     assert [e.name for e in lib.list()] == ["one", "two"]
     assert [e.name for e in lib.search(kind="subject")] == ["two"]
+    assert [e.name for e in lib.search(method="sara")] == ["two"] and lib.search(method="kronecker") == []
     assert [e.name for e in lib.search(tag="dog")] == ["two"]
     assert [e.name for e in lib.search("corgi")] == ["two"]
     assert [e.name for e in lib.search(name="on")] == ["one"]
@@ -156,6 +158,20 @@ def test_compatibility_levels(tmp_path) -> None:
         other.unet.conv_in.weight.add_(0.01)  # another "checkpoint" of the same architecture
     with pytest.warns(CheckpointMismatchWarning):
         load_adapters(other, ["fit"])
+    # the Library tab's badges say the same without loading anything: from the stored fingerprint, or (an import
+    # without base information) from the tensors' shapes
+    from studio.library.compat import base_signature, fit
+
+    import_adapter(tmp_path / "k.safetensors", name="bare")
+    signatures = {name: base_signature(p) for name, p in (("sd1", sd1), ("sdxl", sdxl), ("other", other))}
+    for name in ("fit", "bare"):
+        entry = Library().get(name)
+        assert fit(entry, signatures["sd1"]).level == "fits"
+        refused = fit(entry, signatures["sdxl"])
+        assert refused.level == "no" and refused.badge == "✗ does not fit"
+    assert fit(Library().get("fit"), signatures["other"]).level == "other-checkpoint"
+    assert fit(Library().get("bare"), signatures["other"]).level == "fits"  # no checkpoint recorded to differ from
+    assert "module unet.down_blocks.0.attentions.0" in fit(Library().get("bare"), signatures["sdxl"]).reason
 
 
 def test_cli(tmp_path, capsys) -> None:
@@ -166,6 +182,10 @@ def test_cli(tmp_path, capsys) -> None:
     assert main(["library", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed[0]["name"] == "my-lora" and listed[0]["trigger_words"] == ["zq"]
+    assert main(["library", "list", "--method", "imported", "--json"]) == 0
+    assert [e["name"] for e in json.loads(capsys.readouterr().out)] == ["my-lora"]
+    assert main(["library", "list", "--method", "sara", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
     assert main(["library", "edit", "my-lora", "--kind", "style", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "style"
     assert main(["library", "merge", "my-lora:0.5,my-lora:0.5", "--name", "m", "--combination", "cat"]) == 0

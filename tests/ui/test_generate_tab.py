@@ -77,3 +77,46 @@ def test_a_png_without_parameters_or_a_non_image_is_an_error_in_the_page(tmp_pat
 def test_a_missing_model_is_an_error_in_the_page(tmp_path: Path) -> None:
     with pytest.raises(gr.Error, match="does not exist"):
         shows_errors(run_generate)(_form(tmp_path / "missing"))
+
+
+def test_history_restores_an_image_and_sends_it_on(tiny_dirs: dict, tmp_path: Path) -> None:
+    from studio.ui.display import display_copy, display_image
+    from studio.ui.generate_tab import (
+        HISTORY_LIMIT,
+        add_to_history,
+        gallery_items,
+        image_records,
+        random_seed,
+        restore_fields,
+    )
+    from studio.ui.send import compose_fields, training_uploads
+
+    form = _form(tiny_dirs["sd1"], num_images=2, negative="blurry")
+    images, _, _ = run_generate(form, out_dir=tmp_path)
+    records = image_records(images)
+    items = gallery_items(records)
+    assert [caption for _, caption in items] == ["seed 4", "seed 5"]  # each image's seed under it
+    shown, original = Image.open(items[1][0]), Image.open(images[1])
+    assert shown.size == (256, 256) and original.size == (32, 32)  # enlarged 8x; the original kept as it was
+    assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(display_image(original.convert("RGB"))))
+    assert display_copy(images[1]) == items[1][0]  # made once per file
+
+    history = add_to_history(add_to_history([], records[:1]), records[1:])
+    assert [r["params"]["seed"] for r in history] == [5, 4]  # newest first
+    assert len(add_to_history(history * HISTORY_LIMIT, records)) == HISTORY_LIMIT
+    fields = restore_fields(history[0]["params"])
+    assert fields["seed"] == 5 and fields["num_images"] == 1 and fields["negative"] == "blurry"
+    again, _, _ = run_generate({**form, **fields}, out_dir=tmp_path / "again")  # the same image, made again
+    assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(original))
+
+    assert compose_fields(records[1]["params"]) == {"prompt": "a red star", "model": str(tiny_dirs["sd1"]),
+                                                    "seed": 5, "steps": 2}  # fmt: skip
+    uploads = training_uploads(images[1], records[1]["params"], None)
+    assert Path(uploads[0]).name.startswith("generated-seed5-")
+    assert Path(uploads[0]).read_bytes() == Path(images[1]).read_bytes()
+    assert training_uploads(images[1], records[1]["params"], uploads) == uploads  # not added twice
+    both = training_uploads(images[0], records[0]["params"], uploads)
+    assert len(both) == 2 and len({Path(u).name for u in both}) == 2  # names never clash in one dataset
+    assert 0 <= random_seed() < 2**32 and len({random_seed() for _ in range(5)}) > 1
+    big = Image.new("RGB", (512, 300))
+    assert display_image(big) is big and display_image(Image.new("RGB", (64, 48))).size == (256, 192)

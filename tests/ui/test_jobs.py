@@ -93,3 +93,16 @@ def test_a_running_job_reports_loss_and_time_left() -> None:
         JobQueue().status(job) == "running: corgi (dreambooth_lora), step 5/10, loss 0.2500, 0:30 elapsed, "
         "about 2:30 left"
     )
+
+
+def test_time_left_follows_the_pace_of_the_steps_not_the_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    job = Job(1, "corgi (dreambooth_lora)", 10, lambda job: ("done", ""), state="running", started=1000.0)
+    clock[0] = 1060.0  # a minute loading the model and rendering class images
+    job.report_step(1, 0.5)
+    clock[0] = 1062.0
+    job.report_step(2, 0.4)  # then 2 s a step: 8 steps left take 16 s
+    assert JobQueue().status(job).endswith("step 2/10, loss 0.4000, 1:02 elapsed, about 0:16 left")
+    job.report_phase("rendering the side-by-side")
+    assert JobQueue().status(job) == "running: corgi (dreambooth_lora), rendering the side-by-side"

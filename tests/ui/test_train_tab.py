@@ -96,12 +96,39 @@ def test_train_cancel_resume_and_the_result_in_the_library(tiny_dirs: dict) -> N
     assert jobs.wait(resumed, timeout=120), jobs.status(resumed)
     assert resumed.state == "done", jobs.status(resumed)
     assert resumed.step == 12 and resumed.previews and "emb" in Library()
-    status, curve, previews, rows, seen = job_view(jobs, resumed.id, (-1, -1))
+    status, curve, previews, comparison, rows, seen = job_view(jobs, resumed.id, (-1, -1))
     assert status.startswith("done: emb is in the library (12 steps")
     assert seen == (resumed.version, resumed.preview_version)
-    assert list(curve.columns) == ["step", "loss"] and curve["step"].iloc[-1] == 12 and len(previews) == 4
+    steps = curve[curve["series"] == "raw"].dropna()["step"].tolist()  # a resumed run: from its checkpoint on
+    assert steps == list(range(resumed.first_step + 1, 13)) and resumed.checkpoint_step == 12
+    assert curve[curve["series"] == "last checkpoint"].dropna()["step"].tolist() == [12, 12]
+    prompts = [image.info["prompt"] for image in resumed.previews]
+    assert [caption for _, caption in previews] == [f"step 12 · {p}" for p in prompts]
+    assert previews[0][0].size == (256, 256)  # the 32x32 previews enlarged 8x for the page
+    # after training: each sample prompt without, then with the new adapter, as `compare_adapter` renders them
+    assert [caption for _, caption in comparison] == [
+        text for i, p in enumerate(prompts) for text in (f"without · seed {i} · {p}", f"with emb · seed {i} · {p}")
+    ]
     assert [row[2] for row in rows] == ["done", "failed", "cancelled"]
-    assert job_view(jobs, resumed.id, seen)[:3] == (status, gr.skip(), gr.skip())  # unchanged plots: not resent
+    assert job_view(jobs, resumed.id, seen)[:4] == (status, gr.skip(), gr.skip(), gr.skip())  # nothing resent
     assert job_view(jobs, resumed.id, (seen[0] - 1, seen[1]))[2] == gr.skip()  # a new loss, the same previews
     with pytest.warns(UserWarning, match="already holds a run"):  # a failure pops up once, as a toast
         job_view(jobs, again.id, (-1, -1))
+
+
+def test_the_loss_chart_frame_is_numeric_and_names_every_series_from_the_start() -> None:
+    """Gradio's chart keeps the axis types and colours of the first frame it gets (see studio.ui.train_view)."""
+    from studio.plots import loss_series
+    from studio.ui.train_view import LOG_LOSS, SERIES, loss_frame
+
+    empty = loss_frame(loss_series([]))
+    assert str(empty["step"].dtype) == "int64" and str(empty["loss"].dtype) == "float64"
+    assert empty["series"].tolist() == list(SERIES) and empty["loss"].isna().all()
+    frame = loss_frame(loss_series([1.0, 0.1], checkpoint=2))
+    assert str(frame["step"].dtype) == "int64" and str(frame["loss"].dtype) == "float64"
+    assert frame["series"].tolist()[:3] == list(SERIES)  # the names first, in legend order
+    drawn = frame.dropna()
+    assert drawn[drawn["series"] == "raw"][["step", "loss"]].values.tolist() == [[1, 1.0], [2, 0.1]]
+    assert drawn[drawn["series"] == "smoothed"]["loss"].tolist() == [1.0, 0.55]
+    assert drawn[drawn["series"] == "last checkpoint"][["step", "loss"]].values.tolist() == [[2, 0.1], [2, 1.0]]
+    assert drawn[LOG_LOSS].round(6).tolist()[:2] == [0.0, -1.0]
