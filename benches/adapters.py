@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benches.figures import save_grid
 from studio.models import DEFAULT_MODEL
 
 
@@ -233,10 +234,8 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
 
 
 def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None:
-    from torchvision.transforms.functional import to_pil_image
-    from torchvision.utils import make_grid
 
-    from studio.atomic import atomic_write, write_json, write_text
+    from studio.atomic import write_json, write_text
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "adapters-bench.json", report)
@@ -258,11 +257,7 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
               f"{report['steps']} sampling steps.", "",
               *(f"- {m}: {'passes' if ok else 'misses'} the bar" for m, ok in report["passed"].items())]
     write_text(out / "adapters-bench.md", "\n".join(lines) + "\n")
-    if grid:
-        n = min(len(v) for v in grid.values())
-        tiles = torch.stack([img.float().cpu() for v in grid.values() for img in v[:n]])  # (adapters * n, 3, H, W)
-        image = make_grid(tiles, nrow=n, padding=2, pad_value=1.0)
-        atomic_write(out / "adapters-bench-grid.png", lambda tmp: to_pil_image(image).save(tmp, format="png"))
+    save_grid(out / "adapters-bench-grid.png", list(grid.values()))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benches.figures import save_grid
 from studio.models import DEFAULT_MODEL
 
 
@@ -173,9 +174,8 @@ def run_bench(
 
 
 def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: list[str]) -> None:
-    from torchvision.utils import make_grid
 
-    from studio.atomic import atomic_write, write_json, write_text
+    from studio.atomic import write_json, write_text
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "compose-bench.json", report)
@@ -192,12 +192,7 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: l
             f"threads; 'alone' averages each adapter of the pair on its own; single adapter "
             f"{report['single_adapter_s_per_image']} s/image; scoring took {report['scoring_seconds']:.0f} s.\n")
     write_text(out / "compose-bench.md", head + body + note)
-    n = min(len(v) for v in grid.values() if v)
-    tiles = torch.stack([grid[r][i].float().cpu() for r in rows if grid[r] for i in range(n)])  # (rows * n, 3, H, W)
-    image = make_grid(tiles, nrow=n, padding=2, pad_value=1.0)
-    from torchvision.transforms.functional import to_pil_image
-
-    atomic_write(out / "compose-bench-grid.png", lambda tmp: to_pil_image(image).save(tmp, format="png"))
+    save_grid(out / "compose-bench-grid.png", [grid[r] for r in rows])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benches.adapters import BATCH, TRIGGERS, Prompt, emblem_prompts, eval_emblems, judge_emblem, train_adapter
+from benches.figures import save_grid
 from studio.models import DEFAULT_MODEL
 
 
@@ -122,10 +123,8 @@ def verdicts(rows: list[dict]) -> dict[str, bool]:
 
 
 def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None:
-    from torchvision.transforms.functional import to_pil_image
-    from torchvision.utils import make_grid
 
-    from studio.atomic import atomic_write, write_json, write_text
+    from studio.atomic import write_json, write_text
 
     write_json(out / "merge-bench.json", report)
     lines = ["| method | emblem | found alone | found in the sum | drop | both found (sum) |",
@@ -138,11 +137,7 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
     lines += ["", f"{report['threads']} threads, {report['steps']} sampling steps.", "",
               *(f"- {k}: {'yes' if v else 'no'}" for k, v in report["verdicts"].items())]
     write_text(out / "merge-bench.md", "\n".join(lines) + "\n")
-    if grid:
-        n = min(len(v) for v in grid.values())
-        tiles = torch.stack([img.float().cpu() for v in grid.values() for img in v[:n]])  # (rows * n, 3, H, W)
-        image = make_grid(tiles, nrow=n, padding=2, pad_value=1.0)
-        atomic_write(out / "merge-bench-grid.png", lambda tmp: to_pil_image(image).save(tmp, format="png"))
+    save_grid(out / "merge-bench-grid.png", list(grid.values()))
 
 
 def run(args: argparse.Namespace) -> int:
