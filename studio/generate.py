@@ -20,6 +20,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from studio.configs import check_numbers
 from studio.errors import StudioError
 from studio.models import DEFAULT_MODEL, load_pipeline
 from studio.prompt_tags import split_lora_tags
@@ -52,6 +53,7 @@ class GenerateConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto"})
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # NaN / infinity refused, naming the flag
         if self.steps < 1:
             raise StudioError(f"--steps must be at least 1, got {self.steps}")
         if self.num_images < 1:

@@ -17,6 +17,7 @@ import torch
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from studio.configs import finite
 from studio.errors import StudioError
 from studio.library.compat import align_names, check_compatible
 from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, peft_config
@@ -98,7 +99,7 @@ def load_adapters(
     StudioError naming the module); another checkpoint of the same architecture gives a warning.
     """
     names = list(names)
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(names) if weights is None else [float(finite(w, "an adapter weight")) for w in weights]
     if len(weights) != len(names):
         raise StudioError(f"got {len(names)} adapter names but {len(weights)} weights; give one weight per adapter")
     if len(set(names)) != len(names):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from studio.configs import finite
 from studio.errors import StudioError
 from studio.library.formats import read_any, write_any
 from studio.library.meta import KINDS, AdapterMeta, modules_of
@@ -120,7 +121,7 @@ def merge(
     if len(sources) < 1:
         raise StudioError("merge needs at least one NAME:WEIGHT")
     entries = [library.get(n) for n, _ in sources]
-    weights = [float(w) for _, w in sources]
+    weights = [float(finite(w, f"the weight of {n!r}")) for n, w in sources]
     fingerprints = {e.meta.base.fingerprint for e in entries if e.meta.base.fingerprint}
     families = {e.meta.base.family for e in entries if e.meta.base.family != "unknown"}
     if len(families) > 1:

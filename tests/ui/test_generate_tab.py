@@ -77,3 +77,11 @@ def test_a_png_without_parameters_or_a_non_image_is_an_error_in_the_page(tmp_pat
 def test_a_missing_model_is_an_error_in_the_page(tmp_path: Path) -> None:
     with pytest.raises(gr.Error, match="does not exist"):
         shows_errors(run_generate)(_form(tmp_path / "missing"))
+
+
+def test_form_numbers_refuse_nan_and_infinity_naming_the_field() -> None:
+    for value in ("nan", "inf", float("nan")):
+        with pytest.raises(StudioError, match="guidance must be a finite number"):
+            config_from_form(_form(Path("m"), guidance=value))
+    with pytest.raises(StudioError, match="seed must be a finite number"):
+        config_from_form(_form(Path("m"), seed=float("inf")))
