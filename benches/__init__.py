@@ -18,6 +18,7 @@ BENCHES = [
     "benches.train",  # studio bench train: parameters, memory and seconds per step per method
     "benches.adapters",  # studio bench adapters: adapters at their defaults against the trainer bar
     "benches.compose",  # studio bench compose: composers side by side on Shapes World pairs
+    "benches.memory",  # studio bench memory: the generation memory estimate against measured peak RSS
 ]
 
 

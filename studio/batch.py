@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.errors import StudioError
+from studio.atomic import disk_full
+from studio.errors import DiskFull, StudioError
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,17 @@ def run_batch(
         result = generate(config, pipe=pipe)
         files = job_files(job, out_dir)
         extra = {"job": job.index, "rank": rank, "world_size": world_size}
-        for image, params, path in zip(result.images, result.params, files):
-            if not path.is_file():  # a restarted job never rewrites a finished file
-                save_png(image, path, {**params, **extra})
-                if on_image is not None:
-                    on_image(path)
-        if len(files) > len(result.images) and not files[-1].is_file():
-            save_png(make_grid(result.images), files[-1], {**result.params[0], **extra})
+        try:
+            for image, params, path in zip(result.images, result.params, files):
+                if not path.is_file():  # a restarted job never rewrites a finished file
+                    save_png(image, path, {**params, **extra})
+                    if on_image is not None:
+                        on_image(path)
+            if len(files) > len(result.images) and not files[-1].is_file():
+                save_png(make_grid(result.images), files[-1], {**result.params[0], **extra})
+        except DiskFull as err:  # every PNG written so far is whole; the rerun skips the finished jobs
+            raise disk_full(err.path, f"{Path(err.path).name} (job on line {job.line}) was not written; "
+                            f"{counts['skipped'] + counts['made']} of this run's {len(mine)} jobs are done and kept",
+                            "run the same command again (finished jobs are skipped)") from None
         counts["made"] += 1
     return counts

@@ -18,6 +18,7 @@ Trainers write entries with:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from studio import atomic
-from studio.errors import StudioError
+from studio.errors import DiskFull, StudioError
 from studio.library.adapter import (
     CARD_NAME,
     CONFIG_NAME,
@@ -45,6 +46,7 @@ from studio.library.meta import AdapterMeta, from_studio_dict, to_studio_dict
 from studio.paths import library_dir
 
 
+log = logging.getLogger(__name__)
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 INDEX_NAME = "index.jsonl"
 LOCK_NAME = ".lock"
@@ -181,7 +183,10 @@ class Library:
 
     def _write_index(self, rows: dict[str, dict[str, Any]]) -> None:
         text = "".join(json.dumps(rows[n], sort_keys=True) + "\n" for n in sorted(rows))
-        atomic.write_text(self.root / INDEX_NAME, text)
+        try:
+            atomic.write_text(self.root / INDEX_NAME, text)
+        except DiskFull as err:  # a cache: the old index stays, its stale stamps make the next list() re-read
+            log.warning("library index not updated: %s", err)
 
     def list(self) -> list[Entry]:
         """Every readable entry, sorted by name. Unreadable ones are left out and described in `self.problems`."""
@@ -297,8 +302,11 @@ class Library:
             if card is None and not (stage / CARD_NAME).is_file():
                 card = render_card(name, meta)
             save_adapter(stage, state_dict, meta, card=card, samples=samples, train_config=train_config)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(stage, ignore_errors=True)
+            if isinstance(err, DiskFull) or atomic.is_disk_full(err):  # staged files only: the library is unchanged
+                kept = "the library keeps the previous one" if name in self else "the library is unchanged"
+                raise atomic.disk_full(stage, f"adapter {name!r} was not written, {kept}") from None
             raise
         return self._commit(stage, name, overwrite)
 

@@ -22,7 +22,9 @@ from studio.ui.errors import shows_errors
 from studio.ui.fields import form_values
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(GenerateConfig) if f.name not in ("clip_skip", "device"))
+# the form's fields (memory savers stay automatic in the page: on when the estimate needs them)
+HIDDEN = ("clip_skip", "device", "attention_slicing", "vae_tiling")
+FIELDS = tuple(f.name for f in dataclasses.fields(GenerateConfig) if f.name not in HIDDEN)
 # A1111 `parameters` keys -> GenerateConfig fields (studio PNGs carry the fields themselves as JSON)
 A1111_KEYS = {"Steps": "steps", "CFG scale": "guidance", "Seed": "seed", "Size": "size", "Model": "model"}
 

@@ -8,6 +8,9 @@ that layout, a single folder (its component guessed from the module names), or a
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,22 +82,37 @@ def read_peft(folder: Path) -> Imported:
 
 
 def write_peft(name: str, state_dict: dict[str, torch.Tensor], meta: AdapterMeta, out: Path) -> Path:
+    """Write one PEFT folder per component under `out`. Every component is staged first and then renamed into place,
+    so a failed export (a full disk) leaves what `out` held before."""
+    from studio.library.meta import peft_config
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StudioError(f"--out {out} must be a folder for the peft format")
-    for component, config in component_configs(meta, modules_of(state_dict)).items():
-        prefix = f"{component}."
-        tensors = {
-            f"base_model.model.{k[len(prefix) :]}": v.contiguous()
-            for k, v in state_dict.items()
-            if k.startswith(prefix)
-        }
-        from studio.library.meta import peft_config
-
-        config_dict = peft_config(config).to_dict()
-        for key, value in config_dict.items():
-            if isinstance(value, set):
-                config_dict[key] = sorted(value)
-        atomic.write_bytes(out / component / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
-        atomic.write_json(out / component / "adapter_config.json", config_dict)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        components = component_configs(meta, modules_of(state_dict))
+        for component, config in components.items():
+            prefix = f"{component}."
+            tensors = {
+                f"base_model.model.{k[len(prefix) :]}": v.contiguous()
+                for k, v in state_dict.items()
+                if k.startswith(prefix)
+            }
+            config_dict = peft_config(config).to_dict()
+            for key, value in config_dict.items():
+                if isinstance(value, set):
+                    config_dict[key] = sorted(value)
+            blob = save(tensors, metadata={"format": "pt"})
+            atomic.write_bytes(stage / component / "adapter_model.safetensors", blob)
+            atomic.write_json(stage / component / "adapter_config.json", config_dict)
+        for component in components:  # renames only: no space needed
+            target = out / component
+            if target.exists():
+                trash = stage / f".old-{component}"
+                os.rename(target, trash)
+            os.rename(stage / component, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out
