@@ -19,6 +19,8 @@ BENCHES = [
     "benches.adapters",  # studio bench adapters: adapters at their defaults against the trainer bar
     "benches.compose",  # studio bench compose: composers side by side on Shapes World pairs
     "benches.memory",  # studio bench memory: the generation memory estimate against measured peak RSS
+    "benches.fuzz",  # studio bench fuzz: mutated adapter files through import: clean errors, never crashes
+    "benches.library_scale",  # studio bench library: 1,000 adapters: list, search, <lora:...>; killed writers
 ]
 
 

@@ -112,7 +112,15 @@ def load_adapters(
         entry = library.get(name)
         state_dict, meta = align_names(pipe, entry.state_dict(), entry.meta)
         check_compatible(pipe, name, meta, state_dict)
-        inject(pipe, name, state_dict, meta)
+        try:
+            inject(pipe, name, state_dict, meta)
+        except Exception as err:  # PEFT refused part-way (a layout it builds otherwise): take the half-adapter out
+            unload_adapters(pipe, [name])
+            if isinstance(err, StudioError):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StudioError(f"adapter {name!r} does not load into this pipeline ({first}); re-import it from its "
+                              "original file") from None
         loaded[name] = 1.0
     loaded.update(dict(zip(names, weights)))
     set_weights(pipe, loaded)

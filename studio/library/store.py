@@ -3,6 +3,10 @@
 The folders are the truth; `index.jsonl` is a cache (one JSON line per good entry, with file stamps) rebuilt on
 demand and never edited by hand. Writers (`add`, `remove`, `replace_meta`, `rename`) stage a whole folder, rename
 it into place and update the index under an exclusive file lock, so concurrent processes never lose an entry.
+A writer killed at any point leaves the library readable: a half-staged folder is hidden (`.staging-*`), an index
+that missed the last write is rebuilt from the folders' stamps, and an overwrite killed between its two renames (the
+old folder moved aside as `.trash-NAME-*`, the new one not yet in place) gets the old folder back on the next
+`list()`. `reindex` also deletes the hidden leftovers of killed writers.
 
 Trainers write entries with:
 
@@ -22,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,9 +193,22 @@ class Library:
         except DiskFull as err:  # a cache: the old index stays, its stale stamps make the next list() re-read
             log.warning("library index not updated: %s", err)
 
+    def _recover(self) -> None:
+        """Put back the old folder of an overwrite killed between its renames (`.trash-NAME-*` with no NAME)."""
+        if not any(p.name.startswith(".trash-") for p in self.root.iterdir()):
+            return
+        with atomic.locked(self.root / LOCK_NAME):  # a live writer finishes its renames first
+            for trash in sorted(self.root.glob(".trash-*")):
+                name = trash.name[len(".trash-") :].rsplit("-", 1)[0]
+                if SLUG.match(name) and not (self.root / name).exists():
+                    os.rename(trash, self.root / name)
+                    log.warning("restored %s: a write was killed while replacing it", name)
+
     def list(self) -> list[Entry]:
         """Every readable entry, sorted by name. Unreadable ones are left out and described in `self.problems`."""
         self.problems = {}
+        if self.root.is_dir():
+            self._recover()
         index = self._read_index()
         rows, entries, changed = {}, [], False
         for folder in self.folders():
@@ -219,8 +237,16 @@ class Library:
                 self._write_index(rows)
         return entries
 
-    def reindex(self) -> dict[str, str]:
-        """Rebuild `index.jsonl` from the folders; returns the problems found."""
+    def reindex(self, stale_after: float = 3600.0) -> dict[str, str]:
+        """Rebuild `index.jsonl` from the folders, and delete what killed writers left: removed and replaced folders,
+        and staging folders untouched for `stale_after` seconds (a live writer's are younger); returns the problems."""
+        if self.root.is_dir():
+            self._recover()
+            now = time.time()
+            for leftover in self.root.glob(".*-*"):
+                stale = leftover.name.startswith(".staging-") and now - leftover.stat().st_mtime >= stale_after
+                if leftover.is_dir() and (leftover.name.startswith((".trash-", ".removed-")) or stale):
+                    shutil.rmtree(leftover, ignore_errors=True)
         (self.root / INDEX_NAME).unlink(missing_ok=True)
         self.list()
         return dict(self.problems)
@@ -328,7 +354,7 @@ class Library:
         if not target.is_dir():
             raise StudioError(f"no adapter named {name!r} in {self.root}; see `studio library list`")
         with atomic.locked(self.root / LOCK_NAME):
-            trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            trash = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"  # never restored, unlike `.trash-`
             os.rename(target, trash)
             rows = self._read_index()
             rows.pop(name, None)

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from studio.atomic import disk_full, is_disk_full
 from studio.errors import StudioError
 from studio.paths import library_dir
 from trainers.data import CAPTION_SUFFIX, IMAGE_SUFFIXES, open_image
@@ -67,6 +68,12 @@ def save_dataset(paths: Sequence[Path], folder: Path) -> Path:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    for path in paths:
-        shutil.copyfile(path, folder / path.name)
+    try:
+        for path in paths:
+            shutil.copyfile(path, folder / path.name)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        shutil.rmtree(folder, ignore_errors=True)  # no half dataset for a later resume to train on
+        raise disk_full(folder, "the uploaded images were not saved", "upload them again") from None
     return folder

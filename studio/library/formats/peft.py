@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import save
 
 from studio import atomic
+from studio.configs import finite
 from studio.errors import StudioError
-from studio.library.adapter import load_safetensors
+from studio.library.adapter import load_safetensors, validate_state_dict
+from studio.library.formats.lokr_layout import layout_problem
 from studio.library.formats.sd_scripts import Imported
 from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, ranks_alphas_from_configs
 
@@ -38,8 +40,10 @@ def _guess_component(modules: list[str]) -> str:
 def _read_one(folder: Path, component: str | None) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise StudioError(f"{folder / 'adapter_config.json'} is missing or damaged ({err})") from None
+    if not isinstance(config, dict):
+        raise StudioError(f"{folder / 'adapter_config.json'} is not a JSON object; re-export the adapter")
     tensors, _ = load_safetensors(folder / "adapter_model.safetensors")
     sub = {}
     for key, tensor in tensors.items():
@@ -50,6 +54,20 @@ def _read_one(folder: Path, component: str | None) -> tuple[str, dict[str, torch
     if component is None:
         component = _guess_component([k.rsplit(".lo", 1)[0] for k in sub])
     return component, {f"{component}.{k}": v for k, v in sub.items()}, config
+
+
+def _check_lokr(folder: Path, state_dict: dict[str, torch.Tensor], ranks: dict[str, int], lokr: dict) -> None:
+    """Refuse LoKr factors PEFT would not rebuild from the config (it would fail when the adapter loads)."""
+    factor = finite(lokr.get("decompose_factor", -1), "decompose_factor", int)
+    both = lokr.get("decompose_both", False)
+    if not isinstance(both, bool):
+        raise StudioError(f"{folder}: decompose_both must be true or false, got {both!r}")
+    lokr["decompose_factor"] = factor
+    for module in modules_of(state_dict):
+        params = {k.rsplit(".", 1)[1]: v for k, v in state_dict.items() if k.rsplit(".", 1)[0] == module}
+        problem = layout_problem(params, ranks[module], both, factor)
+        if problem:
+            raise StudioError(f"{folder}: module {module}: {problem}; re-export the adapter with its own config")
 
 
 def read_peft(folder: Path) -> Imported:
@@ -67,9 +85,15 @@ def read_peft(folder: Path) -> Imported:
     if len(peft_types) != 1 or not peft_types <= {"LORA", "LOKR"}:
         raise StudioError(f"{folder}: PEFT type {sorted(peft_types)} is not supported; LORA and LOKR are")
     peft_type = peft_types.pop()
-    ranks, alphas = ranks_alphas_from_configs(configs, modules_of(state_dict))
+    try:
+        validate_state_dict(state_dict, peft_type)
+        ranks, alphas = ranks_alphas_from_configs(configs, modules_of(state_dict))
+    except StudioError as err:
+        raise StudioError(f"{folder}: {err}") from None
     first = next(iter(configs.values()))
     lokr = {k: first[k] for k in _LOKR_CONFIG_KEYS if k in first} if peft_type == "LOKR" else {}
+    if peft_type == "LOKR":
+        _check_lokr(folder, state_dict, ranks, lokr)
     meta = AdapterMeta(
         peft_type=peft_type,
         method="imported",
