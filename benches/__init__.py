@@ -21,6 +21,7 @@ BENCHES = [
     "benches.memory",  # studio bench memory: the generation memory estimate against measured peak RSS
     "benches.fuzz",  # studio bench fuzz: mutated adapter files through import: clean errors, never crashes
     "benches.library_scale",  # studio bench library: 1,000 adapters: list, search, <lora:...>; killed writers
+    "benches.ui_load",  # studio bench ui-load: 20 simultaneous requests, cancel, queue limit, upload limit
 ]
 
 

@@ -11,6 +11,7 @@ Each PNG records its job index and the rank that made it.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,10 @@ def run_batch(
     device: str | None = None,
     on_image: Callable[[Path], None] | None = None,
     progress: bool = True,
+    cancel: threading.Event | None = None,
 ) -> dict[str, int]:
-    """Run this rank's share of `jobs` (job i on rank i mod world_size), skipping finished ones."""
+    """Run this rank's share of `jobs` (job i on rank i mod world_size), skipping finished ones. Setting `cancel`
+    stops after the current denoising step (`studio.errors.Cancelled`); finished PNGs stay, a rerun skips them."""
     from tqdm import tqdm
 
     from studio.configs import from_mapping
@@ -108,7 +111,7 @@ def run_batch(
     for job in bar:
         config = from_mapping(GenerateConfig, {**job.options, **({"device": device} if device else {})})
         pipe = cached_pipeline(config.model, resolve_device(config.device))
-        result = generate(config, pipe=pipe)
+        result = generate(config, pipe=pipe, cancel=cancel)
         files = job_files(job, out_dir)
         extra = {"job": job.index, "rank": rank, "world_size": world_size}
         try:

@@ -1,14 +1,17 @@
 """The Generate tab: `studio.generate` with its sampler, several images shown as a grid, PNG parameters read back.
 
 Images are written as `studio generate` writes them (`save_png`: A1111 `parameters` plus the studio's JSON), so a
-downloaded image carries its parameters, and dropping such a PNG (or an A1111 one) fills the form again.
+downloaded image carries its parameters, and dropping such a PNG (or an A1111 one) fills the form again. Requests
+wait in Gradio's queue (the page shows each one's place); Stop cancels a waiting request or stops a running one
+after its current step (`studio.ui.cancel`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from studio.generate import GenerateConfig, generate, save_result
 from studio.models import DEFAULT_MODEL
 from studio.pnginfo import a1111_text, read_parameters
 from studio.schedulers import SAMPLER_NAMES, SCHEDULERS
+from studio.ui.cancel import cancellable
 from studio.ui.errors import shows_errors
 from studio.ui.fields import form_values
 
@@ -35,11 +39,14 @@ def config_from_form(fields: dict[str, Any]) -> GenerateConfig:
 
 
 def run_generate(
-    fields: dict[str, Any], progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
+    fields: dict[str, Any],
+    progress: Callable[[int, int], None] | None = None,
+    out_dir: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[list[str], str, list[str]]:
     """Generate; returns (image paths, A1111 parameters text, downloadable files: the images and a grid)."""
     config = config_from_form(fields)
-    result = generate(config, progress=progress)
+    result = generate(config, progress=progress, cancel=cancel)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="studio-generate-"))
     files = [str(p) for p in save_result(result, out_dir / "image.png")]
     text = "\n\n".join(a1111_text(p) for p in result.params)
@@ -94,7 +101,9 @@ def build_generate_tab() -> None:
                 "size": gr.Textbox("", label="Size WxH (empty: the model's native)", elem_id="gen-size"),
                 "num_images": gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count"),
             }
-            button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+            with gr.Row():
+                button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+                stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
         with gr.Column():
             gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gen-gallery")
             info = gr.Textbox(label="Parameters", lines=4, elem_id="gen-info")
@@ -108,11 +117,15 @@ def build_generate_tab() -> None:
                 use = gr.Button("Use these parameters")
 
     @shows_errors
-    def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str, list]:  # noqa: B008
+    def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008
         fields = {name: values[component] for name, component in form.items()}
-        return run_generate(fields, progress=lambda step, total: progress((step, total), desc="denoising"))
 
-    button.click(
+        def work(cancel: threading.Event) -> tuple[list, str, list]:
+            return run_generate(fields, progress=lambda s, t: progress((s, t), desc="denoising"), cancel=cancel)
+
+        yield from cancellable(work, (gr.skip(), gr.skip(), gr.skip()))
+
+    running = button.click(
         on_generate,
         inputs=set(form.values()),
         outputs=[gallery, info, files],
@@ -120,6 +133,7 @@ def build_generate_tab() -> None:
         concurrency_id="pipeline",  # one shared pipeline cache with the Batch tab: one run at a time
         concurrency_limit=1,
     )
+    stop.click(None, cancels=[running])  # drops a waiting request; a running one stops after its step
 
     @shows_errors
     def on_drop(path: str | None) -> tuple[str, dict]:

@@ -1,8 +1,12 @@
-"""Training images uploaded in the page: checked (count, size, readable image), then copied into a dataset folder.
+"""Uploads in the page: training images (count, size, readable image), copied into a dataset folder; adapter files
+for the Library tab (size).
 
 The folder is `$STUDIO_LIBRARY/.datasets/<adapter name>` (hidden, so the library ignores it). It outlives the run,
 because resuming a stopped run needs the same `--images` folder. Same-named `.txt` files are captions, as in
 `studio train --images DIR`.
+
+Size limits: Gradio refuses any upload over `MAX_UPLOAD_BYTES` (the largest limit below) before it reaches the disk;
+each tab then holds its own files to their limit, with a message that says what to do.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from studio.paths import library_dir
 from trainers.data import CAPTION_SUFFIX, IMAGE_SUFFIXES, open_image
 
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per training image
 MAX_IMAGES = 200  # per dataset
+MAX_ADAPTER_BYTES = 2 * 1024**3  # per imported adapter file (an SDXL LoRA of rank 128 is about 0.9 GB)
+MAX_UPLOAD_BYTES = max(MAX_IMAGE_BYTES, MAX_ADAPTER_BYTES)  # Gradio's limit for any one upload
 
 
 def dataset_dir(name: str) -> Path:
@@ -61,6 +67,20 @@ def check_uploads(files: Sequence[str | Path] | None) -> list[Path]:
                 f"{path.name} is damaged or not an image; upload {', '.join(IMAGE_SUFFIXES)} files"
             ) from None
     return paths
+
+
+def check_adapter_upload(path: str | Path | None) -> Path:
+    """An uploaded adapter file for the Library tab's import, or a StudioError saying what to do."""
+    if not path:
+        raise StudioError("choose a .safetensors adapter file to import")
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_ADAPTER_BYTES:
+        raise StudioError(
+            f"{path.name} is {size / 2**30:.1f} GB; adapter files over {MAX_ADAPTER_BYTES / 2**30:.0f} GB are refused "
+            "in the page, so import it on the server with `studio library import FILE`"
+        )
+    return path
 
 
 def save_dataset(paths: Sequence[Path], folder: Path) -> Path:
