@@ -22,6 +22,7 @@ BENCHES = [
     "benches.fuzz",  # studio bench fuzz: mutated adapter files through import: clean errors, never crashes
     "benches.library_scale",  # studio bench library: 1,000 adapters: list, search, <lora:...>; killed writers
     "benches.ui_load",  # studio bench ui-load: 20 simultaneous requests, cancel, queue limit, upload limit
+    "benches.kill_resume",  # studio bench kill-resume: training SIGKILLed at seeded points resumes exactly
 ]
 
 
