@@ -21,6 +21,11 @@ BENCHES = [
     "benches.compose",  # studio bench compose: composers side by side on Shapes World pairs
     "benches.kernel",  # studio bench kernel: the fused adapter projection against its floor and PEFT
     "benches.gpu",  # studio bench gpu: generation and training speed on a GPU
+    "benches.memory",  # studio bench memory: the generation memory estimate against measured peak RSS
+    "benches.fuzz",  # studio bench fuzz: mutated adapter files through import: clean errors, never crashes
+    "benches.library_scale",  # studio bench library: 1,000 adapters: list, search, <lora:...>; killed writers
+    "benches.ui_load",  # studio bench ui-load: 20 simultaneous requests, cancel, queue limit, upload limit
+    "benches.kill_resume",  # studio bench kill-resume: training SIGKILLed at seeded points resumes exactly
 ]
 
 

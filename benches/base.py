@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from studio.atomic import atomic_write, write_json
+from studio.configs import finite_type
 from studio.errors import StudioError
 from studio.models import DEFAULT_MODEL
 from studio.world.grammar import IMAGE_SIZE, Scene, free_caption, parse_caption
@@ -260,7 +261,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument(
         "--guidance",
-        type=float,
+        type=finite_type("--guidance"),
         action="append",
         default=None,
         help="repeatable; default the model's recommended guidance and 7.5",

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from studio.configs import finite_type
 from studio.models import DEFAULT_MODEL
 
 
@@ -60,7 +61,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser = benches.add_parser("generate", help="seconds per image (median after a warm-up) and process start")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=None, help="default the model's recommended one")
+    parser.add_argument("--guidance", type=finite_type("--guidance"), default=None,
+                        help="default the model's recommended one")
     parser.add_argument("--size", default=None, help="WxH, default the model's native size")
     parser.add_argument("--runs", type=int, default=10)
     parser.set_defaults(func=lambda args: print(json.dumps(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from studio.configs import finite
 from studio.errors import StudioError
 from studio.library import Library
 
@@ -36,10 +37,7 @@ def parse_schedule(text: str) -> Schedule:
         return constant
     parts = text.split(":")
     if parts[0] == "linear" and len(parts) == 3:
-        try:
-            return linear(float(parts[1]), float(parts[2]))
-        except ValueError:
-            pass
+        return linear(finite(parts[1], "--schedule START"), finite(parts[2], "--schedule END"))
     raise StudioError(f"unknown schedule {text!r}; write constant or linear:START:END (e.g. linear:1:0)")
 
 
@@ -57,7 +55,7 @@ class AdapterSet:
             raise StudioError(f"{len(self.names)} adapters but {len(self.weights)} weights; give one per adapter")
         if len(set(self.names)) != len(self.names):
             raise StudioError(f"an adapter is named twice in {','.join(self.names)}; name each adapter once")
-        self.weights = [float(w) for w in self.weights]
+        self.weights = [float(finite(w, f"the weight of {n!r}")) for n, w in zip(self.names, self.weights)]
         self.schedules = list(self.schedules) or [constant] * len(self.names)
         if len(self.schedules) != len(self.names):
             raise StudioError(f"{len(self.names)} adapters but {len(self.schedules)} schedules")
@@ -69,9 +67,9 @@ class AdapterSet:
         for item in filter(None, (s.strip() for s in text.split(","))):
             name, _, weight = item.partition(":")
             try:
-                pairs.append((name.strip(), float(weight) if weight else 1.0))
-            except ValueError as err:
-                raise StudioError(f"bad weight in {item!r}; write NAME or NAME:0.8") from err
+                pairs.append((name.strip(), finite(weight, "the weight") if weight else 1.0))
+            except StudioError as err:
+                raise StudioError(f"bad weight in {item!r}: {err}; write NAME or NAME:0.8") from None
         pairs += list(extra)
         return cls([n for n, _ in pairs], [w for _, w in pairs])
 

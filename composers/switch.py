@@ -17,6 +17,7 @@ import torch
 from composers.activation import activate, step_of, wrap_forward
 from composers.adapter_set import AdapterSet
 from composers.handle import Handle
+from studio.configs import check_numbers
 from studio.errors import StudioError
 
 
@@ -33,6 +34,7 @@ class SwitchConfig:
     )
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.tau < 1:
             raise StudioError(f"--tau must be at least 1, got {self.tau}")
 

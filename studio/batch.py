@@ -11,12 +11,14 @@ Each PNG records its job index and the rank that made it.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.errors import StudioError
+from studio.atomic import disk_full
+from studio.errors import DiskFull, StudioError
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,10 @@ def run_batch(
     device: str | None = None,
     on_image: Callable[[Path], None] | None = None,
     progress: bool = True,
+    cancel: threading.Event | None = None,
 ) -> dict[str, int]:
-    """Run this rank's share of `jobs` (job i on rank i mod world_size), skipping finished ones."""
+    """Run this rank's share of `jobs` (job i on rank i mod world_size), skipping finished ones. Setting `cancel`
+    stops after the current denoising step (`studio.errors.Cancelled`); finished PNGs stay, a rerun skips them."""
     from tqdm import tqdm
 
     from studio.configs import from_mapping
@@ -107,15 +111,20 @@ def run_batch(
     for job in bar:
         config = from_mapping(GenerateConfig, {**job.options, **({"device": device} if device else {})})
         pipe = cached_pipeline(config.model, resolve_device(config.device))
-        result = generate(config, pipe=pipe)
+        result = generate(config, pipe=pipe, cancel=cancel)
         files = job_files(job, out_dir)
         extra = {"job": job.index, "rank": rank, "world_size": world_size}
-        for image, params, path in zip(result.images, result.params, files):
-            if not path.is_file():  # a restarted job never rewrites a finished file
-                save_png(image, path, {**params, **extra})
-                if on_image is not None:
-                    on_image(path)
-        if len(files) > len(result.images) and not files[-1].is_file():
-            save_png(make_grid(result.images), files[-1], {**result.params[0], **extra})
+        try:
+            for image, params, path in zip(result.images, result.params, files):
+                if not path.is_file():  # a restarted job never rewrites a finished file
+                    save_png(image, path, {**params, **extra})
+                    if on_image is not None:
+                        on_image(path)
+            if len(files) > len(result.images) and not files[-1].is_file():
+                save_png(make_grid(result.images), files[-1], {**result.params[0], **extra})
+        except DiskFull as err:  # every PNG written so far is whole; the rerun skips the finished jobs
+            raise disk_full(err.path, f"{Path(err.path).name} (job on line {job.line}) was not written; "
+                            f"{counts['skipped'] + counts['made']} of this run's {len(mine)} jobs are done and kept",
+                            "run the same command again (finished jobs are skipped)") from None
         counts["made"] += 1
     return counts

@@ -2,6 +2,11 @@
 
 Image i of a run uses its own CPU generator seeded `seed + i`, so an image is reproducible on its own (A1111's
 convention) and identical across processes and machines for the same model, device and dtype.
+
+Before anything is allocated the memory the request needs is estimated (`studio.memory`): a request that cannot fit
+is refused with the estimate and the free memory, one that fits only with diffusers' VAE tiling / attention slicing
+gets them (recorded in each PNG, since tiles change the pixels slightly), and an out-of-memory error while sampling
+is retried once with them, then reported with the settings to lower.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +26,15 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from studio.configs import check_numbers
 from studio.cuda_graphs import graphed_unet
-from studio.errors import StudioError
+from studio.errors import Cancelled, StudioError
+from studio.memory import MemoryPlan, is_out_of_memory, memory_savers, plan_memory, release_memory
 from studio.models import DEFAULT_MODEL, load_pipeline
 from studio.prompt_tags import split_lora_tags
 from studio.prompts import encode_prompt
 from studio.schedulers import SCHEDULERS, make_scheduler, scheduler_name
+from studio.sizes import human
 
 
 DEFAULT_GUIDANCE = 7.5  # diffusers' default, for models that recommend none
@@ -54,8 +63,15 @@ class GenerateConfig:
     cuda_graphs: bool = field(default=True, metadata={
         "help": "on a GPU, replay each denoising step as one recorded CUDA graph where nothing alters the UNet "
                 "between steps (no-: plain launches)"})
+    attention_slicing: bool | None = field(default=None, metadata={
+        "help": "compute attention one head at a time (diffusers' attention slicing; helps where attention is not "
+                "already memory-efficient); default: on when the memory estimate needs it"})
+    vae_tiling: bool | None = field(default=None, metadata={
+        "help": "decode in overlapping tiles, one image at a time (diffusers' VAE tiling and slicing): large sizes "
+                "in little memory; default: on when the memory estimate needs it"})
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # NaN / infinity refused, naming the flag
         if self.steps < 1:
             raise StudioError(f"--steps must be at least 1, got {self.steps}")
         if self.num_images < 1:
@@ -149,6 +165,16 @@ def native_size(pipe: DiffusionPipeline) -> tuple[int, int]:
     return side, side
 
 
+def memory_plan(config: GenerateConfig, pipe: DiffusionPipeline, free_memory: int | None = None) -> MemoryPlan:
+    """The memory `config` needs on `pipe`'s device and the savers it runs with, or a StudioError when it cannot fit
+    (`studio.memory.plan_memory`); the CLI asks before its progress bar, `generate` before any work."""
+    width, height = parse_size(config.size) if config.size else native_size(pipe)
+    guidance = config.guidance if config.guidance is not None else model_guidance(pipe)
+    where = str(pipe.device)  # a caller's pipeline (a training run's) may live elsewhere than config.device
+    return plan_memory(pipe, width, height, config.num_images, guidance > 1.0, where,
+                       attention_slicing=config.attention_slicing, vae_tiling=config.vae_tiling, free=free_memory)
+
+
 def generate(
     config: GenerateConfig,
     *,
@@ -157,12 +183,15 @@ def generate(
     output_type: str = "pil",
     prompts: list[str] | None = None,
     seeds: list[int] | None = None,
+    cancel: threading.Event | None = None,
+    free_memory: int | None = None,
 ) -> GenerateResult:
     """Make `config.num_images` images. `progress(step, total)` is called after every denoising step.
 
     `output_type` is diffusers': "pil" (the default), or "np" / "pt" for float images in [0, 1]. `prompts` gives
     each image its own prompt in one batch (`config.num_images` of them; `<lora:...>` tags only in `config.prompt`),
-    `seeds` its own seed (default `config.seed + i` for image i).
+    `seeds` its own seed (default `config.seed + i` for image i). Setting `cancel` stops the run after the current
+    step with `studio.errors.Cancelled`. `free_memory` (bytes) replaces the device's free memory in the check.
     """
     if prompts is not None and len(prompts) != config.num_images:
         raise StudioError(f"{len(prompts)} prompts for {config.num_images} images")
@@ -178,39 +207,78 @@ def generate(
     guided = guidance > 1.0
     rescale = config.guidance_rescale if config.guidance_rescale is not None else model_setting(
         pipe, "guidance_rescale", 0.0)
+    plan = memory_plan(config, pipe, free_memory)  # refuses what cannot fit, before any work
     prompt, tags = split_lora_tags(config.prompt)  # A1111 `<lora:name:w>` tags select library adapters
     with prompt_adapters(pipe, tags) as active:
         texts = prompts if prompts is not None else prompt
         embeds = encode_prompt(pipe, texts, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
         def on_step_end(_pipe: DiffusionPipeline, step: int, _t: Any, kwargs: dict) -> dict:
             if progress is not None:
                 progress(step + 1, config.steps)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"generation cancelled after step {step + 1} of {config.steps}")
             return {}
 
-        with torch.inference_mode(), graphed_unet(pipe, config.cuda_graphs):
-            images = pipe(
-                **embeds.as_pipeline_kwargs(),
-                num_inference_steps=config.steps,
-                guidance_scale=guidance,
-                **({"guidance_rescale": rescale} if rescale > 0 else {}),
-                output_type=output_type,
-                width=width,
-                height=height,
-                num_images_per_prompt=1 if prompts is not None else config.num_images,
-                generator=generators,
-                callback_on_step_end=on_step_end,
-            ).images
+        def sample(plan: MemoryPlan) -> Any:
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            with torch.inference_mode(), memory_savers(pipe, plan), graphed_unet(pipe, config.cuda_graphs):
+                return pipe(
+                    **embeds.as_pipeline_kwargs(),
+                    num_inference_steps=config.steps,
+                    guidance_scale=guidance,
+                    **({"guidance_rescale": rescale} if rescale > 0 else {}),
+                    output_type=output_type,
+                    width=width,
+                    height=height,
+                    num_images_per_prompt=1 if prompts is not None else config.num_images,
+                    generator=generators,
+                    callback_on_step_end=on_step_end,
+                ).images
+
+        images, plan = _sample_within_memory(sample, plan, config, pipe, f"{width}x{height}")
     base = dataclasses.asdict(config)
     base.update(guidance=guidance, guidance_rescale=rescale, size=f"{width}x{height}",
                 scheduler=scheduler_name(pipe.scheduler), device=device,
+                attention_slicing=plan.attention_slicing, vae_tiling=plan.vae_tiling,
                 adapters=[{"name": n, "weight": w} for n, w in active.items()])
     base["version"] = _version()
     params = [{**base, "seed": s, "num_images": 1} for s in seeds]
     for record, text in zip(params, prompts or []):
         record["prompt"] = text
     return GenerateResult(images, params)
+
+
+def _sample_within_memory(
+    sample: Callable[[MemoryPlan], Any], plan: MemoryPlan, config: GenerateConfig, pipe: DiffusionPipeline, size: str
+) -> tuple[Any, MemoryPlan]:
+    """`sample(plan)`; on an out-of-memory error, once more with every saver the config allows, else a StudioError
+    that says what to lower."""
+    from studio.memory import savers_offered
+
+    slicing, tiling = savers_offered(pipe)
+    retry = dataclasses.replace(
+        plan,
+        attention_slicing=plan.attention_slicing or (config.attention_slicing is None and slicing),
+        vae_tiling=plan.vae_tiling or (config.vae_tiling is None and tiling),
+    )
+    for attempt in (plan, retry):
+        if attempt is retry and retry == plan:
+            break
+        try:
+            return sample(attempt), attempt
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            release_memory(plan.device)
+    on = [f"--{n}" for n, v in (("attention-slicing", retry.attention_slicing), ("vae-tiling", retry.vae_tiling)) if v]
+    off = [f"--{n}" for n, v, ok in (("attention-slicing", retry.attention_slicing, slicing),
+                                      ("vae-tiling", retry.vae_tiling, tiling)) if ok and not v]
+    raise StudioError(
+        f"out of memory on {plan.device} making {config.num_images} image(s) at {size} (estimated "
+        f"{human(plan.total)}, {human(plan.free)} free when it started{'; with ' + ' '.join(on) if on else ''}); "
+        f"lower --size or --num-images{' or pass ' + ' '.join(off) if off else ''}"
+    ) from None
 
 
 def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from studio.configs import finite
 from studio.errors import StudioError
 
 
@@ -19,9 +20,9 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     for match in _TAG.finditer(prompt):
         name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
         try:
-            adapters.append((name, float(weight)))
-        except ValueError as err:
-            raise StudioError(f"bad weight in {match.group(0)!r}: write <lora:{name}:0.8>") from err
+            adapters.append((name, finite(weight, "the weight")))
+        except StudioError as err:
+            raise StudioError(f"bad weight in {match.group(0)!r}: {err}; write <lora:{name}:0.8>") from None
     text = _TAG.sub("", prompt)
     text = re.sub(r"\s+([,.])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,")
     return text, adapters

@@ -31,6 +31,11 @@ def test_cli_defaults_to_loopback_and_parses_auth() -> None:
     assert app.parse_args(["--auth", "ann:se:cret"]).auth_pair == ("ann", "se:cret")
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", "no-colon"])
+    assert app.parse_args([]).queue_size == 64 and app.parse_args([]).max_upload == 2048
+    assert app.parse_args(["--queue-size", "5", "--max-upload", "0.5"]).queue_size == 5
+    for bad in (["--queue-size", "0"], ["--max-upload", "0"], ["--max-upload", "inf"]):
+        with pytest.raises(SystemExit):
+            app.parse_args(bad)
 
 
 def test_every_tab_is_in_the_page() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.configs import check_numbers
 from studio.errors import StudioError
 from studio.library.store import check_name
 from studio.models import DEFAULT_MODEL
@@ -113,6 +114,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         check_name(self.name)
         if (not self.trigger.strip() and not self.world_scenes) or self.trigger != self.trigger.strip():
             raise StudioError(f"--trigger must be a non-empty word without surrounding spaces, got {self.trigger!r}")

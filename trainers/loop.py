@@ -32,13 +32,14 @@ from torch import nn
 
 from studio import atomic
 from studio.distributed import wait_for_everyone
-from studio.errors import StudioError
+from studio.errors import DiskFull, StudioError
+from trainers.checkpoint import CHECKPOINT, read_checkpoint, remove_stale_temporaries, write_checkpoint
 from trainers.config import TrainConfig
 from trainers.data import TrainData
 from trainers.method import Method
+from trainers.objective import diffusion_loss, min_snr_weights, training_target
 
 
-CHECKPOINT = "checkpoint.pt"
 SYNC_EVERY = 25  # optimizer steps between host reads of the loss on a GPU
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _DATA, _CLASS, _NOISE, _GLOBAL = 0, 1, 2, 3  # generator streams
@@ -72,53 +73,6 @@ class LoopResult:
     run_dir: Path
     samples: list[Any] = field(default_factory=list)  # previews of the finished run, one per sample prompt
     sample_prompts: list[str] = field(default_factory=list)
-
-
-def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict, from `scheduler.config.prediction_type`."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0
-    if kind == "sample":
-        return latents
-    raise StudioError(f"the model's scheduler predicts {kind!r}; training supports epsilon, v_prediction and sample")
-
-
-def diffusion_loss(
-    pred: torch.Tensor, target: torch.Tensor, n_prior: int = 0, prior_weight: float = 1.0,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """MSE; the last `n_prior` samples are class images, adding prior_weight * their MSE (DreamBooth Eq. 2).
-
-    `weights` (B,) scales each sample's squared error (Min-SNR-gamma); None is the plain mean.
-    """
-    pred, target = pred.float(), target.float()
-    per = (pred - target).pow(2).flatten(1).mean(1)  # (B,)
-    if weights is not None:
-        per = per * weights
-    if not n_prior:
-        return per.mean()
-    n = pred.shape[0] - n_prior
-    return per[:n].mean() + prior_weight * per[n:].mean()
-
-
-def min_snr_weights(scheduler: Any, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al., arXiv:2303.09556, eq. 8-9), (B,) for timesteps t.
-
-    The x0-loss weight min(SNR_t, gamma) expressed for what the UNet predicts: epsilon min(SNR, gamma) / SNR,
-    v min(SNR, gamma) / (SNR + 1), x0 min(SNR, gamma). SNR_t = abar_t / (1 - abar_t).
-    """
-    abar = scheduler.alphas_cumprod.to(t.device)[t].float()
-    snr = abar / (1 - abar)
-    clipped = snr.clamp(max=gamma)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return clipped / snr
-    if kind == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped
 
 
 def seeded(seed: int, *keys: int) -> torch.Generator:
@@ -485,27 +439,32 @@ class Loop:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "grads": grads if self.window else {},
             }
-            atomic.atomic_write(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-            atomic.write_json(self.run_dir / "losses.json", self.losses)
-            series = loss_series(self.losses, checkpoint=self.step)
-            draw_loss(series, self.run_dir / "loss.png", title="training loss (MSE)")
+            try:
+                write_checkpoint(self.run_dir, state)
+                atomic.write_json(self.run_dir / "losses.json", self.losses)
+                series = loss_series(self.losses, checkpoint=self.step)
+                draw_loss(series, self.run_dir / "loss.png", title="training loss (MSE)")
+            except DiskFull as err:  # the previous checkpoint is whole (atomic writes); stop and say where it is
+                kept = (f"the checkpoint of step {self.saved_step} is kept in {self.run_dir}" if self.saved_step
+                        is not None else "no checkpoint was written yet")
+                raise atomic.disk_full(err.path, f"the checkpoint of step {self.step} was not written and training "
+                                       f"stopped; {kept}", "continue with --resume latest") from None
         self.saved_step = self.step
         if self.callbacks.on_checkpoint and self.accelerator.is_main_process:
             self.callbacks.on_checkpoint(self.step)
 
     def load(self) -> None:
-        path = self.run_dir / CHECKPOINT
-        if not path.is_file():
-            raise StudioError(f"{self.run_dir} holds no checkpoint to resume; start the run without --resume")
+        remove_stale_temporaries(self.run_dir)  # a run killed mid-write left its temporary file
+        state = read_checkpoint(self.run_dir)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             self.method.load_state_dict(state["method"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         except StudioError:
             raise
-        except Exception as err:  # damaged file, or a checkpoint of another method or shape
-            raise StudioError(f"{path} cannot be resumed ({err}); delete {self.run_dir} to start again") from None
+        except Exception as err:  # a checkpoint of another method or shape
+            raise StudioError(f"{self.run_dir / CHECKPOINT} cannot be resumed ({err}); delete {self.run_dir} to start "
+                              "again") from None
         for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, self.base_lrs)):
             old = self.lr_scheduler.base_lrs[i]
             if old != lr:  # resumed with another --lr (e.g. after a divergence): rescale the schedule

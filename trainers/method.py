@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from studio.configs import check_numbers
 from studio.errors import StudioError
 from studio.library.meta import AdapterMeta
 
@@ -43,6 +44,7 @@ class MethodConfig:
     lr: float = field(default=1e-4, metadata={"help": "learning rate (default: the method's paper value)"})
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # every method's fields: subclasses call this first
         if not self.lr > 0:
             raise StudioError(f"--lr must be positive, got {self.lr}")
 

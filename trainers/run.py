@@ -16,6 +16,7 @@ from typing import Any
 
 from studio import atomic
 from studio.errors import StudioError
+from trainers.checkpoint import remove_stale_temporaries
 from trainers.config import RESUMABLE_CHANGES, TrainConfig
 from trainers.loop import Callbacks, Cancel, train_loop
 from trainers.method import Method, MethodConfig
@@ -60,6 +61,8 @@ def _prepare_run_dir(method: MethodConfig, config: TrainConfig) -> tuple[Path, b
     """(run folder, resume?) after checking that a resumed run was started with the same settings."""
     resume = config.resume
     run_dir = config.default_run_dir() if resume in (None, "latest") else Path(resume)
+    if run_dir.is_dir():
+        remove_stale_temporaries(run_dir)  # a run killed inside a write, even its first checkpoint's
     saved_path, has_checkpoint = run_dir / "config.json", (run_dir / "checkpoint.pt").is_file()
     if resume is None:
         if has_checkpoint and not config.overwrite:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import composers
-    from studio.generate import GenerateConfig, cached_pipeline, output_paths, resolve_device, save_result
+    from studio.generate import GenerateConfig, cached_pipeline, memory_plan, output_paths, resolve_device, save_result
 
     args.prompt, adapters, composer_config = composers.from_options(
         args.prompt, args.adapters, args.composer, tau=args.tau, order=args.order, fused=args.fused,
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     config = from_namespace(GenerateConfig, args)
     output_paths(args.out, config.num_images)  # a bad --out fails before any work
     pipe = cached_pipeline(config.model, resolve_device(config.device))  # load (and fail) before the progress bar
+    memory_plan(config, pipe)  # and refuse what cannot fit in memory
     with tqdm(total=config.steps, desc=f"compose ({args.composer})", unit="step") as bar:
         result = composers.compose(
             config,

@@ -19,11 +19,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from studio.generate import GenerateConfig, cached_pipeline, generate, output_paths, resolve_device, save_result
+    from studio.generate import (
+        GenerateConfig,
+        cached_pipeline,
+        generate,
+        memory_plan,
+        output_paths,
+        resolve_device,
+        save_result,
+    )
 
     config = from_namespace(GenerateConfig, args)
     output_paths(args.out, config.num_images)  # a bad --out fails before any work
-    cached_pipeline(config.model, resolve_device(config.device))  # load (and fail) before the progress bar
+    pipe = cached_pipeline(config.model, resolve_device(config.device))  # load (and fail) before the progress bar
+    memory_plan(config, pipe)  # a request that cannot fit in memory fails before the progress bar too
     with tqdm(total=config.steps, desc="generate", unit="step") as bar:
         result = generate(config, progress=lambda step, total: bar.update(step - bar.n))
     for path in save_result(result, args.out):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from studio.configs import finite
 from studio.errors import StudioError
 
 
@@ -111,9 +112,9 @@ def parse_sources(text: str) -> list[tuple[str, float]]:
     for part in text.split(","):
         name, _, weight = part.strip().partition(":")
         try:
-            out.append((name, float(weight) if weight else 1.0))
-        except ValueError:
-            raise StudioError(f"bad weight in {part!r}; write NAME:WEIGHT, e.g. corgi:0.8") from None
+            out.append((name, finite(weight, "the weight") if weight else 1.0))
+        except StudioError as err:
+            raise StudioError(f"bad weight in {part!r}: {err}; write NAME:WEIGHT, e.g. corgi:0.8") from None
     return out
 
 

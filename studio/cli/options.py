@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-from studio.configs import base_type, from_mapping
+from studio.configs import base_type, finite_type, from_mapping
 
 
 T = TypeVar("T")
@@ -31,7 +31,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, requi
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["default"] = field.default
         else:
-            kwargs["type"] = kind if kind in (int, float, str) else str
+            # numbers through `finite`: one-line errors naming the flag, NaN and infinity refused
+            kwargs["type"] = finite_type(flag, kind) if kind in (int, float) else str
             kwargs["metavar"] = field.metadata.get("metavar", field.name.upper())
             if field.name in required:
                 kwargs["required"] = True

@@ -16,7 +16,7 @@ import typing
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from studio.cli.options import add_dataclass_arguments
-    from studio.configs import base_type
+    from studio.configs import base_type, finite_type
     from trainers import METHODS, TrainConfig
 
     parser = subparsers.add_parser(
@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
+            kind = finite_type(flag, kind) if kind in (int, float) else kind
             group.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=help_text)
     parser.set_defaults(func=run)
 

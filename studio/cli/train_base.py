@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from studio.configs import finite_type
 from studio.errors import StudioError
 from trainers.recipes.base import REHEARSAL, BaseTrainConfig, BaseTrainer
 
@@ -55,21 +56,23 @@ def register_train_base(sub) -> None:  # noqa: ANN001 (argparse subparsers)
     p.add_argument("--run", default="runs/studio-tiny", help="run folder (checkpoint, samples, loss curve)")
     p.add_argument("--steps", type=int, default=None, help="total steps (default 6000)")
     p.add_argument("--batch-size", type=int, default=None, help="default 64")
-    p.add_argument("--lr", type=float, default=None, help="default 3e-4")
+    p.add_argument("--lr", type=finite_type("--lr"), default=None, help="default 3e-4")
     p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default 300)")
-    p.add_argument("--snr-gamma", type=float, default=None,
+    p.add_argument("--snr-gamma", type=finite_type("--snr-gamma"), default=None,
                    help="Min-SNR-gamma loss weights (default 5; 0: the plain loss, which --zero-snr runs need: the "
                         "v-prediction weight min(SNR, gamma)/(SNR+1) is 0 at the pure-noise step)")
     p.add_argument("--max-objects", type=int, default=None, help="objects per scene, 1 to this (default 3)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train-text-encoder", action="store_true", help="train the text tower too")
-    p.add_argument("--text-lr-scale", type=float, default=None, help="text tower lr as a fraction of --lr (0.1)")
+    p.add_argument("--text-lr-scale", type=finite_type("--text-lr-scale"), default=None,
+                   help="text tower lr as a fraction of --lr (0.1)")
     p.add_argument("--zero-snr", action="store_true",
                    help="zero terminal SNR, v-prediction, trailing steps (arXiv:2305.08891)")
     p.add_argument("--init", type=Path, default=None, help="start the UNet from this model folder (a second stage)")
     p.add_argument("--init-text-encoder", action="store_true", help="start the text encoder from --init too")
     p.add_argument("--max-length", type=int, default=None, help="tokenizer context in tokens (default 77)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
+    p.add_argument("--max-minutes", type=finite_type("--max-minutes"), default=None,
+                   help="stop (checkpointed) after this long")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU when there is one")
     p.add_argument("--rehearsal", action="store_true", help="the whole recipe at a small scale, on the CPU")

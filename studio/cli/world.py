@@ -14,6 +14,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from studio.configs import finite_type
 from studio.errors import StudioError
 
 
@@ -144,7 +145,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=f"train the world's {name.split('-')[1].upper()} on the CPU (fp16 output)")
         p.add_argument("--steps", type=_positive, default=steps)
         p.add_argument("--batch-size", type=_positive, default=batch)
-        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--lr", type=finite_type("--lr"), default=lr)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=_positive, default=2)
         p.add_argument("--out", default=None, help="output folder (default: the shipped one in assets/)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,30 +41,86 @@ CARD_NAME = "README.md"
 TRAIN_CONFIG_NAME = "train_config.json"
 
 
+def _dims(module: str, name: str, t: torch.Tensor, allowed: tuple[int, ...]) -> None:
+    if t.dim() not in allowed:
+        dims = " or ".join(map(str, allowed))
+        raise StudioError(f"module {module!r}: {name} has shape {list(t.shape)}, not {dims}-D")
+
+
+def check_module(module: str, params: dict[str, torch.Tensor], peft_type: str) -> None:
+    """Refuse one module's tensors unless they are a whole LoRA pair or LoKr factor set whose shapes fit together,
+    floating-point, non-empty and finite; the message names the module and what is wrong.
+
+    LoRA: A (r, in) and B (out, r), or A (r, in, kh, kw) and B (out, r, 1, 1) for a convolution. LoKr: w1 (a, c) or
+    w1_a (a, r) @ w1_b (r, c); w2 (b, d[, kh, kw]), w2_a (b, r) @ w2_b (r, d...), or the CP form t2 (r, r, kh, kw)
+    with w2_a (r, b) and w2_b (r, d) (PEFT's `make_weight_cp`).
+    """
+    for name, t in params.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise StudioError(f"module {module!r}: {name} is not a floating-point tensor")
+        if t.numel() == 0:
+            raise StudioError(f"module {module!r}: {name} is empty (shape {list(t.shape)})")
+        if not torch.isfinite(t).all():
+            raise StudioError(f"module {module!r}: {name} holds NaN or infinite values; the adapter is damaged")
+    if peft_type == "LORA":
+        if set(params) != {"lora_A.weight", "lora_B.weight"}:
+            raise StudioError(f"module {module!r} needs both lora_A.weight and lora_B.weight")
+        a, b = params["lora_A.weight"], params["lora_B.weight"]
+        _dims(module, "lora_A", a, (2, 4))
+        _dims(module, "lora_B", b, (a.dim(),))
+        if a.shape[0] != b.shape[1] or b.shape[2:] not in ((), (1, 1)):
+            raise StudioError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
+                              "(A is (r, in...), B is (out, r[, 1, 1]))")
+        return
+    has1 = "lokr_w1" in params or {"lokr_w1_a", "lokr_w1_b"} <= set(params)
+    has2 = "lokr_w2" in params or {"lokr_w2_a", "lokr_w2_b"} <= set(params)
+    if not (has1 and has2) or not set(params) <= set(LOKR_PARAMS):
+        raise StudioError(f"module {module!r} has an incomplete set of LoKr factors: {sorted(params)}")
+    for name, t in params.items():
+        _dims(module, name, t, (2, 4) if name in ("lokr_w2", "lokr_t2") else (2,))
+    pairs = [("lokr_w1_a", 1, "lokr_w1_b", 0)]
+    if "lokr_t2" in params:
+        t2 = params["lokr_t2"]
+        _dims(module, "lokr_t2", t2, (4,))
+        pairs += [("lokr_t2", 0, "lokr_w2_a", 0), ("lokr_t2", 1, "lokr_w2_b", 0)]
+    else:
+        pairs.append(("lokr_w2_a", 1, "lokr_w2_b", 0))
+    for first, i, second, j in pairs:
+        if first in params and second in params and params[first].shape[i] != params[second].shape[j]:
+            raise StudioError(f"module {module!r}: {first} {list(params[first].shape)} and {second} "
+                              f"{list(params[second].shape)} do not fit")
+
+
 def validate_state_dict(state_dict: dict[str, torch.Tensor], peft_type: str) -> None:
-    """Refuse tensors that are not a complete LoRA / LoKr adapter, naming the first bad key."""
+    """Refuse tensors that are not a complete LoRA / LoKr adapter (see `check_module`), naming the first bad key."""
     if not state_dict:
         raise StudioError("the adapter has no tensors; nothing to save")
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise StudioError(f"tensor {key!r} is not a floating-point tensor")
         component, module, param = split_key(key)
         if (peft_type == "LORA") != param.startswith("lora_"):
             raise StudioError(f"tensor {key!r} does not belong in a {peft_type} adapter")
         by_module.setdefault(f"{component}.{module}", {})[param] = tensor
     for module, params in by_module.items():
-        if peft_type == "LORA":
-            if set(params) != {"lora_A.weight", "lora_B.weight"}:
-                raise StudioError(f"module {module!r} needs both lora_A.weight and lora_B.weight")
-            a, b = params["lora_A.weight"], params["lora_B.weight"]
-            if a.shape[0] != b.shape[1]:
-                raise StudioError(f"module {module!r}: lora_A rank {a.shape[0]} != lora_B rank {b.shape[1]}")
-        else:
-            has1 = "lokr_w1" in params or {"lokr_w1_a", "lokr_w1_b"} <= set(params)
-            has2 = "lokr_w2" in params or {"lokr_w2_a", "lokr_w2_b"} <= set(params)
-            if not (has1 and has2) or not set(params) <= set(LOKR_PARAMS):
-                raise StudioError(f"module {module!r} has an incomplete set of LoKr factors: {sorted(params)}")
+        check_module(module, params, peft_type)
+
+
+def validate_meta(state_dict: dict[str, torch.Tensor], meta: AdapterMeta) -> None:
+    """Refuse ranks and alphas that disagree with the tensors: every module has a positive whole rank, equal to the
+    tensors' inner size where the tensors have one (LoRA's A rows, LoKr's decomposed factors), and a finite alpha.
+    A declared rank is what PEFT allocates when the adapter loads, so a wrong one must never reach the library."""
+    for module in modules_of(state_dict):
+        r, alpha = meta.ranks.get(module), meta.alphas.get(module)
+        if r is None or alpha is None:
+            raise StudioError(f"AdapterMeta has no alpha/rank for module {module!r}; fill meta.alphas and meta.ranks")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise StudioError(f"module {module!r}: rank {r!r} is not a positive whole number")
+        if not isinstance(alpha, int | float) or not math.isfinite(alpha):
+            raise StudioError(f"module {module!r}: alpha {alpha!r} is not a finite number")
+        inner = [state_dict[f"{module}.{k}"].shape[0] for k in ("lora_A.weight", "lokr_w1_b", "lokr_w2_b")
+                 if f"{module}.{k}" in state_dict]
+        if any(n != r for n in inner):
+            raise StudioError(f"module {module!r}: the config says rank {r} but the tensors have rank {inner[0]}")
 
 
 def build_config(meta: AdapterMeta, modules: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,11 +157,9 @@ def save_adapter(
 ) -> None:
     """Write an adapter folder. Each file is written atomically; `Library.add` stages the whole folder."""
     validate_state_dict(state_dict, meta.peft_type)
+    validate_meta(state_dict, meta)
     folder = Path(folder)
     modules = modules_of(state_dict)
-    missing = [m for m in modules if m not in meta.alphas or m not in meta.ranks]
-    if missing:
-        raise StudioError(f"AdapterMeta has no alpha/rank for module {missing[0]!r}; fill meta.alphas and meta.ranks")
     config, studio = build_config(meta, modules)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     atomic.write_bytes(folder / WEIGHTS_NAME, save(tensors, metadata=safetensors_metadata(meta, studio["components"])))
@@ -181,7 +236,11 @@ def read_meta(folder: Path) -> tuple[AdapterMeta, list[str]]:
 def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
     meta, _ = read_meta(folder)
     tensors, _ = load_safetensors(Path(folder) / WEIGHTS_NAME)
-    validate_state_dict(tensors, meta.peft_type)
+    try:
+        validate_state_dict(tensors, meta.peft_type)
+        validate_meta(tensors, meta)
+    except StudioError as err:
+        raise StudioError(f"{folder}: {err}; re-import the adapter or remove it") from None
     return tensors, meta
 
 

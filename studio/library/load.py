@@ -17,6 +17,7 @@ import torch
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from studio.configs import finite
 from studio.errors import StudioError
 from studio.library.compat import align_names, check_compatible
 from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, peft_config
@@ -98,7 +99,7 @@ def load_adapters(
     StudioError naming the module); another checkpoint of the same architecture gives a warning.
     """
     names = list(names)
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(names) if weights is None else [float(finite(w, "an adapter weight")) for w in weights]
     if len(weights) != len(names):
         raise StudioError(f"got {len(names)} adapter names but {len(weights)} weights; give one weight per adapter")
     if len(set(names)) != len(names):
@@ -111,7 +112,15 @@ def load_adapters(
         entry = library.get(name)
         state_dict, meta = align_names(pipe, entry.state_dict(), entry.meta)
         check_compatible(pipe, name, meta, state_dict)
-        inject(pipe, name, state_dict, meta)
+        try:
+            inject(pipe, name, state_dict, meta)
+        except Exception as err:  # PEFT refused part-way (a layout it builds otherwise): take the half-adapter out
+            unload_adapters(pipe, [name])
+            if isinstance(err, StudioError):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StudioError(f"adapter {name!r} does not load into this pipeline ({first}); re-import it from its "
+                              "original file") from None
         loaded[name] = 1.0
     loaded.update(dict(zip(names, weights)))
     set_weights(pipe, loaded)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from peft.utils.other import get_pattern_key
 
+from studio.configs import finite
 from studio.errors import StudioError
 
 
@@ -152,11 +153,25 @@ def ranks_alphas_from_configs(
         if component not in configs:
             raise StudioError(f"adapter_config.json has no config for component {component!r} (module {full})")
         cfg = configs[component]
-        rank_key = get_pattern_key(list(cfg.get("rank_pattern") or {}), name)
-        alpha_key = get_pattern_key(list(cfg.get("alpha_pattern") or {}), name)
+        if not isinstance(cfg, dict):
+            raise StudioError(f"the {component} config is not a JSON object; re-export the adapter")
+        patterns = {}
+        for key in ("rank_pattern", "alpha_pattern"):
+            patterns[key] = cfg.get(key) or {}
+            if not isinstance(patterns[key], dict):
+                raise StudioError(f"the {component} config's {key} is not a JSON object of name: number")
+        try:
+            rank_key = get_pattern_key(list(patterns["rank_pattern"]), name)
+            alpha_key = get_pattern_key(list(patterns["alpha_pattern"]), name)
+        except re.error as err:
+            raise StudioError(f"the {component} config has a pattern that is not a regular expression ({err})") \
+                from None
         default_alpha = cfg.get("lora_alpha", cfg.get("alpha", cfg.get("r", 8)))
-        ranks[full] = int((cfg.get("rank_pattern") or {}).get(rank_key, cfg.get("r", 8)))
-        alphas[full] = float((cfg.get("alpha_pattern") or {}).get(alpha_key, default_alpha))
+        where = f"the {component} config's"
+        rank = patterns["rank_pattern"].get(rank_key, cfg.get("r", 8))
+        ranks[full] = finite(rank, f"{where} rank of {name}", int)
+        alpha = patterns["alpha_pattern"].get(alpha_key, default_alpha)
+        alphas[full] = float(finite(alpha, f"{where} alpha of {name}"))
     return ranks, alphas
 
 

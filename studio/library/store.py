@@ -3,6 +3,10 @@
 The folders are the truth; `index.jsonl` is a cache (one JSON line per good entry, with file stamps) rebuilt on
 demand and never edited by hand. Writers (`add`, `remove`, `replace_meta`, `rename`) stage a whole folder, rename
 it into place and update the index under an exclusive file lock, so concurrent processes never lose an entry.
+A writer killed at any point leaves the library readable: a half-staged folder is hidden (`.staging-*`), an index
+that missed the last write is rebuilt from the folders' stamps, and an overwrite killed between its two renames (the
+old folder moved aside as `.trash-NAME-*`, the new one not yet in place) gets the old folder back on the next
+`list()`. `reindex` also deletes the hidden leftovers of killed writers.
 
 Trainers write entries with:
 
@@ -18,9 +22,11 @@ Trainers write entries with:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +35,7 @@ from typing import Any
 import torch
 
 from studio import atomic
-from studio.errors import StudioError
+from studio.errors import DiskFull, StudioError
 from studio.library.adapter import (
     CARD_NAME,
     CONFIG_NAME,
@@ -45,6 +51,7 @@ from studio.library.meta import AdapterMeta, from_studio_dict, to_studio_dict
 from studio.paths import library_dir
 
 
+log = logging.getLogger(__name__)
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 INDEX_NAME = "index.jsonl"
 LOCK_NAME = ".lock"
@@ -181,11 +188,27 @@ class Library:
 
     def _write_index(self, rows: dict[str, dict[str, Any]]) -> None:
         text = "".join(json.dumps(rows[n], sort_keys=True) + "\n" for n in sorted(rows))
-        atomic.write_text(self.root / INDEX_NAME, text)
+        try:
+            atomic.write_text(self.root / INDEX_NAME, text)
+        except DiskFull as err:  # a cache: the old index stays, its stale stamps make the next list() re-read
+            log.warning("library index not updated: %s", err)
+
+    def _recover(self) -> None:
+        """Put back the old folder of an overwrite killed between its renames (`.trash-NAME-*` with no NAME)."""
+        if not any(p.name.startswith(".trash-") for p in self.root.iterdir()):
+            return
+        with atomic.locked(self.root / LOCK_NAME):  # a live writer finishes its renames first
+            for trash in sorted(self.root.glob(".trash-*")):
+                name = trash.name[len(".trash-") :].rsplit("-", 1)[0]
+                if SLUG.match(name) and not (self.root / name).exists():
+                    os.rename(trash, self.root / name)
+                    log.warning("restored %s: a write was killed while replacing it", name)
 
     def list(self) -> list[Entry]:
         """Every readable entry, sorted by name. Unreadable ones are left out and described in `self.problems`."""
         self.problems = {}
+        if self.root.is_dir():
+            self._recover()
         index = self._read_index()
         rows, entries, changed = {}, [], False
         for folder in self.folders():
@@ -214,8 +237,16 @@ class Library:
                 self._write_index(rows)
         return entries
 
-    def reindex(self) -> dict[str, str]:
-        """Rebuild `index.jsonl` from the folders; returns the problems found."""
+    def reindex(self, stale_after: float = 3600.0) -> dict[str, str]:
+        """Rebuild `index.jsonl` from the folders, and delete what killed writers left: removed and replaced folders,
+        and staging folders untouched for `stale_after` seconds (a live writer's are younger); returns the problems."""
+        if self.root.is_dir():
+            self._recover()
+            now = time.time()
+            for leftover in self.root.glob(".*-*"):
+                stale = leftover.name.startswith(".staging-") and now - leftover.stat().st_mtime >= stale_after
+                if leftover.is_dir() and (leftover.name.startswith((".trash-", ".removed-")) or stale):
+                    shutil.rmtree(leftover, ignore_errors=True)
         (self.root / INDEX_NAME).unlink(missing_ok=True)
         self.list()
         return dict(self.problems)
@@ -301,8 +332,11 @@ class Library:
             if card is None and not (stage / CARD_NAME).is_file():
                 card = render_card(name, meta)
             save_adapter(stage, state_dict, meta, card=card, samples=samples, train_config=train_config)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(stage, ignore_errors=True)
+            if isinstance(err, DiskFull) or atomic.is_disk_full(err):  # staged files only: the library is unchanged
+                kept = "the library keeps the previous one" if name in self else "the library is unchanged"
+                raise atomic.disk_full(stage, f"adapter {name!r} was not written, {kept}") from None
             raise
         return self._commit(stage, name, overwrite)
 
@@ -324,7 +358,7 @@ class Library:
         if not target.is_dir():
             raise StudioError(f"no adapter named {name!r} in {self.root}; see `studio library list`")
         with atomic.locked(self.root / LOCK_NAME):
-            trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            trash = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"  # never restored, unlike `.trash-`
             os.rename(target, trash)
             rows = self._read_index()
             rows.pop(name, None)

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from studio.errors import StudioError
+from studio import atomic
+from studio.configs import finite
+from studio.errors import DiskFull, StudioError
 from studio.library.formats import read_any, write_any
 from studio.library.meta import KINDS, AdapterMeta, modules_of
 from studio.library.orthogonal import METHOD as ORTHOGONAL
@@ -52,7 +54,10 @@ def import_adapter(
 
 def export_adapter(name: str, format: str, out: Path | str, *, library: Library | None = None) -> Path:
     entry = (library or Library()).get(name)
-    return write_any(name, entry.state_dict(), entry.meta, format, Path(out))
+    try:
+        return write_any(name, entry.state_dict(), entry.meta, format, Path(out))
+    except DiskFull:  # every export file is written atomically (a PEFT folder is staged): `out` is as it was
+        raise atomic.disk_full(out, f"{name!r} was not exported to {out}, which is unchanged") from None
 
 
 def delta_weight(meta: AdapterMeta, state_dict: dict[str, torch.Tensor], module: str) -> torch.Tensor:
@@ -124,7 +129,7 @@ def merge(
     if len(sources) < 1:
         raise StudioError("merge needs at least one NAME:WEIGHT")
     entries = [library.get(n) for n, _ in sources]
-    weights = [float(w) for _, w in sources]
+    weights = [float(finite(w, f"the weight of {n!r}")) for n, w in sources]
     fingerprints = {e.meta.base.fingerprint for e in entries if e.meta.base.fingerprint}
     families = {e.meta.base.family for e in entries if e.meta.base.family != "unknown"}
     if len(families) > 1:

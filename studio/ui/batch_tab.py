@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gradio as gr
 
 from studio.batch import read_jobs, run_batch
+from studio.ui.cancel import cancellable
 from studio.ui.display import PIXELATED, display_copy
 from studio.ui.errors import shows_errors
 
 
 def run_batch_file(
-    path: str | None, progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
+    path: str | None,
+    progress: Callable[[int, int], None] | None = None,
+    out_dir: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[list[str], str, str]:
     """Run every job of a JSONL file; returns (image paths, summary, zip of the output folder)."""
     if not path:
@@ -31,7 +36,7 @@ def run_batch_file(
         if progress is not None:
             progress(len(made), total)
 
-    counts = run_batch(jobs, images, on_image=on_image, progress=False)
+    counts = run_batch(jobs, images, on_image=on_image, progress=False, cancel=cancel)
     archive = shutil.make_archive(str(out_dir / "batch"), "zip", root_dir=images)
     files = sorted(str(p) for p in images.rglob("*.png"))
     return files, f"{counts['made']} of {counts['jobs']} jobs made {len(files)} PNG files", archive
@@ -46,7 +51,9 @@ def build_batch_tab() -> None:
     with gr.Row():
         with gr.Column():
             upload = gr.File(label="JSONL job file", elem_id="batch-file")
-            start = gr.Button("Run batch", variant="primary", elem_id="batch-start")
+            with gr.Row():
+                start = gr.Button("Run batch", variant="primary", elem_id="batch-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="batch-stop")
             summary = gr.Textbox(label="result", elem_id="batch-summary")
             archive = gr.File(label="all images as a zip", elem_id="batch-zip")
         with gr.Column():
@@ -54,13 +61,16 @@ def build_batch_tab() -> None:
                                  format="png", elem_id="batch-gallery", elem_classes=[PIXELATED])
 
     @shows_errors
-    def on_run(path: str | None, progress: gr.Progress = gr.Progress()) -> tuple[list[str], str, str]:  # noqa: B008
-        files, text, archive = run_batch_file(
-            path, progress=lambda done, total: progress((done, total), desc="images")
-        )
-        return [display_copy(f) for f in files], text, archive
+    def on_run(path: str | None, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008
+        def work(cancel: threading.Event) -> tuple[list[str], str, str]:
+            files, text, archive = run_batch_file(
+                path, progress=lambda done, total: progress((done, total), desc="images"), cancel=cancel
+            )
+            return [display_copy(f) for f in files], text, archive
 
-    start.click(
+        yield from cancellable(work, (gr.skip(), gr.skip(), gr.skip()))
+
+    running = start.click(
         on_run,
         inputs=upload,
         outputs=[gallery, summary, archive],
@@ -68,3 +78,4 @@ def build_batch_tab() -> None:
         concurrency_id="pipeline",
         concurrency_limit=1,
     )
+    stop.click(None, cancels=[running])  # the images made so far are kept on the server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,7 +16,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def shows_errors(fn: F) -> F:
-    """Wrap a Gradio handler so that a StudioError becomes a gr.Error in the page."""
+    """Wrap a Gradio handler (a function or a generator function) so that a StudioError becomes a gr.Error."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except StudioError as err:
+                raise gr.Error(str(err)) from err
+
+        return generator  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

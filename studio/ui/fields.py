@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio.configs import base_type
+from studio.configs import base_type, finite
 from studio.errors import StudioError
 
 
@@ -67,14 +67,7 @@ def form_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             if TRISTATE[value] is not None:
                 out[name] = TRISTATE[value]
             continue
-        if kind in (int, float) and not isinstance(value, int | float):
-            try:
-                value = float(str(value).strip())
-            except ValueError:
-                raise StudioError(f"{name.replace('_', ' ')} must be a number, got {value!r}") from None
-        if kind is int:
-            if value != int(value):
-                raise StudioError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}")
-            value = int(value)
+        if kind in (int, float):
+            value = finite(value, name.replace("_", " "), kind)  # NaN, infinity and fractions of counts refused
         out[name] = float(value) if kind is float else value
     return out

@@ -4,7 +4,9 @@ Images are written as `studio generate` writes them (`save_png`: A1111 `paramete
 downloaded image carries its parameters, and dropping such a PNG (or an A1111 one) fills the form again. The page
 shows them enlarged with crisp pixels (`studio.ui.display`), each with its seed; the session's images stay in a
 history whose every image restores the parameters it was made with, and the chosen image can be sent to the
-Compose tab (its parameters) or to the Train tab (as a training image).
+Compose tab (its parameters) or to the Train tab (as a training image). Requests wait in Gradio's queue (the page
+shows each one's place); Stop cancels a waiting request or stops a running one after its current step
+(`studio.ui.cancel`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,14 @@ from studio.generate import GenerateConfig, generate, save_result
 from studio.models import DEFAULT_MODEL
 from studio.pnginfo import a1111_text, read_parameters
 from studio.schedulers import SAMPLER_NAMES, SCHEDULERS
+from studio.ui.cancel import cancellable
 from studio.ui.display import LABELLED, PIXELATED, display_copy
 from studio.ui.errors import shows_errors
 from studio.ui.fields import form_values
 
 
-API_ONLY = ("clip_skip", "device", "cuda_graphs")  # settings of the CLI and API only, not in the form
+# settings of the CLI and API only, not in the form (memory savers stay automatic: on when the estimate needs them)
+API_ONLY = ("clip_skip", "device", "cuda_graphs", "attention_slicing", "vae_tiling")
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerateConfig) if f.name not in API_ONLY)
 # A1111 `parameters` keys -> GenerateConfig fields (studio PNGs carry the fields themselves as JSON)
 A1111_KEYS = {"Steps": "steps", "CFG scale": "guidance", "Seed": "seed", "Size": "size", "Model": "model"}
@@ -41,11 +46,14 @@ def config_from_form(fields: dict[str, Any]) -> GenerateConfig:
 
 
 def run_generate(
-    fields: dict[str, Any], progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
+    fields: dict[str, Any],
+    progress: Callable[[int, int], None] | None = None,
+    out_dir: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[list[str], str, list[str]]:
     """Generate; returns (image paths, A1111 parameters text, downloadable files: the images and a grid)."""
     config = config_from_form(fields)
-    result = generate(config, progress=progress)
+    result = generate(config, progress=progress, cancel=cancel)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="studio-generate-"))
     files = [str(p) for p in save_result(result, out_dir / "image.png")]
     text = "\n\n".join(a1111_text(p) for p in result.params)
@@ -148,7 +156,9 @@ def build_generate_tab() -> GenerateTab:
                     "num_images": gr.Slider(1, 16, 1, step=1, label="Images", elem_id="gen-count"),
                 }
             )
-            button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+            with gr.Row():
+                button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+                stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
         with gr.Column():
             gallery = gr.Gallery(
                 label="Images (click one to choose it)",
@@ -187,16 +197,20 @@ def build_generate_tab() -> GenerateTab:
     latest, history, current = gr.State([]), gr.State([]), gr.State(None)
 
     @shows_errors
-    def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+    def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008
         fields = {name: values[component] for name, component in form.items()}
-        images, text, paths = run_generate(
-            fields, progress=lambda step, total: progress((step, total), desc="denoising")
-        )
-        records = image_records(images)
-        past = add_to_history(values[history], records)
-        return gallery_items(records), text, paths, records, past, gallery_items(past), records[0]
 
-    button.click(
+        def work(cancel: threading.Event) -> tuple[Any, ...]:
+            images, text, paths = run_generate(
+                fields, progress=lambda step, total: progress((step, total), desc="denoising"), cancel=cancel
+            )
+            records = image_records(images)
+            past = add_to_history(values[history], records)
+            return gallery_items(records), text, paths, records, past, gallery_items(past), records[0]
+
+        yield from cancellable(work, (gr.skip(),) * 7)
+
+    running = button.click(
         on_generate,
         inputs={*form.values(), history},
         outputs=[gallery, info, files, latest, history, history_gallery, current],
@@ -218,6 +232,7 @@ def build_generate_tab() -> GenerateTab:
         return (*updates, a1111_text(record["params"]), record)
 
     history_gallery.select(on_history, inputs=history, outputs=[*form.values(), info, current], api_name=False)
+    stop.click(None, cancels=[running])  # drops a waiting request; a running one stops after its step
 
     @shows_errors
     def on_drop(path: str | None) -> tuple[str, dict]:

@@ -26,6 +26,7 @@ from studio.library.meta import KINDS
 from studio.models import DEFAULT_MODEL
 from studio.ui.display import LABELLED, PIXELATED, display_copy
 from studio.ui.errors import shows_errors
+from studio.ui.uploads import MAX_ADAPTER_BYTES, check_adapter_upload
 
 
 COLUMNS = ["name", "fits base", "kind", "method", "type", "base", "trigger words", "tags", "ranks", "description"]
@@ -198,7 +199,8 @@ def build_library_tab() -> gr.Tab:
                     export = gr.Button("Export")
                     exported = gr.File(label="exported file")
                 with gr.Accordion("Import", open=False):
-                    upload = gr.File(label="a kohya / LyCORIS / diffusers .safetensors file", elem_id="lib-import")
+                    upload = gr.File(label=f"a kohya / LyCORIS / diffusers .safetensors file (at most "
+                                           f"{MAX_ADAPTER_BYTES // 2**30} GB)", elem_id="lib-import")
                     import_name = gr.Textbox(label="name (empty: from the file)")
                     import_button = gr.Button("Import")
                 with gr.Accordion("Merge", open=False):
@@ -276,9 +278,7 @@ def build_library_tab() -> gr.Tab:
 
     @after
     def on_import(path: str | None, name: str) -> tuple[str, str]:
-        if not path:
-            raise gr.Error("choose a file to import")
-        entry = import_adapter(path, name=name.strip() or None)
+        entry = import_adapter(check_adapter_upload(path), name=name.strip() or None)
         return f"imported {entry.name}", entry.name
 
     import_button.click(on_import, inputs=[upload, import_name, *view_inputs], outputs=[message, *listing])

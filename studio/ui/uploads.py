@@ -1,8 +1,12 @@
-"""Training images uploaded in the page: checked (count, size, readable image), then copied into a dataset folder.
+"""Uploads in the page: training images (count, size, readable image), copied into a dataset folder; adapter files
+for the Library tab (size).
 
 The folder is `$STUDIO_LIBRARY/.datasets/<adapter name>` (hidden, so the library ignores it). It outlives the run,
 because resuming a stopped run needs the same `--images` folder. Same-named `.txt` files are captions, as in
 `studio train --images DIR`.
+
+Size limits: Gradio refuses any upload over `MAX_UPLOAD_BYTES` (the largest limit below) before it reaches the disk;
+each tab then holds its own files to their limit, with a message that says what to do.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from studio.atomic import disk_full, is_disk_full
 from studio.errors import StudioError
 from studio.paths import library_dir
 from trainers.data import CAPTION_SUFFIX, IMAGE_SUFFIXES, open_image
 
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per training image
 MAX_IMAGES = 200  # per dataset
+MAX_ADAPTER_BYTES = 2 * 1024**3  # per imported adapter file (an SDXL LoRA of rank 128 is about 0.9 GB)
+MAX_UPLOAD_BYTES = max(MAX_IMAGE_BYTES, MAX_ADAPTER_BYTES)  # Gradio's limit for any one upload
 
 
 def dataset_dir(name: str) -> Path:
@@ -62,11 +69,31 @@ def check_uploads(files: Sequence[str | Path] | None) -> list[Path]:
     return paths
 
 
+def check_adapter_upload(path: str | Path | None) -> Path:
+    """An uploaded adapter file for the Library tab's import, or a StudioError saying what to do."""
+    if not path:
+        raise StudioError("choose a .safetensors adapter file to import")
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_ADAPTER_BYTES:
+        raise StudioError(
+            f"{path.name} is {size / 2**30:.1f} GB; adapter files over {MAX_ADAPTER_BYTES / 2**30:.0f} GB are refused "
+            "in the page, so import it on the server with `studio library import FILE`"
+        )
+    return path
+
+
 def save_dataset(paths: Sequence[Path], folder: Path) -> Path:
     """Replace `folder`'s contents with the checked uploads `paths`."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    for path in paths:
-        shutil.copyfile(path, folder / path.name)
+    try:
+        for path in paths:
+            shutil.copyfile(path, folder / path.name)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        shutil.rmtree(folder, ignore_errors=True)  # no half dataset for a later resume to train on
+        raise disk_full(folder, "the uploaded images were not saved", "upload them again") from None
     return folder

@@ -120,3 +120,11 @@ def test_history_restores_an_image_and_sends_it_on(tiny_dirs: dict, tmp_path: Pa
     assert 0 <= random_seed() < 2**32 and len({random_seed() for _ in range(5)}) > 1
     big = Image.new("RGB", (512, 300))
     assert display_image(big) is big and display_image(Image.new("RGB", (64, 48))).size == (256, 192)
+
+
+def test_form_numbers_refuse_nan_and_infinity_naming_the_field() -> None:
+    for value in ("nan", "inf", float("nan")):
+        with pytest.raises(StudioError, match="guidance must be a finite number"):
+            config_from_form(_form(Path("m"), guidance=value))
+    with pytest.raises(StudioError, match="seed must be a finite number"):
+        config_from_form(_form(Path("m"), seed=float("inf")))

@@ -65,3 +65,18 @@ def test_empty_uploads_orphan_captions_and_twins_are_refused(tmp_path: Path) -> 
     (tmp_path / "other").mkdir()
     with pytest.raises(StudioError, match="two uploads are named a.png"):
         check_uploads([tmp_path / "a.png", _png(tmp_path / "other" / "a.png")])
+
+
+def test_library_import_uploads_are_held_to_their_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from studio.ui import uploads
+
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * 2048)
+    monkeypatch.setattr(uploads, "MAX_ADAPTER_BYTES", 1024)
+    with pytest.raises(StudioError, match=r"big.safetensors is 0.0 GB; adapter files over 0 GB are refused in the "
+                                          r"page, so import it on the server with `studio library import FILE`"):
+        uploads.check_adapter_upload(big)
+    with pytest.raises(StudioError, match="choose a .safetensors adapter file"):
+        uploads.check_adapter_upload(None)
+    monkeypatch.setattr(uploads, "MAX_ADAPTER_BYTES", 4096)
+    assert uploads.check_adapter_upload(str(big)) == big

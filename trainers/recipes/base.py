@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from studio import atomic
+from studio.configs import check_numbers
 from studio.errors import StudioError
 
 
@@ -66,6 +67,7 @@ class BaseTrainConfig:
     clip: str = ""  # world CLIP folder; default the shipped one
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not 1 <= self.max_objects <= 3:
             raise StudioError(f"--max-objects must be 1, 2 or 3 (Shapes World scenes), got {self.max_objects}")
         if not 8 <= self.max_length <= 77:

@@ -15,8 +15,8 @@ from safetensors.torch import save
 
 from studio import atomic
 from studio.errors import StudioError
-from studio.library.adapter import load_safetensors
-from studio.library.formats.sd_scripts import Imported
+from studio.library.adapter import load_safetensors, validate_state_dict
+from studio.library.formats.sd_scripts import Imported, scalar_alpha
 from studio.library.meta import (
     AdapterMeta,
     component_configs,
@@ -61,6 +61,10 @@ def read_diffusers(path: Path) -> Imported:
         ):
             raise StudioError(f"{path}: tensor {key!r} is not a diffusers LoRA key (unet.<module>.lora_A.weight)")
         state_dict[new] = tensor
+    try:
+        validate_state_dict(state_dict, "LORA")
+    except StudioError as err:
+        raise StudioError(f"{path}: {err}") from None
     modules = modules_of(state_dict)
     ranks, alphas = infer_ranks_and_alphas(state_dict)
     raw = metadata.get("lora_adapter_metadata")
@@ -69,16 +73,22 @@ def read_diffusers(path: Path) -> Imported:
             packed = json.loads(raw)
         except json.JSONDecodeError as err:
             raise StudioError(f"{path}: lora_adapter_metadata is not JSON ({err}); remove it or fix it") from None
+        if not isinstance(packed, dict):
+            raise StudioError(f"{path}: lora_adapter_metadata is not a JSON object; remove it or fix it")
         configs: dict[str, dict] = {}
         for key, value in packed.items():
             component, _, field = key.partition(".")
             configs.setdefault(component, {})[field] = value
-        _, alphas = ranks_alphas_from_configs(configs, modules)
+        try:
+            _, alphas = ranks_alphas_from_configs(configs, modules)
+        except StudioError as err:
+            raise StudioError(f"{path}: lora_adapter_metadata: {err}") from None
     for key, tensor in tensors.items():  # `<module>.alpha` tensors written by some converters
         if key.endswith(".alpha"):
-            alphas[_canonical_key(key[: -len(".alpha")] + ".lora_A.weight").removesuffix(".lora_A.weight")] = float(
-                tensor.item()
-            )
+            module = _canonical_key(key[: -len(".alpha")] + ".lora_A.weight").removesuffix(".lora_A.weight")
+            if module not in ranks:
+                raise StudioError(f"{path}: {key} is the alpha of no module in the file")
+            alphas[module] = scalar_alpha(path, module, tensor)
     meta = AdapterMeta(
         method="imported", ranks=ranks, alphas=alphas, source={"format": "diffusers", "file": path.name}
     )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from studio.errors import StudioError
-from studio.library.adapter import load_safetensors
+from studio.library.adapter import check_module, load_safetensors
 from studio.library.formats.keys import from_kohya, to_kohya
 from studio.library.formats.sd_scripts import (
     Imported,
@@ -23,6 +23,7 @@ from studio.library.formats.sd_scripts import (
     import_meta,
     known_stems,
     naming_info,
+    scalar_alpha,
     write_lora_file,
 )
 from studio.library.meta import AdapterMeta, modules_of
@@ -52,6 +53,11 @@ def read_kohya(path: Path, *, pipe: Any = None, layers_per_block: int | None = N
             raise StudioError(f"{path}: {stem}.{what} is not a plain LoRA tensor (DoRA/LoHa/OFT are not supported)")
         if "lora_down.weight" not in params or "lora_up.weight" not in params:
             raise StudioError(f"{path}: {stem} lacks lora_down.weight or lora_up.weight; the file is incomplete")
+        try:
+            pair = {"lora_A.weight": params["lora_down.weight"], "lora_B.weight": params["lora_up.weight"]}
+            check_module(stem, pair, "LORA")
+        except StudioError as err:
+            raise StudioError(f"{path}: {err}") from None
         component, module = from_kohya(stem, layers_per_block=lpb, known=known)
         if (
             to_kohya(
@@ -68,7 +74,7 @@ def read_kohya(path: Path, *, pipe: Any = None, layers_per_block: int | None = N
         state_dict[f"{full}.lora_A.weight"] = params["lora_down.weight"]
         state_dict[f"{full}.lora_B.weight"] = params["lora_up.weight"]
         if "alpha" in params:
-            alphas[full] = float(params["alpha"].item())
+            alphas[full] = scalar_alpha(path, stem, params["alpha"])
             alpha_dtypes.add(str(params["alpha"].dtype).removeprefix("torch."))
             has_alpha.append(full)
     source = {

@@ -19,8 +19,9 @@ from peft.tuners.lokr.layer import factorization
 
 from studio import atomic
 from studio.errors import StudioError
-from studio.library.adapter import load_safetensors
+from studio.library.adapter import check_module, load_safetensors
 from studio.library.formats.keys import from_kohya, to_kohya
+from studio.library.formats.lokr_layout import factor_dims
 from studio.library.formats.sd_scripts import (
     Imported,
     export_metadata,
@@ -30,25 +31,12 @@ from studio.library.formats.sd_scripts import (
     import_meta,
     known_stems,
     naming_info,
+    scalar_alpha,
     serialize_with_hashes,
     stem_of,
     write_lora_file,
 )
 from studio.library.meta import LOKR_PARAMS, AdapterMeta, modules_of
-
-
-def _factor_dims(p: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int | None, int | None]:
-    """(a, c, b, d_or_None, r1, r2): w1 is (a, c), w2 is (b, d[, k...]); d is None for flat decomposed convs."""
-    a, c = p["lokr_w1"].shape if "lokr_w1" in p else (p["lokr_w1_a"].shape[0], p["lokr_w1_b"].shape[1])
-    r1 = None if "lokr_w1" in p else int(p["lokr_w1_b"].shape[0])
-    if "lokr_w2" in p:
-        b, d, r2 = p["lokr_w2"].shape[0], p["lokr_w2"].shape[1], None
-    elif "lokr_t2" in p:
-        b, d, r2 = p["lokr_w2_a"].shape[1], p["lokr_w2_b"].shape[1], int(p["lokr_t2"].shape[0])
-    else:
-        b, r2 = p["lokr_w2_a"].shape[0], int(p["lokr_w2_b"].shape[0])
-        d = None  # (r, d * kh * kw): the kernel size is unknown without the base, so d is not checked
-    return int(a), int(c), int(b), (int(d) if d is not None else None), r1, r2
 
 
 def _choose_factor(dims: list[tuple[int, int, int, int | None]]) -> int:
@@ -83,11 +71,15 @@ def read_lycoris(path: Path, *, pipe: Any = None, layers_per_block: int | None =
             raise StudioError(
                 f"{path}: {stem}.{sorted(extra)[0]} is not a LoKr tensor; mixed adapter types are not supported"
             )
+        try:
+            check_module(stem, {k: v for k, v in p.items() if k != "alpha"}, "LOKR")
+        except StudioError as err:
+            raise StudioError(f"{path}: {err}") from None
         component, module = from_kohya(stem, layers_per_block=lpb, known=known)
         full = f"{component}.{module}"
-        a, c, b, d, r1, r2 = _factor_dims(p)
+        a, c, b, d, r1, r2 = factor_dims(p)
         dims.append((a, c, b, d))
-        alpha = float(p["alpha"].item()) if "alpha" in p else None
+        alpha = scalar_alpha(path, stem, p["alpha"]) if "alpha" in p else None
         if "alpha" in p:
             alpha_dtypes.add(str(p["alpha"].dtype).removeprefix("torch."))
         file_alphas[full] = alpha

@@ -8,6 +8,9 @@ that layout, a single folder (its component guessed from the module names), or a
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,10 @@ import torch
 from safetensors.torch import save
 
 from studio import atomic
+from studio.configs import finite
 from studio.errors import StudioError
-from studio.library.adapter import load_safetensors
+from studio.library.adapter import load_safetensors, validate_state_dict
+from studio.library.formats.lokr_layout import layout_problem
 from studio.library.formats.sd_scripts import Imported
 from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, ranks_alphas_from_configs
 
@@ -35,8 +40,10 @@ def _guess_component(modules: list[str]) -> str:
 def _read_one(folder: Path, component: str | None) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise StudioError(f"{folder / 'adapter_config.json'} is missing or damaged ({err})") from None
+    if not isinstance(config, dict):
+        raise StudioError(f"{folder / 'adapter_config.json'} is not a JSON object; re-export the adapter")
     tensors, _ = load_safetensors(folder / "adapter_model.safetensors")
     sub = {}
     for key, tensor in tensors.items():
@@ -47,6 +54,20 @@ def _read_one(folder: Path, component: str | None) -> tuple[str, dict[str, torch
     if component is None:
         component = _guess_component([k.rsplit(".lo", 1)[0] for k in sub])
     return component, {f"{component}.{k}": v for k, v in sub.items()}, config
+
+
+def _check_lokr(folder: Path, state_dict: dict[str, torch.Tensor], ranks: dict[str, int], lokr: dict) -> None:
+    """Refuse LoKr factors PEFT would not rebuild from the config (it would fail when the adapter loads)."""
+    factor = finite(lokr.get("decompose_factor", -1), "decompose_factor", int)
+    both = lokr.get("decompose_both", False)
+    if not isinstance(both, bool):
+        raise StudioError(f"{folder}: decompose_both must be true or false, got {both!r}")
+    lokr["decompose_factor"] = factor
+    for module in modules_of(state_dict):
+        params = {k.rsplit(".", 1)[1]: v for k, v in state_dict.items() if k.rsplit(".", 1)[0] == module}
+        problem = layout_problem(params, ranks[module], both, factor)
+        if problem:
+            raise StudioError(f"{folder}: module {module}: {problem}; re-export the adapter with its own config")
 
 
 def read_peft(folder: Path) -> Imported:
@@ -64,9 +85,15 @@ def read_peft(folder: Path) -> Imported:
     if len(peft_types) != 1 or not peft_types <= {"LORA", "LOKR"}:
         raise StudioError(f"{folder}: PEFT type {sorted(peft_types)} is not supported; LORA and LOKR are")
     peft_type = peft_types.pop()
-    ranks, alphas = ranks_alphas_from_configs(configs, modules_of(state_dict))
+    try:
+        validate_state_dict(state_dict, peft_type)
+        ranks, alphas = ranks_alphas_from_configs(configs, modules_of(state_dict))
+    except StudioError as err:
+        raise StudioError(f"{folder}: {err}") from None
     first = next(iter(configs.values()))
     lokr = {k: first[k] for k in _LOKR_CONFIG_KEYS if k in first} if peft_type == "LOKR" else {}
+    if peft_type == "LOKR":
+        _check_lokr(folder, state_dict, ranks, lokr)
     meta = AdapterMeta(
         peft_type=peft_type,
         method="imported",
@@ -79,22 +106,37 @@ def read_peft(folder: Path) -> Imported:
 
 
 def write_peft(name: str, state_dict: dict[str, torch.Tensor], meta: AdapterMeta, out: Path) -> Path:
+    """Write one PEFT folder per component under `out`. Every component is staged first and then renamed into place,
+    so a failed export (a full disk) leaves what `out` held before."""
+    from studio.library.meta import peft_config
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StudioError(f"--out {out} must be a folder for the peft format")
-    for component, config in component_configs(meta, modules_of(state_dict)).items():
-        prefix = f"{component}."
-        tensors = {
-            f"base_model.model.{k[len(prefix) :]}": v.contiguous()
-            for k, v in state_dict.items()
-            if k.startswith(prefix)
-        }
-        from studio.library.meta import peft_config
-
-        config_dict = peft_config(config).to_dict()
-        for key, value in config_dict.items():
-            if isinstance(value, set):
-                config_dict[key] = sorted(value)
-        atomic.write_bytes(out / component / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
-        atomic.write_json(out / component / "adapter_config.json", config_dict)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        components = component_configs(meta, modules_of(state_dict))
+        for component, config in components.items():
+            prefix = f"{component}."
+            tensors = {
+                f"base_model.model.{k[len(prefix) :]}": v.contiguous()
+                for k, v in state_dict.items()
+                if k.startswith(prefix)
+            }
+            config_dict = peft_config(config).to_dict()
+            for key, value in config_dict.items():
+                if isinstance(value, set):
+                    config_dict[key] = sorted(value)
+            blob = save(tensors, metadata={"format": "pt"})
+            atomic.write_bytes(stage / component / "adapter_model.safetensors", blob)
+            atomic.write_json(stage / component / "adapter_config.json", config_dict)
+        for component in components:  # renames only: no space needed
+            target = out / component
+            if target.exists():
+                trash = stage / f".old-{component}"
+                os.rename(target, trash)
+            os.rename(stage / component, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out

@@ -9,6 +9,7 @@ never on each other.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,16 @@ def group_stems(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[
             raise StudioError(f"{path}: tensor {key!r} is not a kohya/LyCORIS adapter key; is this a full checkpoint?")
         groups.setdefault(stem, {})[suffix] = tensor
     return groups
+
+
+def scalar_alpha(path: Path, stem: str, tensor: torch.Tensor) -> float:
+    """A stem's `.alpha` as a float: one finite number, or a StudioError naming the file and the stem."""
+    if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1 or tensor.dtype == torch.bool:
+        raise StudioError(f"{path}: {stem}.alpha must be one number, got a tensor of shape {list(tensor.shape)}")
+    value = float(tensor.item())
+    if not math.isfinite(value):
+        raise StudioError(f"{path}: {stem}.alpha is {value}; the file is damaged")
+    return value
 
 
 def known_stems(pipe: Any, *, ldm: bool, layers_per_block: int, sdxl_te: bool) -> dict[str, tuple[str, str]]:

@@ -1,0 +1,60 @@
+"""The diffusion objective the loop minimises: the regression target, the (prior-preserving) loss, Min-SNR weights.
+
+Latent diffusion (Rombach et al., arXiv:2112.10752, Eq. 2) with DDPM's forward process (Ho et al., arXiv:2006.11239,
+Eq. 4); the target is eps, v (Salimans & Ho, arXiv:2202.00512, section 4) or z_0 as the scheduler config says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from studio.errors import StudioError
+
+
+def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, from `scheduler.config.prediction_type`."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0
+    if kind == "sample":
+        return latents
+    raise StudioError(f"the model's scheduler predicts {kind!r}; training supports epsilon, v_prediction and sample")
+
+
+def diffusion_loss(
+    pred: torch.Tensor, target: torch.Tensor, n_prior: int = 0, prior_weight: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MSE; the last `n_prior` samples are class images, adding prior_weight * their MSE (DreamBooth Eq. 2).
+
+    `weights` (B,) scales each sample's squared error (Min-SNR-gamma); None is the plain mean.
+    """
+    pred, target = pred.float(), target.float()
+    per = (pred - target).pow(2).flatten(1).mean(1)  # (B,)
+    if weights is not None:
+        per = per * weights
+    if not n_prior:
+        return per.mean()
+    n = pred.shape[0] - n_prior
+    return per[:n].mean() + prior_weight * per[n:].mean()
+
+
+def min_snr_weights(scheduler: Any, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., arXiv:2303.09556, eq. 8-9), (B,) for timesteps t.
+
+    The x0-loss weight min(SNR_t, gamma) expressed for what the UNet predicts: epsilon min(SNR, gamma) / SNR,
+    v min(SNR, gamma) / (SNR + 1), x0 min(SNR, gamma). SNR_t = abar_t / (1 - abar_t).
+    """
+    abar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
