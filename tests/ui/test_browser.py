@@ -243,6 +243,7 @@ def check_training(page: Any, demo: Any, release: threading.Event) -> None:
     assert pairs[:2] == [f"without · seed 0 · {job.previews[0].info['prompt']}",
                          f"with emblem-b · seed 0 · {job.previews[0].info['prompt']}"]  # fmt: skip
     shot(page, "3-trained")
+    page.get_by_text("More settings").click()  # closed, as a new user finds it
     page.set_viewport_size({"width": 390, "height": 844})
     check_inside(page, "#train-previews")
     check_inside(page, "#train-compare")
@@ -373,7 +374,6 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     for close in page.locator(".toast-close").all():  # the pop-ups, so that nothing covers the page below
         close.click()
     expect(page.locator(".toast-body")).to_have_count(0)
-    page.get_by_text("More settings").click()  # closed again: the page as a new user sees it
 
     # Keyboard: from the top of the page, Tab reaches each tab, Enter opens it, and Tab reaches its main button and
     # the controls around it (the history's images were chosen with Enter above).
