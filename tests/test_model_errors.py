@@ -66,7 +66,10 @@ def test_uncached_hub_id_offline(tmp_path: Path, capsys, monkeypatch) -> None:
 
 
 def test_embedded_model_not_built(tmp_path: Path, capsys, monkeypatch) -> None:
+    from studio.generate import cached_pipeline
+
     monkeypatch.setattr(loading, "ASSETS", tmp_path / "assets")
+    cached_pipeline.cache_clear()  # another test in this process may have loaded the real one
     assert "not built yet" in _run("studio-tiny", tmp_path, capsys)
 
 
