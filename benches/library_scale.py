@@ -132,7 +132,7 @@ def timings(root: Path, count: int, model: str, repeats: int, cli: bool = True) 
     }
     env = {**os.environ, "STUDIO_LIBRARY": str(root)}
     commands = {"cli_list_s": ["library", "list"], "cli_search_s": ["library", "list", "red star"],
-                "cli_start_s": ["--help"]}
+                "cli_help_s": ["--help"]}
     for key, argv in commands.items() if cli else ():
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "studio", *argv], env=env, capture_output=True, check=True)

@@ -27,10 +27,14 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of the command `argv` names: a command module imports what its flags
+    need (`studio generate` the pipeline code), so `studio library list` starts without torch."""
     parser = argparse.ArgumentParser(prog="studio", description="LoRA Studio: train, keep and compose adapters.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    first = next((a for a in argv or [] if not a.startswith("-")), None)
+    chosen = [n for n in COMMANDS if n.rsplit(".", 1)[1] == first]
+    for name in chosen or COMMANDS:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:  # a command group not built yet
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)  # a flag's own check (e.g. a finite --lr) may raise a StudioError
         if not getattr(args, "func", None):

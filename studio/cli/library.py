@@ -156,8 +156,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from studio.library.formats import FORMATS
-    from studio.library.meta import KINDS
+    from studio.library.meta import FORMATS, KINDS  # light: `studio library list` starts without torch
 
     parser = subparsers.add_parser("library", help="the adapter library: list, import, export, merge, edit")
     sub = parser.add_subparsers(dest="library_command", metavar="ACTION")

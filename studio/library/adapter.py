@@ -15,11 +15,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from typing import TYPE_CHECKING, Any
 
 from studio import atomic
 from studio.errors import StudioError
@@ -33,6 +29,9 @@ from studio.library.meta import (
     to_studio_dict,
 )
 
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 STUDIO_NAME = "studio.json"
@@ -55,6 +54,8 @@ def check_module(module: str, params: dict[str, torch.Tensor], peft_type: str) -
     w1_a (a, r) @ w1_b (r, c); w2 (b, d[, kh, kw]), w2_a (b, r) @ w2_b (r, d...), or the CP form t2 (r, r, kh, kw)
     with w2_a (r, b) and w2_b (r, d) (PEFT's `make_weight_cp`).
     """
+    import torch
+
     for name, t in params.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise StudioError(f"module {module!r}: {name} is not a floating-point tensor")
@@ -160,6 +161,8 @@ def save_adapter(
     validate_meta(state_dict, meta)
     folder = Path(folder)
     modules = modules_of(state_dict)
+    from safetensors.torch import save
+
     config, studio = build_config(meta, modules)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     atomic.write_bytes(folder / WEIGHTS_NAME, save(tensors, metadata=safetensors_metadata(meta, studio["components"])))
@@ -190,8 +193,10 @@ def _read_config(folder: Path, name: str = CONFIG_NAME) -> dict[str, Any]:
 
 def tensor_keys(path: Path) -> list[str]:
     """The tensor names of a safetensors file (header only), or a StudioError naming a damaged file."""
+    from safetensors import safe_open
+
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # the header alone: no torch to import for a listing
             return list(f.keys())
     except FileNotFoundError:
         raise StudioError(f"{path} is missing; re-import the adapter or remove it") from None
@@ -201,6 +206,8 @@ def tensor_keys(path: Path) -> list[str]:
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the `__metadata__` of a safetensors file; damaged files give a StudioError naming them."""
+    from safetensors import safe_open
+
     path = Path(path)
     if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
         raise StudioError(f"{path} is a pickle file; only .safetensors is accepted (convert it with safetensors)")

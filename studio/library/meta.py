@@ -11,18 +11,19 @@ from __future__ import annotations
 import collections
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import torch
-from peft.utils.other import get_pattern_key
+from typing import TYPE_CHECKING, Any
 
 from studio.configs import finite
 from studio.errors import StudioError
 
 
+if TYPE_CHECKING:
+    import torch
+
 STUDIO_VERSION = "0.1.0"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KINDS = ("subject", "style", "content", "unknown")
+FORMATS = ("kohya", "diffusers", "peft", "lycoris")  # the formats adapters are exported in (studio.library.formats)
 LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
 LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 _PARAM_RE = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|lokr_\w+)$")
@@ -141,6 +142,15 @@ def peft_config(config: dict[str, Any]) -> Any:
     cls = LoraConfig if config.get("peft_type", "LORA") == "LORA" else LoKrConfig
     allowed = set(cls.__dataclass_fields__)
     return cls(**{k: v for k, v in kwargs.items() if k in allowed})
+
+
+# Adapted from peft/src/peft/utils/other.py@v0.21.2 `get_pattern_key` (9 lines; importing peft costs a listing ~3 s)
+def get_pattern_key(pattern_keys: list[str], key_to_match: str) -> str:
+    """The first pattern key that matches the end of `key_to_match` at a module boundary, else `key_to_match`."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
 
 
 def ranks_alphas_from_configs(

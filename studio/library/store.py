@@ -30,9 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from studio import atomic
 from studio.errors import DiskFull, StudioError
@@ -50,6 +48,9 @@ from studio.library.card import render_card
 from studio.library.meta import AdapterMeta, from_studio_dict, to_studio_dict
 from studio.paths import library_dir
 
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

@@ -17,9 +17,9 @@ from studio.library.formats.kohya import read_kohya, write_kohya
 from studio.library.formats.lycoris import read_lycoris, write_lycoris
 from studio.library.formats.peft import read_peft, write_peft
 from studio.library.formats.sd_scripts import Imported
+from studio.library.meta import FORMATS
 
 
-FORMATS = ("kohya", "diffusers", "peft", "lycoris")
 _PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
