@@ -144,11 +144,13 @@ def run(model: str, steps: int, kills: int, seed: int, threads: int, method: str
         root = work / f"kill-{k:02d}"
         at = rng.randint(1, steps)  # the final checkpoint (step == steps) too
         delay = rng.uniform(0.0, run_s)
+        began = time.perf_counter()
         pid = _fork(lambda: _child(root, model, steps, method, threads, None if kind == "time" else kind, at))
         if kind == "time":
             time.sleep(delay)
             os.kill(pid, signal.SIGKILL)
         code, peak = _wait(pid)
+        killed_s = time.perf_counter() - began
         peaks.append(peak)
         checkpoint = root / "run" / "checkpoint.pt"
         saved = torch.load(checkpoint, weights_only=True)["step"] if checkpoint.is_file() else None
@@ -156,7 +158,7 @@ def run(model: str, steps: int, kills: int, seed: int, threads: int, method: str
         point = {"kind": kind, "detail": f"{delay:.2f} s" if kind == "time" else f"checkpoint write {at}"
                  if kind != "library" else "staging the entry", "exit": code, "checkpoint_step_after_kill": saved,
                  "temporaries_after_kill": len(leftovers)}
-        resumes = 0
+        resumes, began = 0, time.perf_counter()
         while resumes < 3:
             code, peak = _wait(_fork(lambda: _child(root, model, steps, method, threads, None, 0)))
             peaks.append(peak)
@@ -165,6 +167,7 @@ def run(model: str, steps: int, kills: int, seed: int, threads: int, method: str
                 break
         final = _tensors(root) if code == 0 else {}
         point["resumed_runs"] = resumes
+        point["seconds"] = {"until_killed": round(killed_s, 2), "resume": round(time.perf_counter() - began, 2)}
         point["same_weights"] = bool(final) and final.keys() == reference.keys() and all(
             torch.equal(final[key], reference[key]) for key in reference)
         point["temporaries_after_resume"] = len(list((root / "run").rglob(".*.tmp")))
