@@ -38,7 +38,8 @@ def test_the_estimate_grows_with_the_request_and_counts_materialised_attention(t
 
     def total(size: int, n: int = 1, **kw: bool) -> int:
         parts = estimate(pipe, size, size, n, True, **{"attention_slicing": False, "vae_tiling": False, **kw})
-        return parts["latents"] + max(parts["unet"] + parts["attention"], parts["vae"] + parts["output"])
+        return parts["overhead"] + parts["latents"] + max(parts["unet"] + parts["attention"],
+                                                          parts["vae"] + parts["output"])
 
     assert total(64) < total(128) < total(256) and total(128) < total(128, n=2)
     vae = {tiled: estimate(pipe, 512, 512, 1, True, attention_slicing=False, vae_tiling=tiled)["vae"]
