@@ -26,7 +26,7 @@ def test_a_request_that_cannot_fit_is_refused_before_any_work(tiny_dirs: dict) -
     pipe, steps = _pipe(tiny_dirs), []
     config = GenerateConfig(prompt="a red star", model=str(tiny_dirs["sd1"]), size="20000x20000", steps=2)
     start = time.perf_counter()
-    with pytest.raises(StudioError, match=r"1 image\(s\) at 20000x20000 need about [\d.]+ (GB|TB) \(latents .*, unet "
+    with pytest.raises(StudioError, match=r"1 image\(s\) at 20000x20000 need about [\d.]+ (GB|TB) \(overhead .*, unet "
                                           r".*, vae .*\); cpu has [\d.]+ [KMGT]?B free even with VAE tiling; lower "
                                           r"--size or --num-images"):
         generate(config, pipe=pipe, progress=lambda step, total: steps.append(step))
