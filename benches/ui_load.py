@@ -163,17 +163,22 @@ def cancel_phase(gen: Generate, server: Server, size: str, into_s: float = 1.5) 
     alone = timed(seed=6)
     long_job = gen.submit(seed=999, size=size, steps=LONG_STEPS)
     waiting = gen.submit(seed=998, size=size, steps=LONG_STEPS)
-    deadline = time.time() + 300
+    deadline = time.time() + 5  # the client's status can lag (one stream for every job): then cancel by the clock
     while long_job.status().code.name not in RUNNING and not long_job.done() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(into_s)
-    running_at_cancel = long_job.status().code.name in RUNNING and not long_job.done()
+    running_at_cancel = not long_job.done()
     cpu_before = server.cpu_seconds()
     waiting.cancel()
     long_job.cancel()
     cancelled_at = time.perf_counter()
     gen.submit(seed=997).result(timeout=600)
     short_s = time.perf_counter() - cancelled_at
+    try:
+        long_job.result(timeout=5)
+        long_outcome = "finished"  # the cancel came too late, or did not stop it
+    except Exception:  # noqa: BLE001 - a cancelled request has no result
+        long_outcome = long_job.status().code.name.lower()
     time.sleep(0.3)
     cpu_idle = server.cpu_seconds()
     time.sleep(0.7)
@@ -182,6 +187,7 @@ def cancel_phase(gen: Generate, server: Server, size: str, into_s: float = 1.5) 
         "long_request_would_need_s": round(per_step * LONG_STEPS, 1),
         "cancelled_after_s": into_s,
         "running_when_cancelled": running_at_cancel,
+        "long_request_outcome": long_outcome,
         "waiting_request_ran": waiting.status().code.name not in ("CANCELLED", "IN_QUEUE", "JOINING_QUEUE"),
         "short_request_alone_s": round(alone, 2),
         "short_request_done_after_cancel_s": round(short_s, 2),
@@ -276,7 +282,7 @@ def run(
     cancel, queue, uploads = report["cancel"], report["queue_limit"], report["uploads"]
     report["ok"] = bool(
         all(r["answered"] == requests and not r["lost_or_wrong"] for r in report["rounds"])
-        and cancel["running_when_cancelled"]
+        and cancel["running_when_cancelled"] and cancel["long_request_outcome"] == "cancelled"
         and cancel["short_request_done_after_cancel_s"] < cancel["long_request_would_need_s"] / 2
         and queue["refused"] > 0 and queue["finished"] + queue["refused"] == queue["sent"]
         and uploads["over_limit_status"] == 413 and uploads["under_limit_status"] == 200
