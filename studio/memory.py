@@ -17,9 +17,11 @@ The estimate is an upper bound made of the phases that do not overlap in time (s
               the same for one tile, plus the tiles and the blended image kept until they are joined
     output    the decoded images as float tensors, a NumPy copy and the 8-bit images
 
+    overhead  a constant for prompt encoding and working buffers
+
 with h x w = (H / f) x (W / f) the latent size, f the VAE factor, B = n images (x2 with classifier-free guidance).
-K_UNET and K_VAE are measured, not derived: peak RSS over the estimate is 0.5-0.9 on studio-tiny and the tiny test
-models from 64x64 to 1024x1024 (`studio bench memory` prints the table).
+K_UNET, K_VAE and the overhead are measured, not derived (`studio bench memory` prints the table of peak RSS over
+the estimate).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from studio.errors import StudioError
 from studio.sizes import human
 
 
-K_UNET = 24  # live UNet feature maps per level (measured 16-21 on studio-tiny at 512-1024 px, flash attention)
+K_UNET = 28  # live UNet feature maps per level (measured 16-24 on studio-tiny at 256-1024 px, flash attention)
 K_VAE = 6  # live decoder feature maps of the largest stage (measured 4.4-5.4)
+OVERHEAD = 64 * 2**20  # prompt encoding, the allocator's and the attention kernels' working buffers, small images
 LATENT_COPIES = 6
 OUTPUT_BYTES_PER_VALUE = 10  # float32 image tensor + float32 NumPy copy + uint8 array + PIL image
 _EFFICIENT = ("2_0", "XFormers", "NPU", "Flash")  # processors on fused kernels: no N x N scores in memory
@@ -58,7 +61,7 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         p = self.parts
-        return p["latents"] + max(p["unet"] + p["attention"], p["vae"] + p["output"])
+        return p["overhead"] + p["latents"] + max(p["unet"] + p["attention"], p["vae"] + p["output"])
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {human(v)}" for k, v in self.parts.items() if v)
@@ -139,7 +142,8 @@ def estimate(
         decode = K_VAE * images * _decoder_peak(vae, h, w) * vae_size
         decode += _attention_scores(vae, images, {"decoder.mid_block.": h * w}, vae_size)
     output = num_images * 3 * width * height * OUTPUT_BYTES_PER_VALUE
-    return {"latents": latents, "unet": activations, "attention": scores, "vae": decode, "output": output}
+    return {"overhead": OVERHEAD, "latents": latents, "unet": activations, "attention": scores, "vae": decode,
+            "output": output}
 
 
 def _attention_scores_if_sliced(unet: torch.nn.Module, tokens: dict[str, int], itemsize: int) -> int:

@@ -21,7 +21,10 @@ def test_ui_load_bench_answers_every_request_cancels_and_limits(tiny_dirs: dict)
     assert report["ok"], report
     (load,) = report["rounds"]
     assert load["answered"] == 3 and load["max_queue_size"] >= 1  # the clients were told the queue's length
-    assert report["cancel"]["short_request_done_after_cancel_s"] < report["cancel"]["long_request_would_need_s"] / 2
+    cancel = report["cancel"]
+    assert cancel["running_when_cancelled"] and cancel["long_request_outcome"] == "cancelled"
+    assert not cancel["waiting_request_ran"]
+    assert cancel["short_request_done_after_cancel_s"] < cancel["long_request_would_need_s"] / 2
     assert report["queue_limit"]["refused"] >= 1 and "Queue is full" in report["queue_limit"]["messages"][0]
     assert report["uploads"]["over_limit_status"] == 413 and "maximum allowed size" in report["uploads"][
         "over_limit_message"]
