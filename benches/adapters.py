@@ -161,7 +161,8 @@ def method_rows(method: str, model: str, library: Path, generate_fn: GenerateFn,
 
     from studio.library import Library, load_adapters, unload_adapters
 
-    jobs = [("emblem", s, t) for s, t in zip(emblems, TRIGGERS)] + [("texture", texture, TEXTURE_TRIGGER)]
+    jobs = [("emblem", s, t) for s, t in zip(emblems, TRIGGERS)]
+    jobs += [("texture", texture, TEXTURE_TRIGGER)] if texture else []
     rows = []
     for kind, what, trigger in tqdm(jobs, desc=f"adapters bench: {method}", unit="adapter"):
         name = f"bar-{method.replace('_', '-')}-{kind}-{what}"
@@ -198,18 +199,20 @@ def verdict(row: dict) -> list[str]:
 
 
 def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_base: int = 50, n_texture: int = 20,
-              texture: str = "stripes", overrides: dict | None = None, n_emblems: int = 3) -> dict:
-    """Train, generate and judge; write the table, JSON and grid; return the report."""
+              texture: str | None = "stripes", overrides: dict | None = None, n_emblems: int = 3,
+              device: str = "cpu") -> dict:
+    """Train, generate and judge on `device`; write the table, JSON and grid; return the report."""
     from studio.generate import GenerateConfig, cached_pipeline, generate
 
     library = out / "library"
-    pipe = cached_pipeline(model, "cpu")
+    pipe = cached_pipeline(model, device)
+    overrides = {"device": device, **(overrides or {})}
 
     def generate_fn(prompts: list[str], seeds: list[int]) -> list[torch.Tensor]:
         images = []
         for at in range(0, len(prompts), BATCH):
             texts, batch_seeds = prompts[at:at + BATCH], seeds[at:at + BATCH]
-            config = GenerateConfig(prompt=texts[0], model=model, steps=steps, num_images=len(texts))
+            config = GenerateConfig(prompt=texts[0], model=model, steps=steps, num_images=len(texts), device=device)
             images += list(generate(config, pipe=pipe, output_type="pt", prompts=texts, seeds=batch_seeds).images)
         return images  # (3, H, W) each, in [0, 1]
 
@@ -217,7 +220,7 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
     grid: dict[str, list[torch.Tensor]] = {}
     rows = []
     for method in methods:
-        rows += method_rows(method, model, library, generate_fn, pipe, overrides or {}, base_accuracy, n_base,
+        rows += method_rows(method, model, library, generate_fn, pipe, overrides, base_accuracy, n_base,
                             n_texture, texture, eval_emblems(n_emblems), grid)
     reference = {r["concept"]: r["trainable_params"] for r in rows if r["method"] == REFERENCE}
     if not reference:
@@ -226,11 +229,16 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
         r["params_ratio"] = round(r["trainable_params"] / reference[r["concept"]], 4)
         r["missed"] = verdict(r)
     passed = {m: not any(r["missed"] for r in rows if r["method"] == m) for m in methods}
-    report = {"model": model, "threads": torch.get_num_threads(), "steps": steps, "base_accuracy": base_accuracy,
+    report = {"model": model, "device": _device_name(device), "threads": torch.get_num_threads(), "steps": steps,
+              "base_accuracy": base_accuracy,
               "bars": {"found": FOUND_BAR, "place": PLACE_BAR, "drift": DRIFT_BAR, "seconds": SECONDS_BAR},
               "rows": rows, "passed": passed}
     _write(out, report, grid)
     return report
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
 def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None:
@@ -253,7 +261,7 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
         lines.append("| " + " | ".join(cells) + " |")
     base = report["base_accuracy"]
     lines += ["", f"Base single-object accuracy (mean of {', '.join(ACCURACY_KEYS)}): {base['mean']:.3f}; drift is "
-              f"its drop with the adapter loaded and the trigger absent. {report['threads']} threads, "
+              f"its drop with the adapter loaded and the trigger absent. {report['device']}, "
               f"{report['steps']} sampling steps.", "",
               *(f"- {m}: {'passes' if ok else 'misses'} the bar" for m, ok in report["passed"].items())]
     write_text(out / "adapters-bench.md", "\n".join(lines) + "\n")
@@ -264,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     overrides = {"train_steps": args.train_steps} if args.train_steps else {}
     report = run_bench(args.model, args.method or ["dreambooth_lora", "kronecker"], Path(args.out), steps=args.steps,
-                       n_base=args.base_prompts, texture=args.texture, overrides=overrides)
+                       n_base=args.base_prompts, texture=None if args.no_texture else args.texture,
+                       overrides=overrides, n_emblems=args.emblems, device=args.device)
     print((Path(args.out) / "adapters-bench.md").read_text())
     return 0 if all(report["passed"].values()) else 1
 
@@ -280,6 +289,11 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--base-prompts", type=int, default=50, help="single-object prompts for the drift check")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--emblems", type=int, default=3, choices=range(1, len(TRIGGERS) + 1),
+                        help="emblem adapters per method (the bar: 3)")
+    parser.add_argument("--no-texture", action="store_true", help="skip the texture (style) adapter")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="train and generate here (the bar's seconds are for 2 CPU cores)")
     parser.add_argument("--out", default="bench-out/adapters")
     parser.set_defaults(func=run)
 
