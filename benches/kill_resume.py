@@ -101,7 +101,7 @@ def _fork(fn: Callable[[], None]) -> int:
             fn()
             code = 0
         except BaseException as err:  # noqa: BLE001 - reported through the exit status
-            print(f"child failed: {type(err).__name__}: {err}", flush=True)
+            os.write(2, f"child failed: {type(err).__name__}: {err}\n".encode())  # fd 2: survives capture
         finally:
             os._exit(code)
     return pid
@@ -124,6 +124,10 @@ def run(model: str, steps: int, kills: int, seed: int, threads: int, method: str
         work: Path | None = None) -> dict[str, Any]:
     import torch
 
+    if torch.cuda.is_initialized():  # a forked child cannot use, or even query, the parent's CUDA context
+        from studio.errors import StudioError
+
+        raise StudioError("studio bench kill-resume forks its training runs: start it in a fresh process")
     torch.set_num_threads(1)  # this process never starts a thread pool that a forked child would inherit broken
     work = Path(work or tempfile.mkdtemp(prefix="studio-kill-resume-"))
     rng = random.Random(seed)
