@@ -17,6 +17,7 @@ from studio.errors import StudioError
 from trainers.config import TrainConfig
 from trainers.loop import Callbacks, LoopResult, train_loop
 from trainers.method import Method, MethodConfig
+from trainers.methods.b_lora import BLoRA, BLoRAConfig
 from trainers.methods.dreambooth_lora import DreamBoothLoRA, DreamBoothLoRAConfig
 from trainers.methods.kronecker import Kronecker, KroneckerConfig
 from trainers.methods.orthogonal import Orthogonal, OrthogonalConfig
@@ -27,6 +28,7 @@ from trainers.run import TrainResult, resolve_method, train
 METHODS: dict[str, type[Method]] = {
     "dreambooth_lora": DreamBoothLoRA,
     "kronecker": Kronecker,
+    "b_lora": BLoRA,
     "orthogonal": Orthogonal,
 }
 
@@ -65,6 +67,8 @@ def configs_from_mapping(values: dict[str, Any]) -> tuple[MethodConfig, TrainCon
 
 __all__ = [
     "METHODS",
+    "BLoRA",
+    "BLoRAConfig",
     "Callbacks",
     "DreamBoothLoRA",
     "DreamBoothLoRAConfig",
