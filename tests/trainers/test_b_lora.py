@@ -16,7 +16,7 @@ from studio.library import Library, delta_weight, load_adapters, unload_adapters
 from studio.models import load_pipeline
 from trainers import BLoRA, BLoRAConfig, train
 from trainers.data import load_data
-from trainers.methods.b_lora import SDXL_BLOCKS, attention_blocks, default_blocks
+from trainers.methods.b_lora import EMBEDDED_BLOCKS, SDXL_BLOCKS, attention_blocks, default_blocks
 
 
 def _unet_inputs(pipe) -> tuple:  # noqa: ANN001
@@ -39,6 +39,8 @@ def test_lora_on_both_blocks_attention_only(kind: str) -> None:
     content, style = default_blocks(pipe.unet)
     if kind == "sdxl":
         assert (content, style) == SDXL_BLOCKS  # the paper's W4 and W5
+    else:  # up_blocks.0 has no attention: the embedded base's pair one up block later (the same resolution)
+        assert (content, style) == tuple(b.replace(b[:11], f"up_blocks.{int(b[10]) + 1}") for b in EMBEDDED_BLOCKS)
     assert {content, style} <= set(attention_blocks(pipe.unet))
     method = BLoRA(BLoRAConfig(rank=4))
     method.attach(pipe)

@@ -18,8 +18,8 @@ Blocks (content, style):
 - The embedded base (every resolution has attention: down 16/8/4, mid 4, up 4/8/16 latent pixels, two attention
   blocks per up block): measured, see MEASURED below.
 - SD1.x / SD2.x (attention at latent/1, /2, /4 only): no measurement here (no SD1 weights can be had offline); the
-  embedded base's pair at the same resolution (up blocks counted from the output end: SD1's up_blocks.0 has no
-  attention, so the index is one more). Pass
+  embedded base's pair at the same resolution (up blocks counted from the first one with attention: SD1's
+  up_blocks.0 has none, so the index is one more). Pass
   `--content-block` / `--style-block` to choose others.
 
 MEASURED (see `benches/b_lora.py`, `studio bench adapters --method b_lora --sweep`): filled in by the sweep.
@@ -39,8 +39,7 @@ from trainers.methods.dreambooth_lora import DreamBoothLoRA
 
 ATTENTION_TARGETS = "to_q,to_k,to_v,to_out.0"  # of attn1 and attn2 in every transformer layer of a block
 SDXL_BLOCKS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1")  # W4, W5: Frenkel et al. 2024, section 4.2
-EMBEDDED_BLOCKS = ("up_blocks.1.attentions.0", "up_blocks.2.attentions.0")  # measured: module docstring
-EMBEDDED_UP_BLOCKS = 3
+EMBEDDED_BLOCKS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1")  # measured: module docstring
 PARTS = ("content", "style")
 _BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+$")
 
@@ -51,7 +50,7 @@ class BLoRAConfig(MethodConfig):
     max_images: ClassVar[int | None] = 1  # B-LoRA learns one image
     prior_preservation: ClassVar[bool] = False  # the paper trains without
 
-    lr: float = field(default=1e-3, metadata={"help": "learning rate (B-LoRA's SDXL recipe: 5e-5 at rank 64)"})
+    lr: float = field(default=3e-3, metadata={"help": "learning rate (B-LoRA's SDXL recipe: 5e-5 at rank 64)"})
     rank: int = field(default=16, metadata={"help": "LoRA rank r (B-LoRA's SDXL recipe: 64)"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (scale alpha / r); default r (scale 1)"})
     content_block: str | None = field(
@@ -85,11 +84,10 @@ def default_blocks(unet: Any) -> tuple[str, str]:
     the embedded pair at the same resolution."""
     if unet.config.get("addition_embed_type") == "text_time":
         return SDXL_BLOCKS
-    if getattr(unet.up_blocks[0], "attentions", None):  # attention at every resolution: the embedded base's layout
-        return EMBEDDED_BLOCKS
-    # The same resolution: up blocks counted from the output end (the embedded base has 3, SD1/SD2 have 4).
-    shift = len(unet.up_blocks) - EMBEDDED_UP_BLOCKS
-    content, style = (re.sub(r"up_blocks\.(\d+)", lambda m: f"up_blocks.{int(m.group(1)) + shift}", b)
+    # Otherwise the embedded base's measured pair, its up blocks counted from the first up block with attention
+    # (the embedded base's up_blocks.0; SD1's up_blocks.1, whose up_blocks.0 has none): the same resolution.
+    first = next((i for i, block in enumerate(unet.up_blocks) if getattr(block, "attentions", None)), 0)
+    content, style = (re.sub(r"up_blocks\.(\d+)", lambda m: f"up_blocks.{int(m.group(1)) + first}", b)
                       for b in EMBEDDED_BLOCKS)
     return content, style
 
