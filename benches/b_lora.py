@@ -14,8 +14,10 @@ by `trainers.train` at the method's defaults from their single render (`--world-
 
 The sweep (`--sweep`) trains one concept per candidate block pair for a few steps and measures each block's entry
 alone: T, the texture found on style prompts; P, the asked shape and colour kept there; O, the object's shape and
-colour on content prompts (no style word); L, its texture there. The pair and roles with the largest
-T(style) + P(style) + O(content) - L(content) separate best.
+colour on content prompts (no style word); L, its texture there; and the same four for the base without adapters
+(T0, P0, O0, L0). How much an entry moves is its figure minus the base's; the pair and roles with the largest
+separation (T(style) - T0) + (O(content) - O0) - (L(content) - L0) - (P0 - P(style)) separate best: the style entry
+moves texture and leaves shape and colour, the content entry moves the object and not its texture.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def bar_rows(model: str, library: Path, generate_fn: GenerateFn, pipe: object, o
     from tqdm import tqdm
 
     seconds = {}
+    overrides = {"batch_size": 1, **overrides}  # one image, one a step: the paper's --train_batch_size 1
     for texture, trigger in tqdm(CONCEPTS, desc="b_lora bench: training", unit="concept"):
         seconds[texture] = train_concept(texture, trigger, f"bar-b-lora-{texture}", model, library, overrides)
     rows = []
@@ -231,6 +234,8 @@ def sweep(model: str, out: Path, *, train_steps: int = 600, n: int = 10, steps: 
     generate_fn = generate_fn or make_generate(model, pipe, steps)
     style_prompts = texture_prompts(texture, trigger, n)
     object_prompts = content_prompts(texture, trigger, None, n)
+    base = measure(generate_fn(*_texts(style_prompts)), style_prompts, generate_fn(*_texts(object_prompts)),
+                   object_prompts, texture)  # fmt: skip
     rows = []
     for first, second in tqdm(candidates, desc="b_lora block sweep", unit="pair"):
         name = "sweep-" + f"{first}-{second}".replace(".", "").replace("_", "")
@@ -239,24 +244,50 @@ def sweep(model: str, out: Path, *, train_steps: int = 600, n: int = 10, steps: 
                                 {"content_block": first, "style_block": second})  # fmt: skip
         measured = {}
         for block, entry in ((first, f"{name}-content"), (second, f"{name}-style")):
-            styled = judge_texture(_with(pipe, library, [entry], generate_fn, style_prompts), style_prompts, texture)
-            objects = judge_content(_with(pipe, library, [entry], generate_fn, object_prompts), object_prompts,
-                                    texture, None)  # fmt: skip
-            measured[block] = {"T": styled["texture"], "P": round((styled["shape"] + styled["colour"]) / 2, 4),
-                               "O": round((objects["shape"] + objects["colour"]) / 2, 4), "L": objects["leak"]}
-        options = []
-        for content, style in ((first, second), (second, first)):
-            c, s = measured[content], measured[style]
-            options.append((round(s["T"] + s["P"] + c["O"] - c["L"], 4), content, style))
-        score, content, style = max(options)
-        rows.append({"pair": [first, second], "seconds": seconds, "blocks": measured, "score": score,
-                     "content": content, "style": style})
-        write_json(out / "b-lora-sweep.json", rows)
-    lines = ["| content block | style block | style alone: T / P | content alone: O / L | score |",
-             "|---|---|---|---|---|"]
+            measured[block] = measure(_with(pipe, library, [entry], generate_fn, style_prompts), style_prompts,
+                                      _with(pipe, library, [entry], generate_fn, object_prompts), object_prompts,
+                                      texture)  # fmt: skip
+        rows.append({"pair": [first, second], "seconds": seconds, "blocks": measured,
+                     **best_roles(measured, base)})  # fmt: skip
+        write_json(out / "b-lora-sweep.json", {"base": base, "rows": rows})
+    write_text(out / "b-lora-sweep.md", "\n".join(sweep_table(rows, base)) + "\n")
+    return rows
+
+
+def _texts(prompts: list[Prompt]) -> tuple[list[str], list[int]]:
+    return [p.text for p in prompts], [p.seed for p in prompts]
+
+
+def measure(styled: list[torch.Tensor], style_prompts: list[Prompt], placed: list[torch.Tensor],
+            object_prompts: list[Prompt], texture: str) -> dict[str, float]:
+    """T, P on style prompts and O, L on content prompts (see the module docstring)."""
+    style = judge_texture(styled, style_prompts, texture)
+    objects = judge_content(placed, object_prompts, texture, None)
+    return {"T": style["texture"], "P": round((style["shape"] + style["colour"]) / 2, 4),
+            "O": round((objects["shape"] + objects["colour"]) / 2, 4), "L": objects["leak"]}
+
+
+def separation(content: dict[str, float], style: dict[str, float], base: dict[str, float]) -> float:
+    """How well the two entries separate: texture moved by the style entry, object by the content entry, less the
+    content entry's texture and the style entry's loss of the asked shape and colour (all against the base)."""
+    return round((style["T"] - base["T"]) + (content["O"] - base["O"]) - (content["L"] - base["L"])
+                 - (base["P"] - style["P"]), 4)
+
+
+def best_roles(measured: dict[str, dict[str, float]], base: dict[str, float]) -> dict:
+    """The role assignment of a pair's two blocks that separates best: {"content", "style", "score"}."""
+    first, second = measured
+    options = [(separation(measured[c], measured[s], base), c, s) for c, s in ((first, second), (second, first))]
+    score, content, style = max(options)
+    return {"content": content, "style": style, "score": score}
+
+
+def sweep_table(rows: list[dict], base: dict[str, float]) -> list[str]:
+    lines = ["| content block | style block | style alone: T / P | content alone: O / L | separation |",
+             "|---|---|---|---|---|",
+             f"| (base, no adapter) | | {base['T']:.2f} / {base['P']:.2f} | {base['O']:.2f} / {base['L']:.2f} | |"]
     for r in sorted(rows, key=lambda r: -r["score"]):
         s, c = r["blocks"][r["style"]], r["blocks"][r["content"]]
         lines.append(f"| {r['content']} | {r['style']} | {s['T']:.2f} / {s['P']:.2f} | {c['O']:.2f} / {c['L']:.2f} "
-                     f"| {r['score']:.2f} |")
-    write_text(out / "b-lora-sweep.md", "\n".join(lines) + "\n")
-    return rows
+                     f"| {r['score']:+.2f} |")
+    return lines

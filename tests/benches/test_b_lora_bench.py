@@ -11,6 +11,7 @@ from benches.b_lora import (
     CONCEPTS,
     LEAK_BAR,
     bar_rows,
+    best_roles,
     both_prompts,
     content_prompts,
     judge_both,
@@ -49,6 +50,14 @@ def test_judges_on_exact_renders() -> None:
     assert (judged["shape"], judged["colour"], judged["reproduced"]) == (1.0, 0.0, 0.0)
 
 
+def test_sweep_picks_the_roles_that_separate() -> None:
+    base = {"T": 0.0, "P": 1.0, "O": 0.2, "L": 0.0}
+    measured = {"a": {"T": 0.0, "P": 1.0, "O": 0.9, "L": 0.1}, "b": {"T": 0.9, "P": 0.9, "O": 0.2, "L": 0.0}}
+    assert best_roles(measured, base) == {"content": "a", "style": "b", "score": 1.4}
+    assert best_roles(dict(reversed(measured.items())), base)["content"] == "a"
+    assert best_roles({"a": base, "b": base}, base)["score"] == 0.0  # entries that move nothing separate nothing
+
+
 def test_missed_names_each_bar() -> None:
     row = {"seconds": 100.0, "style": {"texture": 0.9, "shape": 0.9, "colour": 0.85, "position": 1.0},
            "content_word": {"shape": 0.9, "colour": 0.9, "new_texture": 0.75, "leak": 0.1},
@@ -78,7 +87,7 @@ def test_bar_rows_and_sweep_run_end_to_end(tiny_dirs: dict, tmp_path: Path) -> N
     assert [r["concept"] for r in rows] == ["stripes", "dots"] and all(r["missed"] == missed(r) for r in rows)
     stripes, dots = rows
     assert stripes["both"]["reproduced"] == 1.0 and dots["both"]["reproduced"] == 0.0  # what the stand-in draws
-    assert stripes["content_word"]["leak"] == 1.0 and dots["content_word"]["new_texture"] == 1.0
+    assert stripes["content_word"]["leak"] == 1.0 and stripes["content_word"]["new_texture"] == 0.0
     assert stripes["content_word"]["shape"] == 1.0 and dots["content_word"]["leak"] == 0.0
     assert len(grid) == 8 and stripes["seconds"] > 0
     pair = ("up_blocks.1.attentions.0", "up_blocks.2.attentions.1")
@@ -86,5 +95,5 @@ def test_bar_rows_and_sweep_run_end_to_end(tiny_dirs: dict, tmp_path: Path) -> N
                   generate_fn=_training_image)  # fmt: skip
     assert {swept[0]["content"], swept[0]["style"]} == set(pair)
     measured = swept[0]["blocks"][pair[0]]
-    assert (measured["T"], measured["O"], measured["L"]) == (1.0, 1.0, 1.0)  # the stand-in: textured, the object
-    assert len((tmp_path / "sweep" / "b-lora-sweep.md").read_text().splitlines()) == 3
+    assert (measured["O"], measured["L"]) == (1.0, 1.0)  # the stand-in: the object in its texture
+    assert len((tmp_path / "sweep" / "b-lora-sweep.md").read_text().splitlines()) == 4  # header, base, the pair
