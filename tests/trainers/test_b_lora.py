@@ -39,8 +39,8 @@ def test_lora_on_both_blocks_attention_only(kind: str) -> None:
     content, style = default_blocks(pipe.unet)
     if kind == "sdxl":
         assert (content, style) == SDXL_BLOCKS  # the paper's W4 and W5
-    else:  # up_blocks.0 has no attention: the embedded base's pair one up block later (the same resolution)
-        assert (content, style) == tuple(b.replace(b[:11], f"up_blocks.{int(b[10]) + 1}") for b in EMBEDDED_BLOCKS)
+    else:  # three up blocks, as the embedded base: its pair
+        assert (content, style) == EMBEDDED_BLOCKS
     assert {content, style} <= set(attention_blocks(pipe.unet))
     method = BLoRA(BLoRAConfig(rank=4))
     method.attach(pipe)
@@ -49,6 +49,18 @@ def test_lora_on_both_blocks_attention_only(kind: str) -> None:
     leaves = {m.split("transformer_blocks.")[1].split(".", 1)[1] for m in modules}
     assert leaves == {f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
     assert not any(k.startswith("text_encoder") for k in method.trainable_tensors())  # text encoders frozen
+
+
+def test_sd1_layout_takes_the_embedded_pair_at_the_same_resolution() -> None:
+    from diffusers import UNet2DConditionModel
+
+    sd1 = UNet2DConditionModel(  # SD1.x's block layout (4 levels, no attention in up_blocks.0), tiny widths
+        block_out_channels=(32, 32, 32, 32), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, sample_size=8,
+    )  # fmt: skip
+    shifted = tuple(b.replace(b[:11], f"up_blocks.{int(b[10]) + 1}") for b in EMBEDDED_BLOCKS)
+    assert default_blocks(sd1) == shifted and set(shifted) <= set(attention_blocks(sd1))
 
 
 def test_entries_split_by_block_and_strength_is_linear(tmp_path: Path) -> None:
