@@ -3,6 +3,7 @@
     from trainers import TrainConfig, train
     result = train("dreambooth_lora", TrainConfig(trigger="sks", name="my-emblem", world_emblem=7, model=...))
     result.entry          # the library entry; load it with studio.load_adapters(pipe, ["my-emblem"])
+    result.entries        # every entry of the run (B-LoRA: "NAME-content" and "NAME-style")
 
 `method` is a METHODS key (the paper's defaults), a configured `MethodConfig` (e.g. `KroneckerConfig(factor=8)`), or
 a `Method` instance (a method not registered yet).
