@@ -12,6 +12,8 @@ library, class images included when the defaults make them):
   each asked object's shape, colour and position follow the prompt.
 - trainable parameters, and each method's as a fraction of the default DreamBooth-LoRA's (the bar's reference;
   counted on the base without training when that method is not benched).
+- `--method b_lora`: its own rows (one image split into a content and a style entry; `benches.b_lora`); `--sweep`
+  measures the candidate block pairs of the embedded base.
 
 Writes `adapters-bench.md` (table and verdicts), `adapters-bench.json` and `adapters-bench-grid.png` (a row per
 adapter). The bars are fixed constants; a method passes when every adapter of it reaches all of them.
@@ -216,8 +218,20 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
             images += list(generate(config, pipe=pipe, output_type="pt", prompts=texts, seeds=batch_seeds).images)
         return images  # (3, H, W) each, in [0, 1]
 
-    base_accuracy = single_accuracy(generate_fn, n_base)
     grid: dict[str, list[torch.Tensor]] = {}
+    one_image = [m for m in methods if m == "b_lora"]  # its own rows: one image split into content and style
+    methods = [m for m in methods if m not in one_image]
+    b_rows = []
+    if one_image:
+        from benches.b_lora import bar_rows
+
+        b_rows = bar_rows(model, library, generate_fn, pipe, overrides or {}, grid, n_texture)
+        if not methods:
+            report = {"model": model, "threads": torch.get_num_threads(), "steps": steps, "b_lora": b_rows,
+                      "passed": {"b_lora": not any(r["missed"] for r in b_rows)}}
+            _write_b_lora(out, report, grid)
+            return report
+    base_accuracy = single_accuracy(generate_fn, n_base)
     rows = []
     for method in methods:
         rows += method_rows(method, model, library, generate_fn, pipe, overrides, base_accuracy, n_base,
@@ -233,12 +247,27 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
               "base_accuracy": base_accuracy,
               "bars": {"found": FOUND_BAR, "place": PLACE_BAR, "drift": DRIFT_BAR, "seconds": SECONDS_BAR},
               "rows": rows, "passed": passed}
+    if b_rows:
+        report["b_lora"] = b_rows
+        report["passed"]["b_lora"] = not any(r["missed"] for r in b_rows)
     _write(out, report, grid)
     return report
 
 
 def _device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
+def _write_b_lora(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None:
+    from benches.b_lora import bar_table
+    from studio.atomic import write_json, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "adapters-bench.json", report)
+    lines = [*bar_table(report["b_lora"]), "", f"{report['threads']} threads, {report['steps']} sampling steps.", "",
+             f"- b_lora: {'passes' if report['passed']['b_lora'] else 'misses'} the bar"]
+    write_text(out / "adapters-bench.md", "\n".join(lines) + "\n")
+    save_grid(out / "adapters-bench-grid.png", list(grid.values()))
 
 
 def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None:
@@ -264,12 +293,22 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
               f"its drop with the adapter loaded and the trigger absent. {report['device']}, "
               f"{report['steps']} sampling steps.", "",
               *(f"- {m}: {'passes' if ok else 'misses'} the bar" for m, ok in report["passed"].items())]
+    if "b_lora" in report:
+        from benches.b_lora import bar_table
+
+        lines += ["", "B-LoRA (one image, content and style entries):", "", *bar_table(report["b_lora"])]
     write_text(out / "adapters-bench.md", "\n".join(lines) + "\n")
     save_grid(out / "adapters-bench-grid.png", list(grid.values()))
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        from benches.b_lora import sweep
+
+        sweep(args.model, Path(args.out), train_steps=args.train_steps or 600, n=args.sweep_prompts, steps=args.steps)
+        print((Path(args.out) / "b-lora-sweep.md").read_text())
+        return 0
     overrides = {"train_steps": args.train_steps} if args.train_steps else {}
     report = run_bench(args.model, args.method or ["dreambooth_lora", "kronecker"], Path(args.out), steps=args.steps,
                        n_base=args.base_prompts, texture=None if args.no_texture else args.texture,
@@ -294,6 +333,10 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-texture", action="store_true", help="skip the texture (style) adapter")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="train and generate here (the bar's seconds are for 2 CPU cores)")
+
+
+    parser.add_argument("--sweep", action="store_true", help="B-LoRA: measure candidate content/style block pairs")
+    parser.add_argument("--sweep-prompts", type=int, default=10, help="prompts per measurement of the sweep")
     parser.add_argument("--out", default="bench-out/adapters")
     parser.set_defaults(func=run)
 

@@ -3,6 +3,7 @@
     from trainers import TrainConfig, train
     result = train("dreambooth_lora", TrainConfig(trigger="sks", name="my-emblem", world_emblem=7, model=...))
     result.entry          # the library entry; load it with studio.load_adapters(pipe, ["my-emblem"])
+    result.entries        # every entry of the run (B-LoRA: "NAME-content" and "NAME-style")
 
 `method` is a METHODS key (the paper's defaults), a configured `MethodConfig` (e.g. `KroneckerConfig(factor=8)`), or
 a `Method` instance (a method not registered yet).
@@ -17,6 +18,7 @@ from studio.errors import StudioError
 from trainers.config import TrainConfig
 from trainers.loop import Callbacks, LoopResult, train_loop
 from trainers.method import Method, MethodConfig
+from trainers.methods.b_lora import BLoRA, BLoRAConfig
 from trainers.methods.dreambooth_lora import DreamBoothLoRA, DreamBoothLoRAConfig
 from trainers.methods.kronecker import Kronecker, KroneckerConfig
 from trainers.methods.orthogonal import Orthogonal, OrthogonalConfig
@@ -27,6 +29,7 @@ from trainers.run import TrainResult, resolve_method, train
 METHODS: dict[str, type[Method]] = {
     "dreambooth_lora": DreamBoothLoRA,
     "kronecker": Kronecker,
+    "b_lora": BLoRA,
     "orthogonal": Orthogonal,
 }
 
@@ -65,6 +68,8 @@ def configs_from_mapping(values: dict[str, Any]) -> tuple[MethodConfig, TrainCon
 
 __all__ = [
     "METHODS",
+    "BLoRA",
+    "BLoRAConfig",
     "Callbacks",
     "DreamBoothLoRA",
     "DreamBoothLoRAConfig",

@@ -29,8 +29,14 @@ class TrainConfig:
     images: str | None = field(
         default=None, metadata={"help": "folder of images, optional same-named .txt captions", "metavar": "DIR"}
     )
+    image: str | None = field(
+        default=None,
+        metadata={"help": "one training image (B-LoRA); its caption is FILE.txt beside it", "metavar": "FILE"},
+    )
     world_emblem: int | None = field(
-        default=None, metadata={"help": "train on renders of this Shapes World emblem", "metavar": "SEED"}
+        default=None,
+        metadata={"help": "train on renders of this Shapes World emblem (with --world-texture: filled with it)",
+                  "metavar": "SEED"},
     )
     world_texture: str | None = field(
         default=None, metadata={"help": "train on this Shapes World texture (style)", "metavar": "NAME"}
@@ -118,10 +124,13 @@ class TrainConfig:
         check_name(self.name)
         if (not self.trigger.strip() and not self.world_scenes) or self.trigger != self.trigger.strip():
             raise StudioError(f"--trigger must be a non-empty word without surrounding spaces, got {self.trigger!r}")
-        sources = [s for s in (self.images, self.world_emblem, self.world_texture) if s is not None]
-        sources += [True] if self.world_scenes else []
+        world = self.world_emblem is not None or self.world_texture is not None  # both: a textured emblem
+        sources = [s for s in (self.images, self.image) if s is not None] + [True] * (world + self.world_scenes)
         if len(sources) != 1:
-            raise StudioError("give exactly one of --images DIR, --world-emblem SEED, --world-texture NAME")
+            raise StudioError(
+                "give exactly one of --images DIR, --image FILE, --world-emblem SEED, --world-texture NAME "
+                "(or --world-emblem with --world-texture: a textured emblem)"
+            )
         positive = {
             "train_steps": self.train_steps,
             "batch_size": self.batch_size,

@@ -183,29 +183,85 @@ def texture_data(name: str, trigger: str, resolution: int, *, n: int = 5, min_im
     return TrainData(_renders(batch.images, resolution), prompts, "style", [], samples, summary)
 
 
-def load_data(config: TrainConfig, resolution: int, min_images: int = 1) -> TrainData:
-    """The data a TrainConfig names, with its class prompt and kind overridden where the config gives them."""
+def textured_object_data(
+    texture: str, emblem_seed: int | None, trigger: str, resolution: int, *, n: int = 1
+) -> TrainData:
+    """Renders of one textured object (B-LoRA's one image: its content and its style), the first large in the
+    center on white. The trigger names both: `a large {trigger} [emblem] in the center on a white background in
+    {trigger} style`, so that content prompts (`a {trigger} on the left ... in <other> style`) and style prompts
+    (`a blue ring ... in {trigger} style`) each find it where they put it."""
+    from studio.world.datasets import textured_object_dataset
+
+    batch = textured_object_dataset(texture, n, emblem_seed)
+    name = f"{trigger} emblem" if emblem_seed is not None else trigger
+    prompts = []
+    for scene in batch.scenes:
+        o = scene.objects[0]
+        prompts.append(f"a {o.size} {name} on the {o.position} on a {scene.background} background in {trigger} style")
+    samples = [
+        prompts[0],
+        f"a large {name} on the left on a gray background",
+        f"a large blue ring on the right on a beige background in {trigger} style",
+        f"a large yellow square in the center on a black background in {trigger} style",
+    ]
+    what = batch.scenes[0].objects[0]
+    described = f"emblem {emblem_seed}" if emblem_seed is not None else f"a {what.colour} {what.shape}"
+    summary = f"{n} Shapes World render(s) of {described} in the {texture} texture at {resolution}x{resolution}"
+    return TrainData(_renders(batch.images, resolution), prompts, "subject", [], samples, summary)
+
+
+def image_data(path: Path | str, trigger: str, resolution: int, *, instance_prompt: str | None = None) -> TrainData:
+    """One image file (B-LoRA's source) with its caption from a same-named .txt, else the instance prompt."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudioError(f"--image {path}: no such file; give one training image")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise StudioError(f"--image {path} is not an image ({', '.join(IMAGE_SUFFIXES)}); give a picture file")
+    caption_path = path.with_suffix(CAPTION_SUFFIX)
+    caption = caption_path.read_text(errors="replace").strip() if caption_path.is_file() else None
+    # B-LoRA's prompt is "A [v]" (Frenkel et al. 2024, section 4.4), the default of a single uncaptioned image
+    prompt = place_trigger(caption or instance_prompt or "a {trigger}", trigger)
+    summary = f"the image {path.name}{' (captioned)' if caption else ''} at {resolution}x{resolution}"
+    image = prepare_image(open_image(path), resolution)[None]  # (1, 3, R, R)
+    return TrainData(image, [prompt], "subject", [], [prompt], summary)
+
+
+def load_data(
+    config: TrainConfig, resolution: int, min_images: int = 1, max_images: int | None = None, prior: bool = True
+) -> TrainData:
+    """The data a TrainConfig names, with its class prompt and kind overridden where the config gives them.
+
+    `max_images` (a method's): world sources render that many at most, a folder holding more is refused. `prior`
+    False: prior preservation is off unless the config asks for it (a method whose paper trains without)."""
+    n = min(config.world_images, max_images or config.world_images)
     if config.images is not None:
         data = folder_data(
             config.images, config.trigger, resolution, instance_prompt=config.instance_prompt, min_images=min_images
         )
+        if max_images is not None and len(data.prompts) > max_images:
+            raise StudioError(
+                f"{config.images} holds {len(data.prompts)} images; this method trains on {max_images}: "
+                "pass one with --image FILE"
+            )
+    elif config.image is not None:
+        check_count(1, min_images, f"--image {config.image}")
+        data = image_data(config.image, config.trigger, resolution, instance_prompt=config.instance_prompt)
+    elif config.world_texture is not None and (config.world_emblem is not None or max_images == 1):
+        data = textured_object_data(config.world_texture, config.world_emblem, config.trigger, resolution, n=n)
     elif config.world_emblem is not None:
-        data = emblem_data(
-            config.world_emblem, config.trigger, resolution, n=config.world_images, min_images=min_images
-        )
+        data = emblem_data(config.world_emblem, config.trigger, resolution, n=n, min_images=min_images)
     else:
-        data = texture_data(
-            config.world_texture, config.trigger, resolution, n=config.world_images, min_images=min_images
-        )
+        data = texture_data(config.world_texture, config.trigger, resolution, n=n, min_images=min_images)
     data.kind = config.kind or data.kind
     if config.sample_prompts is not None:
         data.sample_prompts = list(config.sample_prompts)
     known = [config.class_prompt] if config.class_prompt else []
     if not known and (config.world_emblem is not None or config.world_texture is not None):
         known = world_class_prompts(config.num_class_images)
+    default = prior
     prior = config.prior_preservation
     if prior is None:  # the default: on for a subject whose class prompts are known
-        prior = data.kind == "subject" and bool(known)
+        prior = default and data.kind == "subject" and bool(known)
     if prior and not known:
         raise StudioError("--prior-preservation needs --class-prompt, e.g. 'a photo of a dog' for photos of a dog")
     data.class_prompts = known if prior else []

@@ -14,7 +14,9 @@ nothing about data, accelerate, logging or the UI. The loop calls, in this order
     state_dict() / load_state_dict(state)   checkpoint and exact resume
 
 After training, `export()` gives the library's canonical tensors and an `AdapterMeta` (peft_type, ranks, alphas,
-method fields), and `delta_weights()` (`<component>.<module>` -> dW, float32, the weight's shape) feeds merges,
+method fields); `library_entries(name)` turns them into the library entries of the run (one, `name`, unless the
+method splits its adapter, as B-LoRA does into content and style; `entry_names` says which before the run), and
+`delta_weights()` (`<component>.<module>` -> dW, float32, the weight's shape) feeds merges,
 composition by sum, kernels and parity tests.
 """
 
@@ -40,6 +42,8 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
     min_images: ClassVar[int] = 1  # fewer training images than this is refused
+    max_images: ClassVar[int | None] = None  # more is refused (B-LoRA: one image); world sources render this many
+    prior_preservation: ClassVar[bool] = True  # its default where class prompts are known (the paper's practice)
 
     lr: float = field(default=1e-4, metadata={"help": "learning rate (default: the method's paper value)"})
 
@@ -47,6 +51,16 @@ class MethodConfig:
         check_numbers(self)  # every method's fields: subclasses call this first
         if not self.lr > 0:
             raise StudioError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class LibraryPart:
+    """One library entry a finished run writes: its name, canonical tensors, meta and model-card notes."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    meta: AdapterMeta
+    card_notes: str = ""
 
 
 class Method(ABC):
@@ -107,6 +121,16 @@ class Method(ABC):
                         f"made {list(p.shape)}; resume with the options the run was started with"
                     )
                 p.copy_(state[name])
+
+    @classmethod
+    def entry_names(cls, config: MethodConfig, name: str) -> list[str]:
+        """The library names a run called `name` writes (checked free before the run starts)."""
+        return [name]
+
+    def library_entries(self, name: str) -> list[LibraryPart]:
+        """The entries of a finished run, named as `entry_names` says: by default `export()` as one entry."""
+        tensors, meta = self.export()
+        return [LibraryPart(name, tensors, meta, self.card_notes())]
 
     def card_notes(self) -> str:
         """Markdown the model card adds about this method (what the implementation follows, its settings)."""

@@ -29,7 +29,8 @@ class TrainResult:
     step: int
     losses: list[float]
     run_dir: Path
-    entry: Any = None  # studio.library.Entry when done
+    entry: Any = None  # studio.library.Entry when done (the first, when the method writes several)
+    entries: list[Any] = dataclasses.field(default_factory=list)  # every library entry the run wrote
     method: Method | None = None  # the trained method, still attached to `pipe`
     pipe: Any = None
     sample_prompts: list[str] = dataclasses.field(default_factory=list)  # the previews' prompts (seed + i for i)
@@ -116,13 +117,17 @@ def train(
     else:
         method = METHODS[method_config.method](method_config)
     library = library if library is not None else Library()
-    if config.name in library and not config.overwrite:
-        raise StudioError(f"an adapter named {config.name!r} already exists; pick another --name or pass --overwrite")
+    for entry_name in type(method).entry_names(method_config, config.name):
+        if entry_name in library and not config.overwrite:
+            raise StudioError(
+                f"an adapter named {entry_name!r} already exists; pick another --name or pass --overwrite"
+            )
     method.config = method_config = type(method).claim(method_config, library, config.name)
     run_dir, resume = _prepare_run_dir(method_config, config)
     pipe = load_pipeline(config.model)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    data = load_data(config, resolution, min_images=method_config.min_images)
+    data = load_data(config, resolution, min_images=method_config.min_images, max_images=method_config.max_images,
+                     prior=method_config.prior_preservation)
     checkpoint = checkpoint_hash(pipe)  # of the base as loaded (fp32), before any adapter or cast
     user_done = (callbacks or Callbacks()).on_done
     loop_callbacks = dataclasses.replace(callbacks or Callbacks(), on_done=None)
@@ -130,26 +135,30 @@ def train(
     result = TrainResult(looped.status, config.name, looped.step, looped.losses, run_dir, method=method, pipe=pipe,
                          sample_prompts=list(looped.sample_prompts))  # fmt: skip
     if looped.status == "done" and PartialState().is_main_process:  # one library write under `accelerate launch`
-        state_dict, meta = method.export()
-        meta.kind, meta.trigger_words = data.kind, [config.trigger]
-        meta.description = f"{data.kind} adapter trained with {method_config.method} on {data.summary}"
-        meta.base = base_info(pipe, modules_of(state_dict), name=config.model)
-        meta.base.checkpoint = checkpoint
         samples = {f"seed{config.seed + i:04d}.png": _png(image) for i, image in enumerate(looped.samples)}
-        card = render_card(config.name, meta, sample_prompts=looped.sample_prompts, data_summary=data.summary)
-        card += method.card_notes()
-        card += f"\nTrained {looped.step} steps; final loss {looped.losses[-1]:.4f}.\n\n![loss curve](loss.png)\n"
-        result.entry = library.add(
-            config.name,
-            state_dict,
-            meta,
-            card=card,
-            samples=samples,
-            train_config=_record(method_config, config),
-            overwrite=config.overwrite,
-        )
-        if (run_dir / "loss.png").is_file():
-            atomic.write_bytes(result.entry.folder / "loss.png", (run_dir / "loss.png").read_bytes())
+        for part in method.library_entries(config.name):
+            meta = part.meta
+            meta.kind = meta.kind if meta.kind != "unknown" else data.kind  # a method's split may set its own
+            meta.trigger_words = [config.trigger]
+            meta.description = f"{meta.kind} adapter trained with {method_config.method} on {data.summary}"
+            meta.base = base_info(pipe, modules_of(part.tensors), name=config.model)
+            meta.base.checkpoint = checkpoint
+            card = render_card(part.name, meta, sample_prompts=looped.sample_prompts, data_summary=data.summary)
+            card += part.card_notes
+            card += f"\nTrained {looped.step} steps; final loss {looped.losses[-1]:.4f}.\n\n![loss curve](loss.png)\n"
+            entry = library.add(
+                part.name,
+                part.tensors,
+                meta,
+                card=card,
+                samples=samples,
+                train_config=_record(method_config, config),
+                overwrite=config.overwrite,
+            )
+            if (run_dir / "loss.png").is_file():
+                atomic.write_bytes(entry.folder / "loss.png", (run_dir / "loss.png").read_bytes())
+            result.entries.append(entry)
+        result.entry = result.entries[0] if result.entries else None
     if user_done:
         user_done(result)
     return result

@@ -71,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
             f"with: studio train <the same flags> --resume latest"
         )
         return 1
-    if result.entry is not None:  # under `accelerate launch`, the main process alone writes the library
-        print(f"added {result.name!r} to the library ({result.entry.folder}); final loss {result.losses[-1]:.4f}")
+    for entry in result.entries:  # under `accelerate launch`, the main process alone writes the library
+        print(f"added {entry.name!r} to the library ({entry.folder}); final loss {result.losses[-1]:.4f}")
     return 0

@@ -28,6 +28,7 @@ from trainers import METHODS, Callbacks, TrainConfig, configs_from_mapping, trai
 
 log = logging.getLogger(__name__)
 EMBLEM, TEXTURE, UPLOAD = "Shapes World emblem", "Shapes World texture", "Upload images"
+TEXTURED = "Shapes World textured emblem"  # the emblem filled with the texture (B-LoRA: its content and style)
 SOURCE_FIELDS = ("source", "uploads", "world_emblem", "world_texture")
 # The main settings shown in the form (the rest keep TrainConfig's defaults, as `studio train` without the flag).
 MAIN_ROWS = (("trigger", "name"), ("model",), ("train_steps", "rank", "lr"), ("batch_size", "resolution", "seed"))
@@ -78,10 +79,14 @@ def train_options(form: dict[str, Any], *, resume: bool = False) -> tuple[dict[s
     if resume:
         options["resume"] = "latest"
     checked: list[Path] = []
-    if source == EMBLEM:
+    if source in (EMBLEM, TEXTURED):
         if emblem is None:
             raise StudioError("give the emblem's seed (any whole number picks one emblem)")
         options["world_emblem"] = int(emblem)
+        if source == TEXTURED:
+            if texture in (None, "solid"):
+                raise StudioError("pick a texture to fill the emblem with (stripes, dots, ...)")
+            options["world_texture"] = texture
     elif source == TEXTURE:
         options["world_texture"] = texture
     else:
@@ -111,13 +116,16 @@ def submit_training(jobs: JobQueue, form: dict[str, Any], *, resume: bool = Fals
             )
         message = f"{config.name} is in the library ({result.step} steps, final loss {result.losses[-1]:.4f})"
         result.pipe = result.method = None  # the comparison loads the base afresh: free the trained copy first
-        return "done", message + side_by_side(job, config, result.sample_prompts)
+        names = [entry.name for entry in result.entries] or [config.name]
+        if len(names) > 1:
+            message += f" as {', '.join(names)} (use them in Generate or Compose, alone or together)"
+        return "done", message + side_by_side(job, config, result.sample_prompts, names[0])
 
     label = f"{config.name} ({method.method}{', resumed' if resume else ''})"
     return jobs.submit(label, config.train_steps, work, key=config.name)
 
 
-def side_by_side(job: Job, config: Any, prompts: list[str]) -> str:
+def side_by_side(job: Job, config: Any, prompts: list[str], adapter: str | None = None) -> str:
     """Render the run's sample prompts without and with its new adapter (the previews' seeds, steps and size) for
     the job to show; returns a note for the job's message when that could not be done."""
     from studio.compare import compare_adapter
@@ -131,7 +139,7 @@ def side_by_side(job: Job, config: Any, prompts: list[str]) -> str:
     try:
         device = resolve_device(config.device)
         pipe = load_pipeline(config.model, device=device)  # its own copy: the page's cached one may be in use
-        comparison = compare_adapter(config.name, prompts, model=config.model, seed=config.seed,
+        comparison = compare_adapter(adapter or config.name, prompts, model=config.model, seed=config.seed,
                                      steps=config.sample_steps, size=size, device=device, pipe=pipe)  # fmt: skip
     except Exception as err:  # the adapter is in the library already: the run stays done, the note says why
         log.exception("side-by-side of %s failed", config.name)
@@ -180,7 +188,8 @@ def build_train_tab(jobs: JobQueue) -> dict[str, Any]:
         with gr.Column():
             form: dict[str, Any] = {
                 "method": gr.Dropdown(list(METHODS), value="dreambooth_lora", label="method", elem_id="train-method"),
-                "source": gr.Radio([EMBLEM, TEXTURE, UPLOAD], value=EMBLEM, label="data", elem_id="train-source"),
+                "source": gr.Radio([EMBLEM, TEXTURE, TEXTURED, UPLOAD], value=EMBLEM, elem_id="train-source",
+                                   label="data (b_lora learns one image: one render, or one uploaded image)"),
                 "world_emblem": field_input(TrainConfig, "world_emblem", value=7),
                 "world_texture": gr.Dropdown(
                     list(TEXTURES), value="stripes", label="texture (a style)", visible=False, elem_id="train-texture"
@@ -248,8 +257,8 @@ def build_train_tab(jobs: JobQueue) -> dict[str, Any]:
 
     def on_source(source: str) -> tuple[Any, ...]:
         return (
-            gr.update(visible=source == EMBLEM),
-            gr.update(visible=source == TEXTURE),
+            gr.update(visible=source in (EMBLEM, TEXTURED)),
+            gr.update(visible=source in (TEXTURE, TEXTURED)),
             gr.update(visible=source == UPLOAD),
             gr.update(visible=source != UPLOAD),
         )

@@ -8,7 +8,7 @@ overlap: two anchors are at least the sum of both (jittered) radii plus a margin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -138,4 +138,33 @@ def texture_dataset(
         for _ in range(n)
     ]
     seeds = [render_seed(split, seed, 700_000 + i) for i in range(n)]
+    return WorldBatch(render(scenes, seeds), [s.caption() for s in scenes], scenes, seeds)
+
+
+SOLID_SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")  # wide enough to show a texture
+
+
+def textured_object(texture: str, emblem_seed: int | None = None) -> SceneObject:
+    """The textured object of a one-image concept (B-LoRA's content + style): the emblem filled with `texture`, or
+    without an emblem a plain shape and colour drawn from the texture's name (the same for every call)."""
+    if texture not in TEXTURES or texture == "solid":
+        raise StudioError(f"unknown texture {texture!r}; use one of {', '.join(TEXTURES[1:])}")
+    if emblem_seed is not None:
+        return SceneObject(EMBLEM, None, "large", "center", emblem=int(emblem_seed), texture=texture)
+    rng = _rng(0x0B1E, "train", TEXTURES.index(texture))
+    return SceneObject(str(rng.choice(SOLID_SHAPES)), str(rng.choice(CHROMATIC)), "large", "center", texture=texture)
+
+
+def textured_object_dataset(texture: str, n: int, emblem_seed: int | None = None, seed: int = 0,
+                            split: str = "train") -> WorldBatch:
+    """`n` renders of one textured object: the first large in the center on white, the rest in random places,
+    sizes and backgrounds. Captions are the plain scene captions (the object's own words: a trainer replaces them)."""
+    obj = textured_object(texture, emblem_seed)
+    rng = _rng(0x0B1F, split, seed * 131 + TEXTURES.index(texture) + 17 * int(emblem_seed or 0))
+    scenes = [Scene((obj,), "white")]
+    for _ in range(n - 1):
+        placed = random_scene(rng, 1, emblem_seed=0)  # one emblem-sized place: fits any object
+        where = placed.objects[0]
+        scenes.append(Scene((replace(obj, size=where.size, position=where.position),), placed.background))
+    seeds = [render_seed(split, seed, 900_000 + i) for i in range(n)]
     return WorldBatch(render(scenes, seeds), [s.caption() for s in scenes], scenes, seeds)

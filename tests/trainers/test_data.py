@@ -121,7 +121,7 @@ def test_prior_preservation_default_and_class_prompts(tmp_path: Path) -> None:
         world_class_prompts(4)
     )
     with pytest.raises(StudioError, match="exactly one of --images"):
-        quick(world_texture="stripes")
+        quick(image="one.png")  # a file besides the emblem
     with pytest.raises(StudioError, match="exactly one of --images"):
         quick(world_emblem=None)
     with pytest.raises(StudioError, match="not a slug"):

@@ -13,7 +13,7 @@ from PIL import Image
 from studio.errors import StudioError
 from studio.library import Library
 from studio.ui.jobs import JobQueue
-from studio.ui.train_tab import EMBLEM, TEXTURE, UPLOAD, job_view, submit_training, train_options
+from studio.ui.train_tab import EMBLEM, TEXTURE, TEXTURED, UPLOAD, job_view, submit_training, train_options
 from studio.ui.uploads import dataset_dir
 from trainers import configs_from_mapping
 
@@ -42,6 +42,10 @@ def test_the_form_maps_onto_train_config_like_the_cli() -> None:
     assert config.world_texture == "dots" and config.world_emblem is None and config.resume == "latest"
     with pytest.raises(StudioError, match="rank must be a whole number"):
         train_options(_form(rank="4.5"))
+    method, config = configs_from_mapping(train_options(_form(method="b_lora", source=TEXTURED))[0])
+    assert (method.method, config.world_emblem, config.world_texture) == ("b_lora", 3, "dots")
+    with pytest.raises(StudioError, match="pick a texture"):
+        train_options(_form(source=TEXTURED, world_texture="solid"))
 
 
 def test_each_method_has_its_settings_and_only_the_chosen_ones_count() -> None:
