@@ -28,6 +28,7 @@ from composers.attention import (
     token_indices,
     word_maps,
 )
+from composers.cmlora import CMLoRAConfig, apply_cmlora
 from composers.composite import CompositeConfig, apply_composite
 from composers.handle import Handle
 from composers.merge import MergeConfig, apply_merge, fuse
@@ -41,6 +42,7 @@ COMPOSERS: dict[str, tuple[type, Callable[[Any, AdapterSet, Any], Handle]]] = {
     "merge": (MergeConfig, apply_merge),
     "switch": (SwitchConfig, apply_switch),
     "composite": (CompositeConfig, apply_composite),
+    "cmlora": (CMLoRAConfig, apply_cmlora),
 }
 
 
@@ -146,6 +148,8 @@ def compose(
 
 __all__ = [
     "COMPOSERS",
+    "CMLoRAConfig",
+    "apply_cmlora",
     "AdapterSet",
     "from_options",
     "AttentionStore",
