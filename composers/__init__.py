@@ -109,6 +109,9 @@ def from_options(
     order: str | None = None,
     fused: bool = False,
     schedule: str = "constant",
+    no_cache: bool = False,
+    c1: int | None = None,
+    c2: int | None = None,
 ) -> tuple[str, AdapterSet, Any]:
     """The CLI's and the UI's options as (prompt without its `<lora:...>` tags, adapter set, composer config)."""
     from studio.prompt_tags import split_lora_tags
@@ -116,7 +119,8 @@ def from_options(
     text, tags = split_lora_tags(prompt)
     adapter_set = AdapterSet.parse(adapters, tags).resolve()
     adapter_set.schedules = [parse_schedule(schedule)] * len(adapter_set.names)
-    values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None}
+    values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None,
+              "cache": False if no_cache else None, "c1": c1, "c2": c2}
     return text, adapter_set, make_config(composer, {k: v for k, v in values.items() if v is not None})
 
 

@@ -57,7 +57,7 @@ class CMLoRAConfig:
     def __post_init__(self) -> None:
         check_numbers(self)
         if self.c1 < 1 or self.c2 < 1:
-            raise StudioError(f"--intervals must be at least 1, got {self.c1},{self.c2}")
+            raise StudioError(f"--c1 and --c2 must be at least 1, got {self.c1} and {self.c2}")
         if not 0.0 <= self.late <= 1.0 or not 0.0 < self.cutoff < 1.0:
             raise StudioError("late must be in [0, 1] and cutoff in (0, 1)")
         if self.dominant is not None and self.dominant <= 0:

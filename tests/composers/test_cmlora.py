@@ -185,5 +185,18 @@ def test_a_run_profiles_composes_and_restores_the_pipeline() -> None:
     assert "forward" not in pipe.unet.__dict__ and "forward" not in pipe.unet.mid_block.__dict__
     with pytest.raises(StudioError, match="each adapter once"):
         composers.apply(pipe, adapters, "cmlora", CMLoRAConfig(order=["a"]))
-    with pytest.raises(StudioError, match="intervals"):
+    with pytest.raises(StudioError, match="--c1 and --c2"):
         CMLoRAConfig(c1=0)
+
+
+def test_cli_options_reach_the_config_and_only_cmlora_takes_them() -> None:
+    from studio.cli import build_parser
+
+    argv = ["compose", "--prompt", "p", "--out", "x.png", "--composer", "cmlora",
+            "--no-cache", "--c1", "1", "--c2", "4", "--order", "b,a"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.no_cache, args.c1, args.c2) == (True, 1, 4)
+    config = composers.make_config("cmlora", {"cache": False, "c1": 1, "c2": 4, "order": ["b", "a"]})
+    assert (config.cache, config.c1, config.c2, config.order) == (False, 1, 4, ["b", "a"])
+    with pytest.raises(StudioError, match="--c1 does not apply to --composer merge"):
+        composers.make_config("merge", {"c1": 1})
