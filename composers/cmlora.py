@@ -119,6 +119,7 @@ def apply_cmlora(pipe: Any, adapters: AdapterSet, config: CMLoRAConfig) -> Handl
     cache = DeepFeatureCache(pipe.unet) if config.cache else None
     w_d, w_nd = dominance_weights(len(order), config.dominant)
     plan: dict[int, tuple[list[int], list[str]]] = {}  # total steps -> (refresh steps, dominant per step)
+    last: list[int] = []  # the step of the previous call
 
     def forward(original: Callable[..., Any], sample: torch.Tensor, timestep: Any, *args: Any, **kw: Any) -> Any:
         step, total = step_of(pipe.scheduler, timestep)
@@ -126,8 +127,9 @@ def apply_cmlora(pipe: Any, adapters: AdapterSet, config: CMLoRAConfig) -> Handl
             refresh = refresh_steps(total, config.c1, config.c2)
             plan[total] = (refresh, dominant_schedule(total, high, low, refresh, config.late))
         refresh, dominant = plan[total]
-        if cache is not None and step == 0:
-            cache.clear()  # a new run: nothing recorded yet
+        if cache is not None and (not last or step <= last[-1]):
+            cache.clear()  # a new run (steps only increase within one; img2img starts past 0): nothing recorded
+        last[:] = [step]
         scales = adapters.weights_at(step, total)
         total_pred = None
         for name in order:
