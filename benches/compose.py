@@ -4,8 +4,10 @@
 library. Scoring covers two categories, every pair x `--seeds` seeds: two subjects (two emblems, left and right)
 and subject + style (an emblem in a texture). Per composer: composition success (both concepts present, in place,
 neither duplicated nor blended: the evaluator's `composition_success`), subject fidelity, prompt fidelity and time
-per image as a ratio to single-adapter generation measured in the same run; control rows "each adapter alone" and
-"no adapter". Writes `compose-bench.md` (the table), `compose-bench.json` and `compose-bench-grid.png`.
+per image as a ratio to single-adapter generation measured in the same run (a composer's set-up, such as CMLoRA's
+Fourier profiling, is reported apart); control rows "each adapter alone" and "no adapter". `--category` scores one
+category, and `--prepare` then trains only the adapters its pairs use. Writes `compose-bench.md` (the table),
+`compose-bench.json` and `compose-bench-grid.png`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ TEXTURE_NAMES = ("stripes", "checker")  # fixed styles
 EMBLEM_TRIGGERS = ("sks", "zwx", "qrv", "pkt")
 TEXTURE_TRIGGERS = ("vgl", "xzn")
 CONTROLS = ("alone", "none")
+CATEGORIES = ("two_subjects", "subject_style")
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,21 @@ def cases() -> list[Case]:
     return out
 
 
-def prepare(model: str, library: Path, steps: int | None) -> list[str]:
-    """Train (or find cached) the fixed adapter set in `library`; returns the names trained now."""
+def needed(categories: list[str] | None = None, pairs: int | None = None) -> list[str]:
+    """The adapters the chosen cases use (`pairs` per category, as `run_bench` picks them), in set order."""
+    chosen = [c for cat in CATEGORIES if cat in (categories or CATEGORIES)
+              for c in [c for c in cases() if c.category == cat][:pairs]]
+    return [n for n in adapter_names() if any(n in c.adapters for c in chosen)]
+
+
+def prepare(model: str, library: Path, steps: int | None, names: list[str] | None = None) -> list[str]:
+    """Train (or find cached) the fixed adapter set, or its `names`, in `library`; returns the names trained now."""
     from studio.library import Library
     from trainers import TrainConfig, train
 
     lib, made = Library(library), []
     for name, (trigger, source) in adapter_names().items():
-        if name in lib:
+        if name in lib or (names is not None and name not in names):
             continue
         options = {"train_steps": steps} if steps else {}
         run_dir = str(library / ".runs" / name)  # an interrupted preparation starts that adapter over
@@ -104,7 +114,8 @@ def score_image(image: torch.Tensor, case: Case) -> dict[str, float]:
 
 
 def run_bench(
-    model: str, library: Path, composers_: list[str], seeds: int, steps: int, out: Path, pairs: int | None = None
+    model: str, library: Path, composers_: list[str], seeds: int, steps: int, out: Path, pairs: int | None = None,
+    categories: list[str] | None = None,
 ) -> dict:
     """Score every composer and the control rows on every case x seed; write the table, JSON and grid."""
     from tqdm import tqdm
@@ -115,7 +126,7 @@ def run_bench(
 
     os.environ["STUDIO_LIBRARY"] = str(library)  # generation resolves adapters in the bench's library
     lib = Library(library)
-    missing = [n for n in adapter_names() if n not in lib]
+    missing = [n for n in needed(categories, pairs) if n not in lib]
     if missing:
         from studio.errors import StudioError
 
@@ -124,9 +135,11 @@ def run_bench(
     pipe = cached_pipeline(model, "cpu")
     rows = [*composers_, *CONTROLS]
     figures: dict[str, dict[str, list[float]]] = {r: {"composition_success": [], "subject_fidelity": [],
-                                                       "prompt_fidelity": [], "seconds": []} for r in rows}
+                                                       "prompt_fidelity": [], "seconds": [], "install": []}
+                                                   for r in rows}
     grid: dict[str, list[torch.Tensor]] = {r: [] for r in rows}
-    by_category = {cat: [c for c in cases() if c.category == cat] for cat in ("two_subjects", "subject_style")}
+    by_category = {cat: [c for c in cases() if c.category == cat] for cat in CATEGORIES
+                   if cat in (categories or CATEGORIES)}
     chosen = [c for group in by_category.values() for c in group[:pairs]]
     bar = tqdm(total=len(chosen) * len(rows), desc="compose bench", unit="row")
     for case in chosen:
@@ -139,14 +152,16 @@ def run_bench(
             if row != "none" and not loaded_adapters(pipe):
                 load_adapters(pipe, pair.names, pair.weights, library=lib)
             for names in [None] if row != "alone" else [[a] for a in case.adapters]:
+                installed = time.perf_counter()
                 if row in runs:
-                    handle = runs[row]()
+                    handle = runs[row]()  # a composer's set-up (e.g. CMLoRA's cached profiling) is timed apart
                 elif names:
                     handle = composers.apply(pipe, composers.AdapterSet(names, [1.0]), "merge")
                 else:
                     handle = None
                 try:  # timed: generation with the composer installed (loading is not the composer's cost)
                     start = time.perf_counter()
+                    figures[row]["install"].append(start - installed)
                     images = generate(config, pipe=pipe, output_type="pt").images  # (seeds, 3, H, W) in [0, 1]
                     figures[row]["seconds"].append((time.perf_counter() - start) / seeds)
                 finally:
@@ -162,11 +177,12 @@ def run_bench(
     bar.close()
     single = statistics.median(figures["alone"]["seconds"])
     table = {
-        row: {key: round(statistics.mean(v), 4) for key, v in f.items() if key != "seconds"}
-        | {"time_ratio": round(statistics.median(f["seconds"]) / single, 3)}
+        row: {key: round(statistics.mean(v), 4) for key, v in f.items() if key not in ("seconds", "install")}
+        | {"time_ratio": round(statistics.median(f["seconds"]) / single, 3),
+           "install_seconds": round(max(f["install"]), 3)}
         for row, f in figures.items()
     }
-    report = {"model": model, "steps": steps, "seeds": seeds, "cases": len(chosen),
+    report = {"model": model, "steps": steps, "seeds": seeds, "cases": len(chosen), "categories": list(by_category),
               "threads": torch.get_num_threads(), "single_adapter_s_per_image": round(single, 4), "rows": table,
               "scoring_seconds": round(time.perf_counter() - began, 1)}
     _write(out, report, grid, rows)
@@ -190,7 +206,10 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: l
     )
     note = (f"\n{report['cases']} pairs x {report['seeds']} seeds, {report['steps']} steps, {report['threads']} "
             f"threads; 'alone' averages each adapter of the pair on its own; single adapter "
-            f"{report['single_adapter_s_per_image']} s/image; scoring took {report['scoring_seconds']:.0f} s.\n")
+            f"{report['single_adapter_s_per_image']} s/image; scoring took {report['scoring_seconds']:.0f} s; "
+            f"categories: {', '.join(report['categories'])}; longest set-up outside the timing (e.g. CMLoRA's "
+            f"profiling, once per adapter): "
+            + ", ".join(f"{r} {v['install_seconds']:.1f} s" for r, v in report["rows"].items()) + ".\n")
     write_text(out / "compose-bench.md", head + body + note)
     save_grid(out / "compose-bench-grid.png", [grid[r] for r in rows])
 
@@ -200,9 +219,9 @@ def run(args: argparse.Namespace) -> int:
 
     library = Path(args.library)
     if args.prepare:
-        prepare(args.model, library, args.train_steps)
+        prepare(args.model, library, args.train_steps, needed(args.category, args.pairs))
     report = run_bench(args.model, library, args.composer or list(composers.COMPOSERS), args.seeds, args.steps,
-                       Path(args.out), pairs=args.pairs)
+                       Path(args.out), pairs=args.pairs, categories=args.category)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -217,5 +236,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=8, help="seeds per pair")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per category (default all: 6 and 8)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--category", action="append", choices=CATEGORIES,
+                        help="a category of pairs to score (repeatable; default both); --prepare trains what it needs")
     parser.add_argument("--out", default="bench-out/compose")
     parser.set_defaults(func=run)

@@ -28,6 +28,7 @@ from composers.attention import (
     token_indices,
     word_maps,
 )
+from composers.cmlora import CMLoRAConfig, apply_cmlora
 from composers.composite import CompositeConfig, apply_composite
 from composers.handle import Handle
 from composers.merge import MergeConfig, apply_merge, fuse
@@ -41,6 +42,7 @@ COMPOSERS: dict[str, tuple[type, Callable[[Any, AdapterSet, Any], Handle]]] = {
     "merge": (MergeConfig, apply_merge),
     "switch": (SwitchConfig, apply_switch),
     "composite": (CompositeConfig, apply_composite),
+    "cmlora": (CMLoRAConfig, apply_cmlora),
 }
 
 
@@ -107,6 +109,9 @@ def from_options(
     order: str | None = None,
     fused: bool = False,
     schedule: str = "constant",
+    no_cache: bool = False,
+    c1: int | None = None,
+    c2: int | None = None,
 ) -> tuple[str, AdapterSet, Any]:
     """The CLI's and the UI's options as (prompt without its `<lora:...>` tags, adapter set, composer config)."""
     from studio.prompt_tags import split_lora_tags
@@ -114,7 +119,8 @@ def from_options(
     text, tags = split_lora_tags(prompt)
     adapter_set = AdapterSet.parse(adapters, tags).resolve()
     adapter_set.schedules = [parse_schedule(schedule)] * len(adapter_set.names)
-    values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None}
+    values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None,
+              "cache": False if no_cache else None, "c1": c1, "c2": c2}
     return text, adapter_set, make_config(composer, {k: v for k, v in values.items() if v is not None})
 
 
@@ -146,6 +152,8 @@ def compose(
 
 __all__ = [
     "COMPOSERS",
+    "CMLoRAConfig",
+    "apply_cmlora",
     "AdapterSet",
     "from_options",
     "AttentionStore",

@@ -1,4 +1,4 @@
-"""`studio compose`: `studio generate` with several library adapters and a composer (merge, switch, composite).
+"""`studio compose`: `studio generate` with several library adapters and a composer (merge, switch, composite, cmlora).
 
 Adapters come from `--adapters NAME[:W][,NAME[:W]...]` and from `<lora:name:w>` tags in the prompt; each PNG
 records the adapters, the composer and its settings.
@@ -26,15 +26,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--composer",
         default="merge",
         metavar="NAME",
-        help="how the adapters combine: merge (default), switch or composite",
+        help="how the adapters combine: merge (default), switch, composite or cmlora",
     )
     parser.add_argument("--tau", type=int, default=None, help="switch: steps each adapter stays active (default 5)")
     parser.add_argument(
         "--order",
         default=None,
         metavar="A,B,...",
-        help="switch: adapter order (default subject, style, content, then the rest)",
+        help="switch: adapter order (default subject, style, content, then the rest); cmlora: integration order "
+        "(default measured by Fourier profiling)",
     )
+    parser.add_argument("--no-cache", action="store_true",
+                        help="cmlora: every adapter runs the full UNet every step (no feature reuse)")
+    parser.add_argument("--c1", type=int, default=None,
+                        help="cmlora: refresh interval on the first 37.5%% and last 12.5%% of the steps (default 2)")
+    parser.add_argument("--c2", type=int, default=None,
+                        help="cmlora: refresh interval on the middle half of the steps (default 3)")
     parser.add_argument("--fused", action="store_true", help="merge: bake the weighted sum into the weights")
     parser.add_argument(
         "--schedule",
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.prompt, adapters, composer_config = composers.from_options(
         args.prompt, args.adapters, args.composer, tau=args.tau, order=args.order, fused=args.fused,
-        schedule=args.schedule,
+        schedule=args.schedule, no_cache=args.no_cache, c1=args.c1, c2=args.c2,
     )
     config = from_namespace(GenerateConfig, args)
     output_paths(args.out, config.num_images)  # a bad --out fails before any work

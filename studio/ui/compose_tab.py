@@ -30,9 +30,11 @@ def run_compose(
     fields: dict[str, Any], progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
 ) -> tuple[list[str], str]:
     """Compose; returns (PNG paths with their parameters, A1111 parameters text)."""
+    composer = fields.get("composer") or "merge"
     prompt, adapters, config = composers.from_options(
-        fields["prompt"], fields.get("adapters") or "", fields.get("composer") or "merge",
+        fields["prompt"], fields.get("adapters") or "", composer,
         tau=int(fields["tau"]) if fields.get("tau") else None, order=fields.get("order") or None,
+        no_cache=composer == "cmlora" and fields.get("cache") is False,
     )
     generate_config = GenerateConfig(prompt=prompt, model=fields.get("model") or DEFAULT_MODEL,
                                      seed=int(fields.get("seed") or 0), steps=int(fields.get("steps") or 20))
@@ -80,7 +82,9 @@ def build_compose_tab() -> dict[str, Any]:
                 "composer": gr.Radio(list(composers.COMPOSERS), value="merge", label="Composer",
                                      elem_id="compose-composer"),
                 "tau": gr.Number(5, label="Switch: steps per adapter (tau)", precision=0),
-                "order": gr.Textbox("", label="Switch: order a,b,... (empty: subject, style, then the rest)"),
+                "order": gr.Textbox("", label="Switch: order a,b,... (empty: subject, style, then the rest); "
+                                    "CMLoRA: integration order (empty: measured by Fourier profiling)"),
+                "cache": gr.Checkbox(True, label="CMLoRA: reuse non-dominant adapters' deep features (faster)"),
                 "seed": gr.Number(0, label="Seed", precision=0, elem_id="compose-seed"),
                 "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="compose-steps"),
             }

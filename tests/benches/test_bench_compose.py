@@ -8,7 +8,8 @@ from pathlib import Path
 from composer_helpers import add_random_adapter
 from PIL import Image
 
-from benches.compose import adapter_names, cases, score_image
+import composers
+from benches.compose import adapter_names, cases, needed, score_image
 from studio.cli import main
 from studio.generate import cached_pipeline
 
@@ -21,6 +22,12 @@ def test_cases_cover_both_categories_with_distinct_triggers() -> None:
     assert len(set(triggers)) == len(triggers) == 6
     for case in all_cases:
         assert all(t not in case.caption.split() for t in triggers) and case.prompt != case.caption
+
+
+def test_a_category_needs_only_its_adapters() -> None:
+    assert needed(["subject_style"], 2) == ["bench-emblem-101", "bench-texture-stripes", "bench-texture-checker"]
+    assert needed(["two_subjects"], 1) == ["bench-emblem-101", "bench-emblem-202"]
+    assert needed() == list(adapter_names())
 
 
 def test_score_image_judges_the_asked_emblems() -> None:
@@ -44,11 +51,12 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path, monkeypatch, cap
     assert main(["bench", "compose", "--model", str(tiny_dirs["sd1"]), "--library", str(library), "--seeds", "2",
                  "--steps", "2", "--pairs", "1", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert list(report["rows"]) == ["merge", "switch", "composite", "alone", "none"]
+    assert list(report["rows"]) == [*composers.COMPOSERS, "alone", "none"]
     assert report["cases"] == 2 and report["rows"]["alone"]["time_ratio"] == 1.0
     assert report["rows"]["composite"]["time_ratio"] > report["rows"]["merge"]["time_ratio"]  # k UNet passes
     table = (out / "compose-bench.md").read_text()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 6 and "| composite |" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == len(report["rows"]) + 1
+    assert "| composite |" in table and "| cmlora |" in table
     assert report["scoring_seconds"] > 0 and f"scoring took {report['scoring_seconds']:.0f} s" in table
     grid = Image.open(out / "compose-bench-grid.png")
     assert grid.size[1] > 5 * 32 and grid.size[0] > 2 * 32  # 5 rows x 2 cases of 32-px tiles
