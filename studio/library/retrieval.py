@@ -7,8 +7,9 @@
 Two signals, both in the world CLIP text space (`studio.library.encoder`):
 - weights: the AutoLoRA encoder reads each adapter's deltas (never its card) into e_LoRA; the score is the cosine
   with the prompt's text embedding (the paper's inference: cosine top-k against the cached pool embeddings).
-- metadata (optional, `weights_only=False`): the cosine of the prompt with the adapter's card summary, trigger
-  words, tags and description through the same text side.
+- metadata (optional, `weights_only=False`): the TF-IDF cosine of the prompt with the adapter's card summary,
+  trigger words, tags and description (`studio.library.lexical`). A lexical signal, not the encoder's text side:
+  cards are not captions (their wording is the trainer's), and the text head is trained on captions only.
 With both, each is standardised over the library (z-scores) and the two are summed.
 
 The retriever and the index live in `<library>/.retrieval/` (hidden, so the library ignores them):
@@ -48,6 +49,7 @@ from studio.library.encoder import (
     pad_factors,
     tower_features,
 )
+from studio.library.lexical import tfidf_scores
 from studio.library.meta import modules_of
 from studio.library.store import Entry, Library, _stamp
 
@@ -55,6 +57,7 @@ from studio.library.store import Entry, Library, _stamp
 log = logging.getLogger(__name__)
 FOLDER = ".retrieval"
 MODEL_NAME, CONFIG_NAME, INDEX_NAME = "retriever.safetensors", "retriever.json", "index.json"
+INDEX_VERSION = 1
 CAPTION_SEEDS = 8  # Shapes World adapters: each train phrasing with this many draws of its scene words
 
 
@@ -267,22 +270,21 @@ def refresh_index(library: Library | None = None, retriever: Retriever | None = 
     path = library.root / FOLDER / INDEX_NAME
     try:
         old = json.loads(path.read_text())
-        rows = old["adapters"] if old.get("retriever") == digest else {}
+        rows = old["adapters"] if (old.get("retriever"), old.get("version")) == (digest, INDEX_VERSION) else {}
     except (OSError, ValueError, KeyError, TypeError):
         rows = {}
     entries = library.list()
     fresh = {e.name: rows[e.name] for e in entries if rows.get(e.name, {}).get("stamp") == _stamp(e.folder)}
     todo = [e for e in entries if e.name not in fresh]
     if todo:
-        texts = [metadata_text(e) or e.name.replace("-", " ") for e in todo]
-        meta = retriever.embed_texts(texts) if retriever else F.normalize(tower_features(texts)[0], dim=-1)
         weights = retriever.embed_adapters([adapter_factors(e) for e in todo]) if retriever else None
         for i, e in enumerate(todo):
             w = weights[i] if weights is not None and bool(weights[i].any()) else None
-            fresh[e.name] = {"stamp": _stamp(e.folder), "metadata": meta[i].tolist(),
+            fresh[e.name] = {"stamp": _stamp(e.folder), "metadata": metadata_text(e) or e.name.replace("-", " "),
                              "weights": w.tolist() if w is not None else None}
     if todo or set(fresh) != set(rows):
-        atomic.write_json(path, {"retriever": digest, "adapters": dict(sorted(fresh.items()))})
+        rows_out = dict(sorted(fresh.items()))
+        atomic.write_json(path, {"version": INDEX_VERSION, "retriever": digest, "adapters": rows_out})
     return fresh
 
 
@@ -309,13 +311,12 @@ def retrieve(prompt: str, k: int = 3, *, weights_only: bool = False, metadata: b
     if not index:
         raise StudioError(f"the library {library.root} has no adapters to retrieve")
     names = sorted(index)
-    if retriever is not None:
-        query = retriever.embed_texts([prompt])[0]  # (D,)
-    else:
-        query = F.normalize(tower_features([prompt])[0], dim=-1)[0]
     have = [n for n in names if index[n]["weights"] is not None] if retriever else []
-    w = {n: float(query @ torch.tensor(index[n]["weights"])) for n in have}
-    m = {n: float(query @ torch.tensor(index[n]["metadata"])) for n in names} if use_meta else {}
+    w = {}
+    if have and retriever is not None:
+        query = retriever.embed_texts([prompt])[0]  # (D,)
+        w = {n: float(query @ torch.tensor(index[n]["weights"])) for n in have}
+    m = dict(zip(names, tfidf_scores(prompt, [index[n]["metadata"] for n in names]))) if use_meta else {}
     if not use_meta:
         if not have:
             raise StudioError("no adapter of this library matches the retriever's layers (another base?); "

@@ -174,3 +174,11 @@ def test_cli_trains_ranks_and_refuses_bad_input(capsys) -> None:
     assert main(["retrieve", "a red star", "--k", "0"]) == 2
     assert "--k must be at least 1" in capsys.readouterr().err
     assert main(["retrieve"]) == 2
+
+
+def test_metadata_signal_prefers_bound_words() -> None:
+    from studio.library.lexical import tfidf_scores
+
+    cards = ["a purple ring with a red star inside", "a red ring with a purple star inside", "polka dots", ""]
+    scores = tfidf_scores("purple ring, red star", cards)
+    assert scores[0] > scores[1] > 0 and scores[2] == 0.0 and scores[3] == 0.0
