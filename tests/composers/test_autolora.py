@@ -88,3 +88,25 @@ def test_compose_by_prompt_retrieves_the_adapters_and_their_triggers() -> None:
     assert isinstance(config, AutoLoRAConfig) and config.k == 2
     assert adapter_set.names[0] == "a" and len(adapter_set.names) == 2
     assert text == "a red star with stripes, b"  # triggers not in the prompt yet are appended (a's, "a", is in it)
+
+
+def test_gate_training_moves_the_gates_and_ships_them(tmp_path) -> None:
+    from composers.autolora_train import train_gate
+
+    pipe = BUILDERS["sd1"]()
+    lib = Library()
+    for name, seed, source in (("a", 1, {"world_emblem": 7}), ("b", 2, {"world_texture": "dots"})):
+        add_random_adapter(pipe, name, seed, scale=0.6)
+        entry = lib.get(name)
+        lib.add(name, entry.state_dict(), entry.meta, train_config=source, overwrite=True)
+    out = tmp_path / "gate.safetensors"
+    summary = train_gate(pipe, ["a", "b"], steps=3, lr=1e-2, out=out, progress=False)
+    assert out.is_file() and summary["layers"] > 0 and len(summary["last_losses"]) == 3
+    from safetensors.torch import load_file
+
+    state = load_file(str(out))
+    assert any(k.endswith(".w_l") and v.abs().max() > 0 for k, v in state.items())  # moved off the merge init
+    pair = AdapterSet(["a", "b"], [1.0, 1.0])
+    with composers.apply(pipe, pair, "autolora", AutoLoRAConfig(gate=str(out))) as handle:
+        assert handle.state["trained_layers"] == handle.state["layers"] == summary["layers"]
+    assert not any("lora" in type(m).__name__.lower() for m in pipe.unet.modules())  # adapters unloaded
