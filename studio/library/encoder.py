@@ -19,7 +19,8 @@ Ours, not the paper's:
 - The world CLIP's tower reads Shapes World scene captions; its pooled embedding matches only about half of the
   wordings of `studio.world.describe`'s eval set to their own concept's description. So the text side adds a small
   attention-pooling head over the frozen tower's token states (trained with the encoder, started at zero) to the
-  frozen pooled embedding; the tower itself stays frozen, as in the paper.
+  frozen pooled embedding; the tower itself stays frozen, as in the paper. The head reads the final token states
+  beside the token embeddings, and drops tokens at random in training, so that new wordings of a look still match.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class TextHead(nn.Module):
 
 @torch.no_grad()
 def tower_features(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The frozen world CLIP tower on `texts`: pooled projection (B, D), final token states (B, n, h), mask (B, n)."""
+    """The frozen world CLIP tower on `texts`: pooled projection (B, D), token features (B, n, 2h): the final states
+    beside the token embeddings (the words themselves, whatever their order), and the mask of real tokens (B, n)."""
     from studio.world.clip import load_clip, tokenize
 
     model = load_clip()
@@ -133,11 +135,11 @@ def tower_features(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.
     eot = ids.argmax(-1)  # first end-of-text: the highest id
     n = int(eot.max()) + 1
     ids = ids[:, :n]
-    x = model.token_embedding(ids) + model.positional_embedding[:n]  # (B, n, h)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    words = model.token_embedding(ids)  # (B, n, h)
+    x = model.ln_final(model.transformer(words + model.positional_embedding[:n], attn_mask=model.attn_mask[:n, :n]))
     pooled = x[torch.arange(len(texts)), eot] @ model.text_projection  # (B, D)
     mask = torch.arange(n)[None] <= eot[:, None]  # (B, n)
-    return pooled, x, mask
+    return pooled, torch.cat([x, words], -1), mask
 
 
 def info_nce(text: torch.Tensor, weights: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -72,7 +72,7 @@ class RetrieverConfig:
     batch_size: int = field(default=32, metadata={"help": "adapters per step (paper: 32)"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (paper: 1e-4 over 2,000 steps)"})
     temperature: float = field(default=0.07, metadata={"help": "softmax temperature of the InfoNCE logits"})
-    token_dropout: float = field(default=0.2, metadata={"help": "fraction of layer tokens dropped per step"})
+    token_dropout: float = field(default=0.2, metadata={"help": "fraction of layer and word tokens dropped per step"})
     seed: int = 0
 
 
@@ -234,7 +234,9 @@ def train_retriever(
         keep = present[batch] & (torch.rand(len(batch), len(layers), generator=gen) >= config.token_dropout)
         keep[~keep.any(1), 0] = True  # never an empty adapter
         e = encoder([(b[batch], a[batch]) for b, a in stacked], keep & present[batch])
-        t = head(pooled[pick], states[pick], mask[pick])
+        words = mask[pick] & (torch.rand(mask[pick].shape, generator=gen) >= config.token_dropout)
+        words[~words.any(1), 0] = True
+        t = head(pooled[pick], states[pick], words)
         loss = info_nce(t, e, concept[batch][:, None] == concept[batch][None], config.temperature)
         if not torch.isfinite(loss):
             raise StudioError(f"the retriever's loss became {loss.item()}; train again with a lower lr")

@@ -35,6 +35,10 @@ _EMBLEM_TEMPLATES = {
         "an emblem of {desc}",
         "a large emblem, {desc}, {place} on a {bg} background",
         "a badge: {desc}",
+        "a {oc} {o} around a {ic} {i} and a {dc} dot",
+        "{ic} {i}, {oc} {o}, {dc} dot",
+        "an icon where a {ic} {i} sits inside a {oc} {o}, plus a {dc} dot",
+        "the emblem, {desc}, drawn large {place}",
     ),
     "eval": (
         "a logo showing {desc}",
@@ -49,6 +53,10 @@ _TEXTURE_TEMPLATES = {
         "shapes filled with {look}",
         "a large {obj} with {look} {place} on a {bg} background",
         "a style of {look}",
+        "a {obj} in {look}",
+        "an image where every shape has {look}",
+        "{look} texture on a {bg} background",
+        "the fill is {look}",
     ),
     "eval": (
         "a pattern of {look}",
