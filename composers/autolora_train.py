@@ -70,7 +70,10 @@ def train_gate(
     library = library or Library()
     if len(names) < 2:
         raise StudioError("the gate learns from pairs: give at least 2 adapters")
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)  # the base's native resolution
     data = {n: concept_data(library, n) for n in names}
+    data = {n: (F.interpolate(x, size=(size, size), mode="bilinear", antialias=True) if x.shape[-1] != size else x, c)
+            for n, (x, c) in data.items()}
     torch.manual_seed(seed)
     began = time.perf_counter()
     load_adapters(pipe, names, [1.0] * len(names), library=library)
