@@ -20,7 +20,8 @@ Ours, not the paper's:
   wordings of `studio.world.describe`'s eval set to their own concept's description. So the text side adds a small
   attention-pooling head over the frozen tower's token states (trained with the encoder, started at zero) to the
   frozen pooled embedding; the tower itself stays frozen, as in the paper. The head reads the final token states
-  beside the token embeddings, and drops tokens at random in training, so that new wordings of a look still match.
+  beside the token embeddings, drops tokens at random in training, and pools only words that its training captions
+  contain (the tower never learned the others: their states are noise), so new wordings of a look still match.
 """
 
 from __future__ import annotations
@@ -125,9 +126,10 @@ class TextHead(nn.Module):
 
 
 @torch.no_grad()
-def tower_features(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tower_features(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The frozen world CLIP tower on `texts`: pooled projection (B, D), token features (B, n, 2h): the final states
-    beside the token embeddings (the words themselves, whatever their order), and the mask of real tokens (B, n)."""
+    beside the token embeddings (the words themselves, whatever their order), the mask of real tokens (B, n) and the
+    token ids (B, n)."""
     from studio.world.clip import load_clip, tokenize
 
     model = load_clip()
@@ -139,7 +141,7 @@ def tower_features(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.
     x = model.ln_final(model.transformer(words + model.positional_embedding[:n], attn_mask=model.attn_mask[:n, :n]))
     pooled = x[torch.arange(len(texts)), eot] @ model.text_projection  # (B, D)
     mask = torch.arange(n)[None] <= eot[:, None]  # (B, n)
-    return pooled, torch.cat([x, words], -1), mask
+    return pooled, torch.cat([x, words], -1), mask, ids
 
 
 def info_nce(text: torch.Tensor, weights: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:

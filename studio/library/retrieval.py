@@ -155,7 +155,12 @@ class Retriever:
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(self.head(*tower_features(texts)), dim=-1)  # (B, D)
+        pooled, states, mask, ids = tower_features(texts)
+        known = torch.tensor(self.info.get("known_tokens", []), dtype=torch.long)
+        if known.numel():
+            kept = mask & torch.isin(ids, known)  # words the head was trained on (start and end tokens always are)
+            mask = torch.where(kept.any(1, keepdim=True), kept, mask)
+        return F.normalize(self.head(pooled, states, mask), dim=-1)  # (B, D)
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -216,7 +221,7 @@ def train_retriever(
     texts = [captions(e) for e in entries]
     flat = [t for ts in texts for t in ts]
     offsets = torch.tensor([0, *map(len, texts)]).cumsum(0)  # adapter i's captions: flat[offsets[i]:offsets[i+1]]
-    pooled, states, mask = tower_features(flat)  # frozen: computed once
+    pooled, states, mask, ids = tower_features(flat)  # frozen: computed once
     groups = {tuple(ts): g for g, ts in enumerate(dict.fromkeys(tuple(ts) for ts in texts))}
     concept = torch.tensor([groups[tuple(ts)] for ts in texts])  # adapters with the same captions are one concept
     width = pooled.shape[-1]  # tokens live in the text space (paper: 768, CLIP-L's)
@@ -251,6 +256,7 @@ def train_retriever(
     info = {"config": asdict(config), "layers": [[x.module, x.d_out, x.d_in] for x in layers],
             "hidden": int(states.shape[-1]), "width": int(width), "trained_on": [e.name for e in entries],
             "excluded": sorted(exclude),
+            "known_tokens": sorted(set(ids[mask].tolist())),
             "final_loss": losses[-1], "seconds": round(time.perf_counter() - began, 1), "digest": digest[:16]}
     folder = library.root / FOLDER
     Retriever(encoder, head, info).save(folder)
