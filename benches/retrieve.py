@@ -8,6 +8,10 @@ concept by another method), then every adapter of the library is a candidate and
 `eval` phrasings of `studio.world.describe` (other wordings than the retriever's captions, never a trigger word). A
 hit is an adapter of the named concept. Reports top-1 / top-3, weights only and with metadata, overall and on the
 held-out adapters' concepts. Writes `retrieve-bench.md` and `retrieve-bench.json`.
+
+Measured (`studio bench retrieve --prepare`, 25 steps per adapter, retriever seed 0, 300 steps, 2 shared CPU cores):
+28 adapters of 25 concepts, 6 held out (3 new emblems, 3 second adapters by another method), 200 prompts:
+weights only top-1 0.730 / top-3 0.900 (new concepts 0.167 / 0.542); with metadata 0.965 / 1.000.
 """
 
 from __future__ import annotations

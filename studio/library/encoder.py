@@ -18,8 +18,8 @@ Ours, not the paper's:
   in scale (DiffuseKronA's lr is 6x DreamBooth-LoRA's); relative magnitudes between layers are kept.
 - The world CLIP's tower reads Shapes World scene captions; its pooled embedding matches only about half of the
   wordings of `studio.world.describe`'s eval set to their own concept's description. So the text side adds a small
-  attention-pooling head over the frozen tower's token states (trained with the encoder, started at zero) to the
-  frozen pooled embedding; the tower itself stays frozen, as in the paper. The head reads the final token states
+  attention-pooling head over the frozen tower's token states (trained with the encoder); the tower itself stays
+  frozen, as in the paper. The head reads the final token states
   beside the token embeddings, drops tokens at random in training, and pools only words that its training captions
   contain (the tower never learned the others: their states are noise), so new wordings of a look still match.
 """
@@ -108,21 +108,20 @@ class WeightEncoder(nn.Module):
 
 
 class TextHead(nn.Module):
-    """The text side over the frozen world CLIP tower: pooled embedding + attention pool of its token states."""
+    """The text side over the frozen world CLIP tower: `queries` attention pools of its token features, projected
+    into the space (the frozen pooled embedding is not added: it follows the scene words, not the concept's)."""
 
-    def __init__(self, hidden: int, width: int) -> None:
+    def __init__(self, hidden: int, width: int, queries: int = 4) -> None:
         super().__init__()
-        self.query = nn.Parameter(torch.randn(hidden) / hidden**0.5)
+        self.query = nn.Parameter(torch.randn(queries, hidden) / hidden**0.5)  # (Q, hidden)
         self.key = nn.Linear(hidden, hidden)
-        self.out = nn.Linear(hidden, width)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.out = nn.Linear(queries * hidden, width)
 
     def forward(self, pooled: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # pooled (B, width), states (B, n, hidden), mask (B, n) True on real tokens
-        logits = self.key(states) @ self.query  # (B, n)
-        attn = logits.masked_fill(~mask, float("-inf")).softmax(-1)  # (B, n)
-        return pooled + self.out((attn[..., None] * states).sum(1))  # (B, width)
+        # pooled (B, width), unused; states (B, n, hidden), mask (B, n) True on the tokens to pool
+        logits = self.key(states) @ self.query.T  # (B, n, Q)
+        attn = logits.masked_fill(~mask[..., None], float("-inf")).softmax(1)  # (B, n, Q)
+        return self.out(torch.einsum("bnq,bnh->bqh", attn, states).flatten(1))  # (B, width)
 
 
 @torch.no_grad()

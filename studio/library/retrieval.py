@@ -225,6 +225,7 @@ def train_retriever(
     groups = {tuple(ts): g for g, ts in enumerate(dict.fromkeys(tuple(ts) for ts in texts))}
     concept = torch.tensor([groups[tuple(ts)] for ts in texts])  # adapters with the same captions are one concept
     width = pooled.shape[-1]  # tokens live in the text space (paper: 768, CLIP-L's)
+    torch.manual_seed(config.seed)  # here: loading the world CLIP the first time draws from the global generator
     encoder = WeightEncoder(layers, width, config.depth, config.heads, config.probes)
     head = TextHead(states.shape[-1], width)
     params = [*encoder.parameters(), *head.parameters()]
