@@ -233,13 +233,17 @@ def apply_autolora(pipe: Any, adapters: AdapterSet, config: AutoLoRAConfig) -> H
 
 
 def retrieved_set(prompt: str, config: AutoLoRAConfig, library: Any = None) -> tuple[str, AdapterSet]:
-    """The prompt with the retrieved adapters' trigger words appended, and the top-k adapters by the prompt."""
+    """The prompt with the retrieved adapters' trigger words appended, and the top-k adapters by the prompt.
+
+    PEFT holds one adapter type per layer, so after the best match only adapters of its type (LoRA or LoKr) are
+    taken, best first."""
     from studio.library import Library
     from studio.library.retrieval import retrieve
 
     library = library or Library()
-    found = retrieve(prompt, config.k, library=library)
-    names = [r.name for r in found]
+    found = retrieve(prompt, 4 * config.k, library=library)
+    kind = library.get(found[0].name).meta.peft_type
+    names = [r.name for r in found if library.get(r.name).meta.peft_type == kind][: config.k]
     triggers = [t for n in names for t in library.get(n).meta.trigger_words if t not in prompt.split()]
     text = f"{prompt}, {' '.join(triggers)}" if triggers else prompt
     return text, AdapterSet(names, [1.0] * len(names)).resolve(library)
