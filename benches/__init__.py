@@ -19,6 +19,7 @@ BENCHES = [
     "benches.adapters",  # studio bench adapters: adapters at their defaults against the trainer bar
     "benches.merge",  # studio bench merge: two emblems trained apart, summed (orthogonal adaptation's bar)
     "benches.compose",  # studio bench compose: composers side by side on Shapes World pairs
+    "benches.retrieve",  # studio bench retrieve: AutoLoRA retrieval by prompt on a library of Shapes World adapters
     "benches.kernel",  # studio bench kernel: the fused adapter projection against its floor and PEFT
     "benches.gpu",  # studio bench gpu: generation and training speed on a GPU
     "benches.memory",  # studio bench memory: the generation memory estimate against measured peak RSS

@@ -220,6 +220,13 @@ def run(args: argparse.Namespace) -> int:
     library = Path(args.library)
     if args.prepare:
         prepare(args.model, library, args.train_steps, needed(args.category, args.pairs))
+    if args.autolora_gate_steps:  # AutoLoRA's gates, trained on the bench's adapters and shipped for the base
+        from composers.autolora_train import train_gate
+        from studio.generate import cached_pipeline
+        from studio.library import Library
+
+        train_gate(cached_pipeline(args.model, "cpu"), list(adapter_names()), steps=args.autolora_gate_steps,
+                   library=Library(library))
     report = run_bench(args.model, library, args.composer or list(composers.COMPOSERS), args.seeds, args.steps,
                        Path(args.out), pairs=args.pairs, categories=args.category)
     print(json.dumps(report, indent=2))
@@ -238,5 +245,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--category", action="append", choices=CATEGORIES,
                         help="a category of pairs to score (repeatable; default both); --prepare trains what it needs")
+    parser.add_argument("--autolora-gate-steps", type=int, default=0,
+                        help="train AutoLoRA's gates on the bench's adapters first, this many steps (0: the shipped)")
     parser.add_argument("--out", default="bench-out/compose")
     parser.set_defaults(func=run)

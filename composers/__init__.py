@@ -28,6 +28,7 @@ from composers.attention import (
     token_indices,
     word_maps,
 )
+from composers.autolora import AutoLoRAConfig, apply_autolora
 from composers.cmlora import CMLoRAConfig, apply_cmlora
 from composers.composite import CompositeConfig, apply_composite
 from composers.handle import Handle
@@ -43,6 +44,7 @@ COMPOSERS: dict[str, tuple[type, Callable[[Any, AdapterSet, Any], Handle]]] = {
     "switch": (SwitchConfig, apply_switch),
     "composite": (CompositeConfig, apply_composite),
     "cmlora": (CMLoRAConfig, apply_cmlora),
+    "autolora": (AutoLoRAConfig, apply_autolora),
 }
 
 
@@ -117,6 +119,11 @@ def from_options(
     from studio.prompt_tags import split_lora_tags
 
     text, tags = split_lora_tags(prompt)
+    if composer == "autolora" and not adapters.strip() and not tags:  # AutoLoRA: retrieve the adapters by prompt
+        from composers.autolora import retrieved_set
+
+        config = make_config(composer)
+        return (*retrieved_set(text, config), config)
     adapter_set = AdapterSet.parse(adapters, tags).resolve()
     adapter_set.schedules = [parse_schedule(schedule)] * len(adapter_set.names)
     values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None,
@@ -152,6 +159,8 @@ def compose(
 
 __all__ = [
     "COMPOSERS",
+    "AutoLoRAConfig",
+    "apply_autolora",
     "CMLoRAConfig",
     "apply_cmlora",
     "AdapterSet",

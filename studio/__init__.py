@@ -19,6 +19,8 @@ _EXPORTS = {
     "load_adapters": "studio.library",
     "unload_adapters": "studio.library",
     "Library": "studio.library",
+    "retrieve": "studio.library.retrieval",
+    "train_retriever": "studio.library.retrieval",
 }
 
 __all__ = list(_EXPORTS)

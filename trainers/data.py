@@ -179,7 +179,9 @@ def texture_data(name: str, trigger: str, resolution: int, *, n: int = 5, min_im
         f"in {trigger} style",
         f"a large green heart on the top on a beige background in {trigger} style",
     ]
-    summary = f"{n} Shapes World scenes in the {name} texture at {resolution}x{resolution}"
+    from studio.world.describe import texture_look
+
+    summary = f"{n} Shapes World scenes in the {name} texture ({texture_look(name)}) at {resolution}x{resolution}"
     return TrainData(_renders(batch.images, resolution), prompts, "style", [], samples, summary)
 
 

@@ -24,6 +24,7 @@ COMMANDS = [
     "studio.cli.library",
     "studio.cli.batch",
     "studio.cli.train",
+    "studio.cli.retrieve",
 ]
 
 

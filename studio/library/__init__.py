@@ -32,6 +32,8 @@ _EXPORTS = {
     "import_adapter": "studio.library.tools",
     "merge": "studio.library.tools",
     "resize": "studio.library.tools",
+    "retrieve": "studio.library.retrieval",
+    "train_retriever": "studio.library.retrieval",
 }
 
 
@@ -58,6 +60,8 @@ __all__ = [
     "loaded_adapters",
     "merge",
     "resize",
+    "retrieve",
     "slugify",
+    "train_retriever",
     "unload_adapters",
 ]

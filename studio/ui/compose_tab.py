@@ -47,6 +47,19 @@ def run_compose(
     return paths, "\n\n".join(a1111_text(p) for p in result.params)
 
 
+def run_compose_by_prompt(
+    fields: dict[str, Any], progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
+) -> tuple[list[str], str, str]:
+    """AutoLoRA: retrieve the adapters by the prompt and fuse them with gates (`studio compose --composer autolora`
+    with no adapters named); returns (PNG paths, parameters text, what was retrieved)."""
+    from studio.library.retrieval import retrieve
+
+    found = retrieve(fields["prompt"], composers.AutoLoRAConfig().k)
+    retrieved = "\n".join(f"{i}. {r.name}  score {r.score:.3f}" for i, r in enumerate(found, 1))
+    paths, text = run_compose({**fields, "adapters": "", "composer": "autolora"}, progress, out_dir)
+    return paths, text, retrieved
+
+
 def run_sweep(
     fields: dict[str, Any],
     weights: tuple[float, ...] = SWEEP_WEIGHTS,
@@ -91,9 +104,13 @@ def build_compose_tab() -> dict[str, Any]:
             with gr.Row():
                 button = gr.Button("Compose", variant="primary", elem_id="compose-button")
                 sweep = gr.Button("Weight sweep of two adapters", elem_id="compose-sweep")
+            by_prompt = gr.Button("Compose by prompt (AutoLoRA: retrieve the adapters, fuse them with gates)",
+                                  elem_id="compose-by-prompt")
         with gr.Column():
             gallery = gr.Gallery(label="Images (enlarged, crisp pixels)", columns=2, format="png",
                                  elem_id="compose-gallery", elem_classes=[PIXELATED])
+            retrieved = gr.Textbox(label="Retrieved by the prompt (compose by prompt)", lines=2,
+                                   elem_id="compose-retrieved")
             info = gr.Textbox(label="Parameters", lines=4, elem_id="compose-info")
             files = gr.File(label="PNG files at their own size (with their parameters)", file_count="multiple",
                             elem_id="compose-files")
@@ -109,10 +126,18 @@ def build_compose_tab() -> dict[str, Any]:
         return [display_copy(p) for p in paths], text, paths
 
     @shows_errors
+    def on_by_prompt(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str, list, str]:  # noqa: B008
+        paths, text, found = run_compose_by_prompt(values_of(values),
+                                                   progress=lambda s, t: progress((s, t), desc="denoising"))
+        return [display_copy(p) for p in paths], text, paths, found
+
+    @shows_errors
     def on_sweep(values: dict, progress: gr.Progress = gr.Progress()) -> Image.Image:  # noqa: B008
         return display_image(run_sweep(values_of(values), progress=lambda s, t: progress((s, t), desc="sweep")))
 
     shared = {"concurrency_id": "pipeline", "concurrency_limit": 1}  # the pipeline cache is shared with Generate
     button.click(on_compose, inputs=set(form.values()), outputs=[gallery, info, files], api_name="compose", **shared)
+    by_prompt.click(on_by_prompt, inputs=set(form.values()), outputs=[gallery, info, files, retrieved],
+                    api_name="compose_by_prompt", **shared)
     sweep.click(on_sweep, inputs=set(form.values()), outputs=grid, api_name="sweep", **shared)
     return form

@@ -32,6 +32,8 @@ from studio.ui.uploads import MAX_ADAPTER_BYTES, check_adapter_upload
 COLUMNS = ["name", "fits base", "kind", "method", "type", "base", "trigger words", "tags", "ranks", "description"]
 ALL = "all"  # a filter that keeps everything
 SORTS = ("name", "method", "kind", "base")
+RETRIEVE_COLUMNS = ["rank", "name", "score", "weights", "metadata"]
+RETRIEVE_K = 5
 FAMILIES = ("sd1", "sd2", "sdxl", "unknown")  # base families (`studio.library.compat.family_of`)
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\([^)]*\)")  # card images point into the entry folder, not the page
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)  # the card's YAML header (shown as metadata instead)
@@ -89,6 +91,16 @@ def library_view(
     rows = [_row(summaries[e.name], badges[e.name]) for e in entries]
     problems = "\n".join(f"{name}: unreadable ({message})" for name, message in sorted(lib.problems.items()))
     return gallery, rows, [e.name for e in entries], problems
+
+
+def retrieve_view(prompt: str, weights_only: bool = False, k: int = RETRIEVE_K) -> list[list[Any]]:
+    """Rows (rank, name, score, weights score, metadata score) of the adapters AutoLoRA retrieval finds for `prompt`
+    (`studio retrieve`, `studio.library.retrieval.retrieve`)."""
+    from studio.library.retrieval import retrieve
+
+    found = retrieve(prompt or "", k, weights_only=weights_only)
+    return [[i, r.name, r.score, "" if r.weights is None else r.weights, "" if r.metadata is None else r.metadata]
+            for i, r in enumerate(found, 1)]
 
 
 def _badge(entry: Any, signature: BaseSignature | None) -> str:
@@ -153,6 +165,14 @@ def build_library_tab() -> gr.Tab:
                 label="search (names, cards, trigger words, tags)", scale=4, min_width=200, elem_id="lib-search"
             )
             refresh = gr.Button("Refresh", scale=1, min_width=100, elem_id="lib-refresh")
+        with gr.Row():
+            described = gr.Textbox(label="find by description (AutoLoRA retrieval: reads the adapters' weights; train "
+                                   "the retriever with `studio retrieve --train`)", scale=4, min_width=200,
+                                   elem_id="lib-retrieve")
+            weights_only = gr.Checkbox(False, label="weights only", scale=1, elem_id="lib-retrieve-weights-only")
+            find = gr.Button("Find", scale=1, min_width=100, elem_id="lib-retrieve-button")
+        found = gr.Dataframe(headers=RETRIEVE_COLUMNS, label="retrieved (best first)", interactive=False,
+                             elem_id="lib-retrieved")
         with gr.Row():
             choices = filter_choices()
             method_filter, kind_filter, base_filter = (
@@ -247,6 +267,14 @@ def build_library_tab() -> gr.Tab:
         return caption.split()[0]  # "name ✓ fits": names are slugs, without spaces
 
     gallery.select(on_pick, outputs=selected)
+
+    @shows_errors
+    def on_find(prompt: str, only_weights: bool) -> tuple[list[list[Any]], Any]:
+        rows = retrieve_view(prompt, only_weights)
+        return rows, gr.update(value=rows[0][1] if rows else None)  # the best match's card opens below
+
+    for event in (find.click, described.submit):
+        event(on_find, inputs=[described, weights_only], outputs=[found, selected], api_name=False)
     selected.change(shows_errors(entry_view), inputs=selected, outputs=details)
 
     def after(action: Any) -> Any:
