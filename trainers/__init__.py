@@ -20,6 +20,7 @@ from trainers.method import Method, MethodConfig
 from trainers.methods.dreambooth_lora import DreamBoothLoRA, DreamBoothLoRAConfig
 from trainers.methods.kronecker import Kronecker, KroneckerConfig
 from trainers.methods.orthogonal import Orthogonal, OrthogonalConfig
+from trainers.methods.sara import SaRA, SaRAConfig
 from trainers.run import TrainResult, resolve_method, train
 
 
@@ -28,6 +29,7 @@ METHODS: dict[str, type[Method]] = {
     "dreambooth_lora": DreamBoothLoRA,
     "kronecker": Kronecker,
     "orthogonal": Orthogonal,
+    "sara": SaRA,
 }
 
 
@@ -72,6 +74,8 @@ __all__ = [
     "KroneckerConfig",
     "Orthogonal",
     "OrthogonalConfig",
+    "SaRA",
+    "SaRAConfig",
     "LoopResult",
     "Method",
     "MethodConfig",

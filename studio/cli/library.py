@@ -156,7 +156,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from studio.library.meta import FORMATS, KINDS  # light: `studio library list` starts without torch
+    from studio.library.meta import EXPORT_FORMATS, FORMATS, KINDS  # light: `studio library list` starts without torch
 
     parser = subparsers.add_parser("library", help="the adapter library: list, import, export, merge, edit")
     sub = parser.add_subparsers(dest="library_command", metavar="ACTION")
@@ -199,7 +199,8 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("export", help="write an adapter in another tool's format")
     p.add_argument("name")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="diff: one safetensors of full-weight differences (any adapter, sparse deltas included)")
     p.add_argument("--out", required=True, help="a .safetensors file or a folder (peft: a folder)")
     p.set_defaults(func=cmd_export)
 
