@@ -1,8 +1,9 @@
 """`studio bench adapters`: do adapters trained at their defaults meet the trainer bar on Shapes World?
 
 Per method (default: every trainer method, `trainers.METHODS`: DreamBooth-LoRA, DiffuseKronA, orthogonal
-adaptation, SaRA), each adapter trained by `trainers.train` with nothing but its source, trigger and name, as `studio train` at its defaults would (wall clock from the call to the adapter in the
-library, class images included when the defaults make them):
+adaptation, SaRA), each adapter trained by `trainers.train` with nothing but its source, trigger and name, as
+`studio train` at its defaults would (wall clock from the call to the adapter in the library, class images included
+when the defaults make them):
 
 - three emblems (subjects) drawn from the evaluation split: on 20 prompts placing the trigger at every position on
   every background, how often the evaluator finds the emblem, the asked position and the asked background; and the
