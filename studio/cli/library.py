@@ -36,7 +36,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for e in entries:
             s = e.summary()
             trig = ", ".join(s["trigger_words"]) or "-"
-            print(f"{s['name']:32} {s['type']:5} {s['kind']:8} {s['base']:8} rank {s['ranks']}  trigger: {trig}")
+            size = f"rank {s['ranks']}" if s["ranks"] else "sparse delta"  # a sparse delta (SaRA) has no rank
+            print(f"{s['name']:32} {s['type']:5} {s['kind']:8} {s['base']:8} {size}  trigger: {trig}")
         if not entries:
             print(f"no adapters in {lib.root}" if not args.query else "no match")
     _warn_problems(lib)
@@ -167,7 +168,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tag")
     p.add_argument("--kind", choices=KINDS)
     p.add_argument("--base", help="base family (sd1, sd2, sdxl) or base name")
-    p.add_argument("--method", help="training method (dreambooth_lora, kronecker, ...), imported or merge")
+    p.add_argument("--method", help="training method (dreambooth_lora, sara, ...), imported or merge")
     p.add_argument("--name", help="name substring")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
