@@ -23,8 +23,11 @@ trigger word; `--no-train-text-encoder` gives the paper's UNet-only recipe); Ada
 P_learn as in the paper. The library stores the result as a sparse delta, P[M] - P0[M] at the selected flat indices
 of each parameter (studio/library/sparse.py), so it loads at a weight, merges and exports like any adapter.
 
-Defaults: theta 2e-3 and lambda_rank 5e-4 are the paper's; lr and progressive_step are tuned on the adapter bench
-(`studio bench adapters --method sara`; see the card notes for the figures).
+Defaults: theta 2e-3 and lambda_rank 5e-4 are the paper's. progressive_step 350 is half of the default 700 steps
+(the paper's "half of training"; set it to half of --train-steps). lr 2e-3, four times the paper's fit at theta
+2e-3 (5e-4 for 5000 steps at batch 4), for the 700 steps of 2 + 2 images that fit the CPU budget, as the other
+methods here run at 10x their papers' rates for the same reason. It is a choice, not a tuned figure:
+`studio bench adapters --method sara` is the check.
 """
 
 from __future__ import annotations
