@@ -1,8 +1,9 @@
 """`studio bench adapters`: do adapters trained at their defaults meet the trainer bar on Shapes World?
 
-Per method (default: DreamBooth-LoRA, then DiffuseKronA), each adapter trained by `trainers.train` with nothing but
-its source, trigger and name, as `studio train` at its defaults would (wall clock from the call to the adapter in the
-library, class images included when the defaults make them):
+Per method (default: every trainer method, `trainers.METHODS`: DreamBooth-LoRA, DiffuseKronA, orthogonal
+adaptation, SaRA), each adapter trained by `trainers.train` with nothing but its source, trigger and name, as
+`studio train` at its defaults would (wall clock from the call to the adapter in the library, class images included
+when the defaults make them):
 
 - three emblems (subjects) drawn from the evaluation split: on 20 prompts placing the trigger at every position on
   every background, how often the evaluator finds the emblem, the asked position and the asked background; and the
@@ -310,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
         print((Path(args.out) / "b-lora-sweep.md").read_text())
         return 0
     overrides = {"train_steps": args.train_steps} if args.train_steps else {}
-    report = run_bench(args.model, args.method or ["dreambooth_lora", "kronecker"], Path(args.out), steps=args.steps,
+    from trainers import METHODS
+
+    report = run_bench(args.model, args.method or list(METHODS), Path(args.out), steps=args.steps,
                        n_base=args.base_prompts, texture=None if args.no_texture else args.texture,
                        overrides=overrides, n_emblems=args.emblems, device=args.device)
     print((Path(args.out) / "adapters-bench.md").read_text())
@@ -322,7 +325,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
 
     parser = benches.add_parser("adapters", help="adapters trained at their defaults against the trainer bar")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--method", action="append", help="a method (repeatable; default dreambooth_lora, kronecker)")
+    parser.add_argument("--method", action="append", help="a method (repeatable; default: every method)")
     parser.add_argument("--texture", default="stripes", choices=list(TEXTURES[1:]), help="the style adapter's texture")
     parser.add_argument("--train-steps", type=int, default=None, help="override the default steps (not the bar)")
     parser.add_argument("--base-prompts", type=int, default=50, help="single-object prompts for the drift check")

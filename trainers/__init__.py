@@ -22,6 +22,7 @@ from trainers.methods.b_lora import BLoRA, BLoRAConfig
 from trainers.methods.dreambooth_lora import DreamBoothLoRA, DreamBoothLoRAConfig
 from trainers.methods.kronecker import Kronecker, KroneckerConfig
 from trainers.methods.orthogonal import Orthogonal, OrthogonalConfig
+from trainers.methods.sara import SaRA, SaRAConfig
 from trainers.run import TrainResult, resolve_method, train
 
 
@@ -31,6 +32,7 @@ METHODS: dict[str, type[Method]] = {
     "kronecker": Kronecker,
     "b_lora": BLoRA,
     "orthogonal": Orthogonal,
+    "sara": SaRA,
 }
 
 
@@ -77,6 +79,8 @@ __all__ = [
     "KroneckerConfig",
     "Orthogonal",
     "OrthogonalConfig",
+    "SaRA",
+    "SaRAConfig",
     "LoopResult",
     "Method",
     "MethodConfig",

@@ -36,7 +36,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for e in entries:
             s = e.summary()
             trig = ", ".join(s["trigger_words"]) or "-"
-            print(f"{s['name']:32} {s['type']:5} {s['kind']:8} {s['base']:8} rank {s['ranks']}  trigger: {trig}")
+            size = f"rank {s['ranks']}" if s["ranks"] else "sparse delta"  # a sparse delta (SaRA) has no rank
+            print(f"{s['name']:32} {s['type']:5} {s['kind']:8} {s['base']:8} {size}  trigger: {trig}")
         if not entries:
             print(f"no adapters in {lib.root}" if not args.query else "no match")
     _warn_problems(lib)
@@ -156,7 +157,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from studio.library.meta import FORMATS, KINDS  # light: `studio library list` starts without torch
+    from studio.library.meta import EXPORT_FORMATS, FORMATS, KINDS  # light: `studio library list` starts without torch
 
     parser = subparsers.add_parser("library", help="the adapter library: list, import, export, merge, edit")
     sub = parser.add_subparsers(dest="library_command", metavar="ACTION")
@@ -167,7 +168,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tag")
     p.add_argument("--kind", choices=KINDS)
     p.add_argument("--base", help="base family (sd1, sd2, sdxl) or base name")
-    p.add_argument("--method", help="training method (dreambooth_lora, kronecker, ...), imported or merge")
+    p.add_argument("--method", help="training method (dreambooth_lora, sara, ...), imported or merge")
     p.add_argument("--name", help="name substring")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
@@ -199,7 +200,8 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("export", help="write an adapter in another tool's format")
     p.add_argument("name")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="diff: one safetensors of full-weight differences (any adapter, sparse deltas included)")
     p.add_argument("--out", required=True, help="a .safetensors file or a folder (peft: a folder)")
     p.set_defaults(func=cmd_export)
 

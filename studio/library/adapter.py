@@ -96,6 +96,10 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], peft_type: str) -> 
     """Refuse tensors that are not a complete LoRA / LoKr adapter (see `check_module`), naming the first bad key."""
     if not state_dict:
         raise StudioError("the adapter has no tensors; nothing to save")
+    if peft_type == "SPARSE":
+        from studio.library.sparse import validate
+
+        return validate(state_dict)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         component, module, param = split_key(key)
@@ -109,7 +113,12 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], peft_type: str) -> 
 def validate_meta(state_dict: dict[str, torch.Tensor], meta: AdapterMeta) -> None:
     """Refuse ranks and alphas that disagree with the tensors: every module has a positive whole rank, equal to the
     tensors' inner size where the tensors have one (LoRA's A rows, LoKr's decomposed factors), and a finite alpha.
-    A declared rank is what PEFT allocates when the adapter loads, so a wrong one must never reach the library."""
+    A declared rank is what PEFT allocates when the adapter loads, so a wrong one must never reach the library.
+    A sparse delta has no ranks: its indices must lie inside the parameter shapes the meta declares."""
+    if meta.peft_type == "SPARSE":
+        from studio.library.sparse import validate
+
+        return validate(state_dict, meta.sparse.get("shapes", {}))
     for module in modules_of(state_dict):
         r, alpha = meta.ranks.get(module), meta.alphas.get(module)
         if r is None or alpha is None:

@@ -10,7 +10,8 @@ def render_card(
 ) -> str:
     """A model card: trigger words, sample prompts, data summary, base and method."""
     trigger = ", ".join(meta.trigger_words)
-    tags = ["text-to-image", "diffusers", "lora" if meta.peft_type == "LORA" else "lokr", "lora-studio", *meta.tags]
+    kind = {"LORA": "lora", "LOKR": "lokr"}.get(meta.peft_type, "sparse-delta")
+    tags = ["text-to-image", "diffusers", kind, "lora-studio", *meta.tags]
     lines = ["---", f"base_model: {meta.base.name or meta.base.family}", "tags:"]
     lines += [f"- {t}" for t in dict.fromkeys(tags)]
     if trigger:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from studio.errors import StudioError
-from studio.library.meta import COMPONENTS, AdapterMeta, BaseInfo
+from studio.library.meta import COMPONENTS, AdapterMeta, BaseInfo, modules_of, split_key
 
 
 _CHECKPOINT_CACHE: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -98,9 +98,13 @@ def base_info(pipe: Any, modules: list[str], name: str = "") -> BaseInfo:
 
 
 def expected_shapes(meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """The base weight shape each adapted module implies (LoKr: `(out, in * kernel)`, compared flattened)."""
+    """The base weight shape each adapted module implies (LoKr: `(out, in * kernel)`, compared flattened; a sparse
+    delta: the weight shapes it declares)."""
     out: dict[str, tuple[int, ...]] = {}
-    for full in dict.fromkeys(k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in state_dict):
+    if meta.peft_type == "SPARSE":
+        shapes = meta.sparse.get("shapes", {})
+        return {p.removesuffix(".weight"): tuple(s) for p, s in shapes.items() if p.endswith(".weight")}
+    for full in modules_of(state_dict):
         if meta.peft_type == "LORA":
             a, b = state_dict[f"{full}.lora_A.weight"], state_dict[f"{full}.lora_B.weight"]
             out[full] = (b.shape[0], *a.shape[1:])
@@ -126,7 +130,7 @@ def align_names(
     """Add or drop the `text_model.` root of text-encoder modules to match the pipeline's CLIP classes."""
     renames: dict[str, str] = {}
     names: dict[str, set[str]] = {}
-    for full in dict.fromkeys(k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in state_dict):
+    for full in modules_of(state_dict):
         component, module = full.split(".", 1)
         if not component.startswith("text_encoder"):
             continue
@@ -147,15 +151,15 @@ def align_names(
 
     new_sd = {}
     for key, value in state_dict.items():
-        head, tail = (
-            (key.rsplit(".", 2)[0], key[len(key.rsplit(".", 2)[0]) :])
-            if key.endswith(".weight")
-            else (key.rsplit(".", 1)[0], key[len(key.rsplit(".", 1)[0]) :])
-        )
-        new_sd[rename(head) + tail] = value
+        component, module, _ = split_key(key)
+        head = f"{component}.{module}"
+        new_sd[rename(head) + key[len(head) :]] = value
     meta = copy.deepcopy(meta)
     meta.alphas = {rename(k): v for k, v in meta.alphas.items()}
     meta.ranks = {rename(k): v for k, v in meta.ranks.items()}
+    if meta.sparse.get("shapes"):
+        meta.sparse["shapes"] = {rename(k.rsplit(".", 1)[0]) + "." + k.rsplit(".", 1)[1]: v
+                                 for k, v in meta.sparse["shapes"].items()}
     return new_sd, meta
 
 
@@ -170,7 +174,7 @@ def _mismatch(
                 f"adapter {name!r} does not fit this pipeline: module {module} is missing (adapter base: "
                 f"{meta.base.family}); load it on a {meta.base.family} model"
             )
-        fits = have == shape if meta.peft_type == "LORA" else (have[0], int(torch.Size(have[1:]).numel())) == shape
+        fits = have == shape if meta.peft_type != "LOKR" else (have[0], int(torch.Size(have[1:]).numel())) == shape
         if not fits:
             return (
                 f"adapter {name!r} does not fit this pipeline: module {module} has shape {list(have)}, the adapter "
@@ -181,8 +185,13 @@ def _mismatch(
 
 def check_compatible(pipe: Any, name: str, meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> None:
     """Refuse an architecture mismatch (naming the first module); warn on another checkpoint of it."""
-    expected = expected_shapes(meta, state_dict)
-    problem = _mismatch(name, meta, expected, base_shapes(pipe, list(expected)))
+    if meta.peft_type == "SPARSE":  # every parameter it touches, weights, biases and norms
+        from studio.library.sparse import mismatch
+
+        problem = mismatch(pipe, name, meta.sparse.get("shapes", {}))
+    else:
+        expected = expected_shapes(meta, state_dict)
+        problem = _mismatch(name, meta, expected, base_shapes(pipe, list(expected)))
     if problem:
         raise StudioError(problem)
     if meta.base.checkpoint and meta.base.checkpoint != checkpoint_hash(pipe):

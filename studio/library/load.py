@@ -3,7 +3,8 @@
 LoRA and LoKr both go through PEFT's own injection (`inject_adapter_in_model` + `set_peft_model_state_dict`):
 diffusers' `load_lora_weights` cannot read LoKr, and one path for both keeps weighting uniform. Adapters stay
 unmerged (`y = base(x) + scale * delta(x)`); unloading puts the original base modules back, so the base output is
-restored exactly.
+restored exactly. Sparse deltas (SaRA) are added to the base tensors in place by `studio.library.sparse`, which
+keeps the entries' first values and puts them back on unload.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from studio.configs import finite
 from studio.errors import StudioError
+from studio.library import sparse
 from studio.library.compat import align_names, check_compatible
 from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, peft_config
 from studio.library.store import Library
@@ -113,7 +115,10 @@ def load_adapters(
         state_dict, meta = align_names(pipe, entry.state_dict(), entry.meta)
         check_compatible(pipe, name, meta, state_dict)
         try:
-            inject(pipe, name, state_dict, meta)
+            if meta.peft_type == sparse.PEFT_TYPE:
+                sparse.inject(pipe, name, state_dict)
+            else:
+                inject(pipe, name, state_dict, meta)
         except Exception as err:  # PEFT refused part-way (a layout it builds otherwise): take the half-adapter out
             unload_adapters(pipe, [name])
             if isinstance(err, StudioError):
@@ -124,6 +129,7 @@ def load_adapters(
         loaded[name] = 1.0
     loaded.update(dict(zip(names, weights)))
     set_weights(pipe, loaded)
+    sparse.set_weights(pipe, loaded)
     return dict(loaded)
 
 
@@ -135,6 +141,7 @@ def unload_adapters(pipe: Any, names: Sequence[str] | None = None) -> None:
     """Remove adapters (default: all the studio loaded); modules with no adapter left get their base back."""
     loaded = _LOADED.setdefault(pipe, {})
     names = list(loaded) if names is None else list(names)
+    sparse.remove(pipe, names)
     for component in COMPONENTS:
         model = getattr(pipe, component, None)
         if not isinstance(model, torch.nn.Module):

@@ -2,8 +2,9 @@
 
 Canonical tensor keys are diffusers-PEFT keys: `<component>.<module>.lora_A.weight` / `.lora_B.weight` for LoRA and
 `<component>.<module>.lokr_w1` (`lokr_w1_a`, `lokr_w1_b`, `lokr_w2`, `lokr_w2_a`, `lokr_w2_b`, `lokr_t2`) for LoKr,
-with component one of `unet`, `text_encoder`, `text_encoder_2`. Alpha is kept per module as given (PEFT semantics:
-scale = alpha / r), never folded into the weights.
+with component one of `unet`, `text_encoder`, `text_encoder_2`; a sparse delta (SaRA, `studio.library.sparse`) has
+`<component>.<module>.weight.indices` / `.weight.values` (and `bias.*`), no ranks nor alphas. Alpha is kept per
+module as given (PEFT semantics: scale = alpha / r), never folded into the weights.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ STUDIO_VERSION = "0.1.0"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KINDS = ("subject", "style", "content", "unknown")
 FORMATS = ("kohya", "diffusers", "peft", "lycoris")  # the formats adapters are exported in (studio.library.formats)
+EXPORT_FORMATS = (*FORMATS, "diff")  # diff: one safetensors of full-weight differences (export only)
+PEFT_TYPES = ("LORA", "LOKR", "SPARSE")
 LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
 LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-_PARAM_RE = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|lokr_\w+)$")
+_PARAM_RE = re.compile(
+    r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|lokr_\w+|(?:weight|bias)\.(?:indices|values))$"
+)
 
 
 @dataclass
@@ -44,10 +49,11 @@ class BaseInfo:
 class AdapterMeta:
     """Studio fields of an adapter. Trainers fill `method`, `method_config`, `base`, `trigger_words`, `kind`."""
 
-    peft_type: str = "LORA"  # LORA | LOKR
+    peft_type: str = "LORA"  # LORA | LOKR | SPARSE
     alphas: dict[str, float] = field(default_factory=dict)  # "<component>.<module>" -> alpha
     ranks: dict[str, int] = field(default_factory=dict)  # "<component>.<module>" -> PEFT r
     lokr: dict[str, Any] = field(default_factory=dict)  # decompose_both, decompose_factor, use_effective_conv2d
+    sparse: dict[str, Any] = field(default_factory=dict)  # SPARSE: "shapes" (<component>.<param> -> shape), threshold
     method: str = "lora"
     method_config: dict[str, Any] = field(default_factory=dict)
     kind: str = "unknown"
@@ -61,8 +67,8 @@ class AdapterMeta:
     def __post_init__(self) -> None:
         if isinstance(self.base, dict):
             self.base = BaseInfo(**self.base)
-        if self.peft_type not in ("LORA", "LOKR"):
-            raise StudioError(f"peft_type {self.peft_type!r} is not supported; use LORA or LOKR")
+        if self.peft_type not in PEFT_TYPES:
+            raise StudioError(f"peft_type {self.peft_type!r} is not supported; use {', '.join(PEFT_TYPES)}")
         if self.kind not in KINDS:
             raise StudioError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
@@ -107,6 +113,10 @@ def component_configs(meta: AdapterMeta, modules: list[str]) -> dict[str, dict[s
     for component in COMPONENTS:
         names = [m.split(".", 1)[1] for m in modules if m.split(".", 1)[0] == component]
         if not names:
+            continue
+        if meta.peft_type == "SPARSE":  # no PEFT type: the parameters the delta touches (studio.library.sparse)
+            params = sorted(p.split(".", 1)[1] for p in meta.sparse.get("shapes", {}) if p.startswith(f"{component}."))
+            out[component] = {"peft_type": "SPARSE", "target_modules": sorted(names), "target_parameters": params}
             continue
         ranks = [meta.ranks[f"{component}.{n}"] for n in names]
         alphas = [meta.alphas[f"{component}.{n}"] for n in names]
@@ -158,6 +168,8 @@ def ranks_alphas_from_configs(
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Resolve per-module r and alpha from PEFT config dicts (patterns matched as PEFT matches them)."""
     ranks, alphas = {}, {}
+    if any(isinstance(c, dict) and c.get("peft_type") == "SPARSE" for c in configs.values()):
+        return ranks, alphas  # a sparse delta has neither
     for full in modules:
         component, name = full.split(".", 1)
         if component not in configs:

@@ -5,6 +5,9 @@ Merge combinations follow PEFT's `add_weighted_adapter` (peft/tuners/lora/model.
 the sum of deltas, as in PEFT), `svd` truncates the weighted sum of deltas to `rank`. LoKr inputs merge by `svd`.
 Orthogonal-adaptation adapters merge by `cat` (their plain sum) only when their basis columns are disjoint
 (studio/library/orthogonal.py); the result is again an orthogonal adapter holding the union of their columns.
+A merge that holds a sparse delta (SaRA) is the exact weighted sum of every source's full-shape delta, stored as a
+sparse delta (`cat`, the default; a LoRA's delta is dense, so its modules are stored whole). Any adapter exports as
+`--format diff`: one safetensors of full-weight differences.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from studio import atomic
 from studio.configs import finite
 from studio.errors import DiskFull, StudioError
+from studio.library import sparse
 from studio.library.formats import read_any, write_any
 from studio.library.meta import KINDS, AdapterMeta, modules_of
 from studio.library.orthogonal import METHOD as ORTHOGONAL
@@ -54,7 +58,13 @@ def import_adapter(
 
 def export_adapter(name: str, format: str, out: Path | str, *, library: Library | None = None) -> Path:
     entry = (library or Library()).get(name)
+    if entry.meta.peft_type == sparse.PEFT_TYPE and format != "diff":
+        raise StudioError(f"{name!r} is a sparse delta (SaRA), which {format} files cannot hold; export it with "
+                          "--format diff (full-weight differences)")
     try:
+        if format == "diff":
+            state_dict = entry.state_dict()
+            return sparse.write_diff(name, param_deltas(entry.meta, state_dict), entry.meta, Path(out))
         return write_any(name, entry.state_dict(), entry.meta, format, Path(out))
     except DiskFull:  # every export file is written atomically (a PEFT folder is staged): `out` is as it was
         raise atomic.disk_full(out, f"{name!r} was not exported to {out}, which is unchanged") from None
@@ -62,6 +72,9 @@ def export_adapter(name: str, format: str, out: Path | str, *, library: Library 
 
 def delta_weight(meta: AdapterMeta, state_dict: dict[str, torch.Tensor], module: str) -> torch.Tensor:
     """dW of one module in float32 at scale alpha / r; conv deltas are flattened to (out, in * k * k)."""
+    if meta.peft_type == sparse.PEFT_TYPE:
+        index, values = sparse.by_param(state_dict)[f"{module}.weight"]
+        return sparse.to_dense(index, values, meta.sparse["shapes"][f"{module}.weight"]).flatten(1)
     r, alpha = meta.ranks[module], meta.alphas[module]
     if meta.peft_type == "LORA":
         a = state_dict[f"{module}.lora_A.weight"].float().flatten(1)  # (r, in * k * k)
@@ -78,6 +91,33 @@ def delta_weight(meta: AdapterMeta, state_dict: dict[str, torch.Tensor], module:
     else:
         w2 = g["lokr_w2_a"] @ g["lokr_w2_b"]
     return make_kron(w1, w2, alpha / r).flatten(1)
+
+
+def param_deltas(meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<component>.<module>.<weight|bias>` -> the full-shape float32 change of that base tensor (LoRA and LoKr at
+    scale alpha / r: their weights only)."""
+    if meta.peft_type == sparse.PEFT_TYPE:
+        shapes = meta.sparse.get("shapes", {})
+        return {p: sparse.to_dense(i, v, shapes[p]) for p, (i, v) in sparse.by_param(state_dict).items()}
+    out = {}
+    for module in modules_of(state_dict):
+        delta = delta_weight(meta, state_dict, module)  # (out, in * kh * kw)
+        kernel = _kernel(meta, state_dict, module)
+        out[f"{module}.weight"] = delta.reshape(delta.shape[0], -1, *kernel) if kernel else delta
+    return out
+
+
+def _merge_sparse(entries: list[Entry], tensors: list[dict[str, torch.Tensor]], weights: list[float]) -> tuple[
+        dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The exact weighted sum of the sources' full-shape deltas, as a sparse delta (and its shapes)."""
+    total: dict[str, torch.Tensor] = {}
+    for entry, state_dict, weight in zip(entries, tensors, weights):
+        for param, delta in param_deltas(entry.meta, state_dict).items():
+            if param in total and total[param].shape != delta.shape:
+                raise StudioError(f"{param} has shape {list(total[param].shape)} in one adapter and "
+                                  f"{list(delta.shape)} in {entry.name!r}; merge adapters of one base")
+            total[param] = total[param] + weight * delta if param in total else weight * delta
+    return sparse.from_dense(total)
 
 
 def _kernel(meta: AdapterMeta, state_dict: dict[str, torch.Tensor], module: str) -> tuple[int, ...]:
@@ -138,6 +178,24 @@ def merge(
     if len(entries) > 1 and all(e.meta.method == ORTHOGONAL for e in entries) and combination == "cat":
         columns = check_disjoint([(e.name, e.meta.method_config) for e in entries])  # the sum is interference-free
     tensors = [e.state_dict() for e in entries]
+    if any(e.meta.peft_type == sparse.PEFT_TYPE for e in entries):
+        if combination != "cat":
+            raise StudioError("a sparse (SaRA) adapter merges only by the exact sum of deltas: use --combination cat")
+        state_dict, shapes = _merge_sparse(entries, tensors, weights)
+        if not state_dict:
+            raise StudioError("the weighted sum of these adapters is zero everywhere; nothing to save")
+        first = entries[0].meta
+        meta = AdapterMeta(
+            peft_type=sparse.PEFT_TYPE,
+            sparse={"shapes": shapes},
+            method="merge",
+            method_config={"sources": [n for n, _ in sources], "weights": weights, "combination": combination},
+            kind=first.kind if len({e.meta.kind for e in entries}) == 1 else "unknown",
+            trigger_words=list(dict.fromkeys(t for e in entries for t in e.meta.trigger_words)),
+            tags=list(dict.fromkeys(t for e in entries for t in e.meta.tags)),
+            base=copy.deepcopy(first.base) if len(fingerprints) <= 1 else type(first.base)(family=first.base.family),
+        )
+        return library.add(name, state_dict, meta, overwrite=overwrite)
     lokr = any(e.meta.peft_type != "LORA" for e in entries)
     if lokr and combination != "svd":
         raise StudioError("LoKr adapters merge only with --combination svd (choose a --rank)")
@@ -206,6 +264,9 @@ def resize(name: str, rank: int, *, new_name: str | None = None, library: Librar
         raise StudioError("--rank must be at least 1")
     entry = library.get(name)
     sd, meta = entry.state_dict(), entry.meta
+    if meta.peft_type == sparse.PEFT_TYPE:
+        raise StudioError(f"{name!r} is a sparse delta (SaRA), which has no rank to resize; export it with "
+                          "--format diff or merge it (an exact sum)")
     modules = modules_of(sd)
     deltas = {m: delta_weight(meta, sd, m) for m in modules}
     dtype = next(iter(sd.values())).dtype
