@@ -30,6 +30,7 @@ from composers.attention import (
 )
 from composers.composite import CompositeConfig, apply_composite
 from composers.handle import Handle
+from composers.lora_composer import LoraComposerConfig, apply_lora_composer, parse_boxes
 from composers.merge import MergeConfig, apply_merge, fuse
 from composers.regions import attention_levels, box_mask, box_masks, level_size
 from composers.switch import SwitchConfig, apply_switch, switch_index, switch_order
@@ -41,6 +42,7 @@ COMPOSERS: dict[str, tuple[type, Callable[[Any, AdapterSet, Any], Handle]]] = {
     "merge": (MergeConfig, apply_merge),
     "switch": (SwitchConfig, apply_switch),
     "composite": (CompositeConfig, apply_composite),
+    "lora_composer": (LoraComposerConfig, apply_lora_composer),
 }
 
 
@@ -107,6 +109,7 @@ def from_options(
     order: str | None = None,
     fused: bool = False,
     schedule: str = "constant",
+    boxes: list[str] | None = None,
 ) -> tuple[str, AdapterSet, Any]:
     """The CLI's and the UI's options as (prompt without its `<lora:...>` tags, adapter set, composer config)."""
     from studio.prompt_tags import split_lora_tags
@@ -114,8 +117,10 @@ def from_options(
     text, tags = split_lora_tags(prompt)
     adapter_set = AdapterSet.parse(adapters, tags).resolve()
     adapter_set.schedules = [parse_schedule(schedule)] * len(adapter_set.names)
-    values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None}
-    return text, adapter_set, make_config(composer, {k: v for k, v in values.items() if v is not None})
+    values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None,
+              "boxes": parse_boxes(boxes) if boxes else None}
+    config = make_config(composer, {k: v for k, v in values.items() if v is not None})
+    return text, adapter_set, config.for_prompt(text) if hasattr(config, "for_prompt") else config
 
 
 def compose(
@@ -133,6 +138,8 @@ def compose(
 
     pipe = pipe or cached_pipeline(config.model, resolve_device(config.device))
     composer_config = make_config(composer) if composer_config is None else composer_config
+    if hasattr(composer_config, "for_prompt"):  # composers whose settings read the prompt (region prompts)
+        composer_config = composer_config.for_prompt(config.prompt)
     with apply(pipe, adapter_set, composer, composer_config):
         result = generate(config, pipe=pipe, progress=progress, output_type=output_type)
     extra = {
@@ -152,6 +159,7 @@ __all__ = [
     "CaptureAttnProcessor",
     "CompositeConfig",
     "Handle",
+    "LoraComposerConfig",
     "MergeConfig",
     "Schedule",
     "SwitchConfig",

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--composer",
         default="merge",
         metavar="NAME",
-        help="how the adapters combine: merge (default), switch or composite",
+        help="how the adapters combine: merge (default), switch, composite, lora_composer (boxes) or clora",
     )
     parser.add_argument("--tau", type=int, default=None, help="switch: steps each adapter stays active (default 5)")
     parser.add_argument(
@@ -34,6 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="A,B,...",
         help="switch: adapter order (default subject, style, content, then the rest)",
+    )
+    parser.add_argument(
+        "--box",
+        action="append",
+        default=None,
+        metavar="NAME:x0,y0,x1,y1",
+        help="lora_composer: the region of an adapter in image fractions, origin top-left (repeatable), e.g. "
+        "sks:0,0.1,0.5,0.9",
     )
     parser.add_argument("--fused", action="store_true", help="merge: bake the weighted sum into the weights")
     parser.add_argument(
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.prompt, adapters, composer_config = composers.from_options(
         args.prompt, args.adapters, args.composer, tau=args.tau, order=args.order, fused=args.fused,
-        schedule=args.schedule,
+        schedule=args.schedule, boxes=args.box,
     )
     config = from_namespace(GenerateConfig, args)
     output_paths(args.out, config.num_images)  # a bad --out fails before any work
