@@ -28,6 +28,7 @@ from composers.attention import (
     token_indices,
     word_maps,
 )
+from composers.clora import CloraConfig, apply_clora
 from composers.composite import CompositeConfig, apply_composite
 from composers.handle import Handle
 from composers.lora_composer import LoraComposerConfig, apply_lora_composer, parse_boxes
@@ -43,6 +44,7 @@ COMPOSERS: dict[str, tuple[type, Callable[[Any, AdapterSet, Any], Handle]]] = {
     "switch": (SwitchConfig, apply_switch),
     "composite": (CompositeConfig, apply_composite),
     "lora_composer": (LoraComposerConfig, apply_lora_composer),
+    "clora": (CloraConfig, apply_clora),
 }
 
 
@@ -157,6 +159,7 @@ __all__ = [
     "from_options",
     "AttentionStore",
     "CaptureAttnProcessor",
+    "CloraConfig",
     "CompositeConfig",
     "Handle",
     "LoraComposerConfig",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from composers.activation import activate, sample_of, step_of, wrap_forward
+from composers.activation import activate, step_of, wrap_forward
 from composers.adapter_set import AdapterSet
 from composers.concepts import adapter_triggers, region_prompt, split_concepts, token_group
 from composers.handle import Handle
@@ -92,7 +92,7 @@ def parse_boxes(items: list[str]) -> dict[str, Box]:
         except ValueError:
             box = ()
         if not name or len(box) != 4:
-            raise StudioError(f"--box {item!r}: write NAME:x0,y0,x1,y1 in fractions of the image, e.g. corgi:0,0,0.5,1")
+            raise StudioError(f"--box {item!r}: write NAME:x0,y0,x1,y1 in image fractions, e.g. corgi:0,0,0.5,1")
         if name in boxes:
             raise StudioError(f"--box {name} is given twice; give each adapter one box")
         boxes[name.strip()] = box
@@ -250,7 +250,8 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
             z = (z - phi * grad).detach()  # z_t <- z_t - phi_i grad L
             changed = True
             value = float(loss.mean())
-            if (value > run["loss"] and step >= config.patience_after * total) or step + 1 >= config.guide_until * total:
+            rising = value > run["loss"] and step >= config.patience_after * total
+            if rising or step + 1 >= config.guide_until * total:
                 run["guiding"] = False  # adaptive sampling steps: stop guiding
             run["loss"] = value
         state.uncond = batch if cfg else 0

@@ -18,9 +18,9 @@ from composers.lora_composer import reinitialise
 from composers.region_attention import RegionState
 from composers.region_lora import RegionMasks
 from studio.cli import main
-from studio.library import load_adapters
 from studio.errors import StudioError
 from studio.generate import GenerateConfig, generate
+from studio.library import load_adapters
 from studio.prompts import encode_prompt
 
 
