@@ -1,11 +1,15 @@
 """`studio bench compose`: every composer on the same Shapes World pairs, scored by the evaluator, side by side.
 
 `--prepare` trains and caches a fixed seeded set (4 emblem and 2 texture DreamBooth-LoRA adapters) in the bench's own
-library. Scoring covers two categories, every pair x `--seeds` seeds: two subjects (two emblems, left and right)
-and subject + style (an emblem in a texture). Per composer: composition success (both concepts present, in place,
-neither duplicated nor blended: the evaluator's `composition_success`), subject fidelity, prompt fidelity and time
-per image as a ratio to single-adapter generation measured in the same run; control rows "each adapter alone" and
-"no adapter". Writes `compose-bench.md` (the table), `compose-bench.json` and `compose-bench-grid.png`.
+library. Scoring covers three categories, every case x `--seeds` seeds: two subjects (two emblems, left and right),
+one subject beside an ordinary object (`a large sks emblem on the left and a small blue circle on the right ...`:
+the adapter must not leak into the other object) and subject + style (an emblem in a texture). Per composer and
+category: composition success (every concept present, in place, none duplicated or blended: the evaluator's
+`composition_success`), for subject + object "both right" (the emblem found and the other object entirely right),
+subject fidelity, prompt fidelity, and time per image as a ratio to single-adapter generation measured in the same
+run; control rows "each adapter alone" and "no adapter". Spatial composers get each emblem's box from its position
+and size words (`case_boxes`). Writes `compose-bench.md` (the table), `compose-bench.json` and
+`compose-bench-grid.png`.
 """
 
 from __future__ import annotations
@@ -30,11 +34,15 @@ TEXTURE_NAMES = ("stripes", "checker")  # fixed styles
 EMBLEM_TRIGGERS = ("sks", "zwx", "qrv", "pkt")
 TEXTURE_TRIGGERS = ("vgl", "xzn")
 CONTROLS = ("alone", "none")
+CATEGORIES = ("two_subjects", "subject_object", "subject_style")
+# The ordinary object beside emblem i in the subject + object cases (shape, colour, emblem side).
+OBJECTS = (("circle", "blue", "left"), ("square", "red", "right"), ("triangle", "green", "left"),
+           ("star", "yellow", "right"))
 
 
 @dataclass(frozen=True)
 class Case:
-    category: str  # two_subjects | subject_style
+    category: str  # two_subjects | subject_object | subject_style
     prompt: str  # with the adapters' triggers
     caption: str  # the same scene in plain words, as the evaluator reads it
     adapters: tuple[str, ...]
@@ -59,12 +67,45 @@ def cases() -> list[Case]:
         Case("two_subjects", pair.format(ta, tb), pair.format("", "").replace("  ", " "), (a, b), (sa, sb), None)
         for (a, ta, sa), (b, tb, sb) in itertools.combinations(emblem, 2)
     ]
+    one = "a large {} emblem on the {} and a small {} {} on the {} on a white background"
+    for (e, te, se), (shape, colour, side) in zip(emblem, OBJECTS):
+        other = "right" if side == "left" else "left"
+        out.append(Case("subject_object", one.format(te, side, colour, shape, other),
+                        one.format("", side, colour, shape, other).replace("  ", " "), (e,), (se,), None))
     out += [
         Case("subject_style", styled.format(te, f" in {tt} style"), styled.format("", "").replace("  ", " "), (e, x),
              (se,), name)
         for (e, te, se), (x, tt, name) in itertools.product(emblem, texture)
     ]
     return out
+
+
+def case_boxes(case: Case) -> dict[str, tuple[float, float, float, float]]:
+    """Each emblem adapter's box from its object's position anchor and size (the world's radius plus jitter)."""
+    from studio.world.grammar import EMBLEM, IMAGE_SIZE, POSITIONS
+    from studio.world.renderer import EMBLEM_RADIUS
+
+    scene = _scene(case)
+    emblems = [o for o in scene.objects if o.shape == EMBLEM]
+    subjects = [a for a in case.adapters if "emblem" in a]
+    boxes = {}
+    for name, obj in zip(subjects, emblems):
+        x, y = POSITIONS[obj.position or "center"]
+        r = EMBLEM_RADIUS[obj.size or "large"] * 1.1 + 1.5  # radius jitter 8% and position jitter 1.5 px
+        boxes[name] = tuple(round(min(max(v / IMAGE_SIZE, 0.0), 1.0), 4) for v in (x - r, y - r, x + r, y + r))
+    return boxes
+
+
+def composer_config(composer: str, case: Case):  # -> the composer's config for this case
+    """The composer's default config, with the case's boxes and prompt where the composer reads them."""
+    import dataclasses
+
+    import composers
+
+    config = composers.make_config(composer)
+    if "boxes" in {f.name for f in dataclasses.fields(config)}:
+        config = dataclasses.replace(config, boxes=case_boxes(case))
+    return config.for_prompt(case.prompt) if hasattr(config, "for_prompt") else config
 
 
 def prepare(model: str, library: Path, steps: int | None) -> list[str]:
@@ -95,16 +136,20 @@ def _scene(case: Case):  # -> Scene with the asked emblem seeds
 
 
 def score_image(image: torch.Tensor, case: Case) -> dict[str, float]:
-    """The evaluator's composition success, subject fidelity and prompt fidelity of one image."""
+    """The evaluator's composition success, subject and prompt fidelity, and whether every object is right."""
     from studio.world.evaluator import evaluate
+    from studio.world.grammar import EMBLEM
 
-    r = evaluate(image, _scene(case), texture=case.texture)
+    scene = _scene(case)
+    r = evaluate(image, scene, texture=case.texture)
+    both = all(o["correct"] if s.shape != EMBLEM else o["emblem"] for o, s in zip(r["objects"], scene.objects))
     return {"composition_success": float(r["composition_success"]), "subject_fidelity": r["subject_fidelity"] or 0.0,
-            "prompt_fidelity": r["prompt_fidelity"]}
+            "prompt_fidelity": r["prompt_fidelity"], "both_right": float(both)}
 
 
 def run_bench(
-    model: str, library: Path, composers_: list[str], seeds: int, steps: int, out: Path, pairs: int | None = None
+    model: str, library: Path, composers_: list[str], seeds: int, steps: int, out: Path, pairs: int | None = None,
+    categories: tuple[str, ...] = CATEGORIES,
 ) -> dict:
     """Score every composer and the control rows on every case x seed; write the table, JSON and grid."""
     from tqdm import tqdm
@@ -115,7 +160,9 @@ def run_bench(
 
     os.environ["STUDIO_LIBRARY"] = str(library)  # generation resolves adapters in the bench's library
     lib = Library(library)
-    missing = [n for n in adapter_names() if n not in lib]
+    by_category = {cat: [c for c in cases() if c.category == cat][:pairs] for cat in categories}
+    chosen = [c for group in by_category.values() for c in group]
+    missing = sorted({n for c in chosen for n in c.adapters if n not in lib})
     if missing:
         from studio.errors import StudioError
 
@@ -123,15 +170,15 @@ def run_bench(
     began = time.perf_counter()
     pipe = cached_pipeline(model, "cpu")
     rows = [*composers_, *CONTROLS]
-    figures: dict[str, dict[str, list[float]]] = {r: {"composition_success": [], "subject_fidelity": [],
-                                                       "prompt_fidelity": [], "seconds": []} for r in rows}
+    keys = ("composition_success", "subject_fidelity", "prompt_fidelity", "both_right")
+    figures: dict[str, dict[str, dict[str, list[float]]]] = {
+        r: {cat: {k: [] for k in keys} for cat in by_category} for r in rows}
+    seconds: dict[str, list[float]] = {r: [] for r in rows}
     grid: dict[str, list[torch.Tensor]] = {r: [] for r in rows}
-    by_category = {cat: [c for c in cases() if c.category == cat] for cat in ("two_subjects", "subject_style")}
-    chosen = [c for group in by_category.values() for c in group[:pairs]]
     bar = tqdm(total=len(chosen) * len(rows), desc="compose bench", unit="row")
     for case in chosen:
-        pair = composers.AdapterSet(list(case.adapters), [1.0] * len(case.adapters))
-        runs = {c: lambda c=c: composers.apply(pipe, pair, c) for c in composers_}
+        pair = composers.AdapterSet(list(case.adapters), [1.0] * len(case.adapters)).resolve(lib)
+        runs = {c: lambda c=c: composers.apply(pipe, pair, c, composer_config(c, case)) for c in composers_}
         # One batch of every seed per row (image i has seed i, as alone); "none" first, with nothing loaded; then
         # the pair is loaded once and every other row activates only its own adapters.
         config = GenerateConfig(prompt=case.prompt, model=model, seed=0, steps=steps, num_images=seeds)
@@ -148,25 +195,26 @@ def run_bench(
                 try:  # timed: generation with the composer installed (loading is not the composer's cost)
                     start = time.perf_counter()
                     images = generate(config, pipe=pipe, output_type="pt").images  # (seeds, 3, H, W) in [0, 1]
-                    figures[row]["seconds"].append((time.perf_counter() - start) / seeds)
+                    seconds[row].append((time.perf_counter() - start) / seeds)
                 finally:
                     if handle is not None:
                         handle.remove()
                 for image in images:
                     for key, value in score_image(image, case).items():
-                        figures[row][key].append(value)
+                        figures[row][case.category][key].append(value)
                 if names is None or names[0] == case.adapters[0]:
                     grid[row].append(images[0])  # one tile per case and row ("alone": the pair's first adapter)
             bar.update()
         unload_adapters(pipe)
     bar.close()
-    single = statistics.median(figures["alone"]["seconds"])
+    single = statistics.median(seconds["alone"])
     table = {
-        row: {key: round(statistics.mean(v), 4) for key, v in f.items() if key != "seconds"}
-        | {"time_ratio": round(statistics.median(f["seconds"]) / single, 3)}
-        for row, f in figures.items()
+        row: {cat: {key: round(statistics.mean(v), 4) for key, v in f.items()} for cat, f in per.items()}
+        | {"time_ratio": round(statistics.median(seconds[row]) / single, 3)}
+        for row, per in figures.items()
     }
-    report = {"model": model, "steps": steps, "seeds": seeds, "cases": len(chosen),
+    report = {"model": model, "steps": steps, "seeds": seeds,
+              "cases": {cat: len(group) for cat, group in by_category.items()},
               "threads": torch.get_num_threads(), "single_adapter_s_per_image": round(single, 4), "rows": table,
               "scoring_seconds": round(time.perf_counter() - began, 1)}
     _write(out, report, grid, rows)
@@ -179,17 +227,20 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: l
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "compose-bench.json", report)
-    head = (
-        "| row | composition success | subject fidelity | prompt fidelity | time / single adapter |\n"
-        "|---|---|---|---|---|\n"
-    )
-    body = "".join(
-        f"| {r} | {v['composition_success']:.3f} | {v['subject_fidelity']:.3f} | {v['prompt_fidelity']:.3f} | "
-        f"{v['time_ratio']:.2f}x |\n"
-        for r, v in report["rows"].items()
-    )
-    note = (f"\n{report['cases']} pairs x {report['seeds']} seeds, {report['steps']} steps, {report['threads']} "
-            f"threads; 'alone' averages each adapter of the pair on its own; single adapter "
+    cats = list(report["cases"])
+    columns = {"two_subjects": ("composition_success", "two subjects: composition success"),
+               "subject_object": ("both_right", "subject + object: both right"),
+               "subject_style": ("composition_success", "subject + style: composition success")}
+    head = ("| row | " + " | ".join(columns[c][1] for c in cats)
+            + " | subject fidelity | prompt fidelity | time / single adapter |\n" + "|---" * (len(cats) + 4) + "|\n")
+    body = ""
+    for r, v in report["rows"].items():
+        mean = {k: statistics.mean(v[c][k] for c in cats) for k in ("subject_fidelity", "prompt_fidelity")}
+        body += (f"| {r} | " + " | ".join(f"{v[c][columns[c][0]]:.3f}" for c in cats)
+                 + f" | {mean['subject_fidelity']:.3f} | {mean['prompt_fidelity']:.3f} | {v['time_ratio']:.2f}x |\n")
+    counts = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in report["cases"].items())
+    note = (f"\nCases: {counts}; {report['seeds']} seeds each, {report['steps']} steps, {report['threads']} "
+            f"threads; 'alone' averages each adapter of the case on its own; single adapter "
             f"{report['single_adapter_s_per_image']} s/image; scoring took {report['scoring_seconds']:.0f} s.\n")
     write_text(out / "compose-bench.md", head + body + note)
     save_grid(out / "compose-bench-grid.png", [grid[r] for r in rows])
@@ -202,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prepare:
         prepare(args.model, library, args.train_steps)
     report = run_bench(args.model, library, args.composer or list(composers.COMPOSERS), args.seeds, args.steps,
-                       Path(args.out), pairs=args.pairs)
+                       Path(args.out), pairs=args.pairs, categories=tuple(args.category or CATEGORIES))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -215,7 +266,9 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--library", default="bench-out/compose/library", help="the bench's own adapter library")
     parser.add_argument("--composer", action="append", help="a composer to score (repeatable; default all)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per pair")
-    parser.add_argument("--pairs", type=int, default=None, help="pairs per category (default all: 6 and 8)")
+    parser.add_argument("--pairs", type=int, default=None, help="cases per category (default all: 6, 4 and 8)")
+    parser.add_argument("--category", action="append", choices=CATEGORIES, help="a category to score (repeatable; "
+                        "default all)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--out", default="bench-out/compose")
     parser.set_defaults(func=run)
