@@ -23,4 +23,5 @@ def add_random_adapter(
         state_dict[f"{key}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=g) * scale
         state_dict[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=g) * scale
         ranks[key], alphas[key] = rank, float(rank)
-    Library().add(name, state_dict, AdapterMeta(kind=kind, ranks=ranks, alphas=alphas, trigger_words=[trigger or name]))
+    meta = AdapterMeta(kind=kind, ranks=ranks, alphas=alphas, trigger_words=[trigger or name])
+    Library().add(name, state_dict, meta)
