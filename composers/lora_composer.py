@@ -168,7 +168,7 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
     boxed = [n for n in adapters.names if n in config.boxes and kinds[n] != "style"]
     if not boxed:
         raise StudioError("lora_composer needs a box for at least one subject adapter: --box NAME:x0,y0,x1,y1")
-    config = config.for_prompt("") if any(n not in config.region_prompts for n in boxed) else config
+    config = config.for_prompt("")  # region prompts not filled from a prompt: the trigger words alone
     weights = dict(zip(adapters.names, adapters.weights))
     free = {n: w for n, w in weights.items() if n not in boxed}  # background / style adapters: everywhere
     unet = pipe.unet
@@ -211,16 +211,15 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
     run = {"loss": math.inf, "guiding": True}
 
     def unet_cond(original: Callable[..., Any], z: torch.Tensor, t: Any, args: tuple, kw: dict, batch: int,
-                  cfg: bool) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One captured conditional forward on scaled latents z; returns (B,) losses and the map size."""
+                  cfg: bool) -> tuple[int, int]:
+        """One conditional forward on scaled latents z, capturing the maps; returns the (h, w) of the maps."""
         state.clear()
         state.capture, state.uncond = True, 0
         try:
             original(z, t, *args, **(cond_half(kw, batch) if cfg else kw))
         finally:
             state.capture = False
-        tokens = state.cross[0][0].shape[1]
-        return z, regions.size_of(tokens)
+        return regions.size_of(state.cross[0][0].shape[1])
 
     def forward(original: Callable[..., Any], sample: torch.Tensor, timestep: Any, *args: Any, **kw: Any) -> Any:
         step, total = step_of(pipe.scheduler, timestep)
@@ -234,15 +233,15 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
         z = sample[batch:] if cfg else sample  # (B, C, H, W) scaled latents, the conditional half
         if step == 0 and config.reinit:
             with torch.no_grad():
-                _, size = unet_cond(original, z, timestep, args, kw, batch, cfg)
+                size = unet_cond(original, z, timestep, args, kw, batch, cfg)
                 z = reinitialise(z, state, size, groups, lasts)
             changed = True
         if run["guiding"] and config.guidance:
             with torch.inference_mode(False), torch.enable_grad():
                 zg = z.clone().requires_grad_(True)
                 kwg = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-                _, size = unet_cond(original, zg, timestep.clone() if isinstance(timestep, torch.Tensor)
-                                    else timestep, args, kwg, batch, cfg)
+                size = unet_cond(original, zg, timestep.clone() if isinstance(timestep, torch.Tensor)
+                                 else timestep, args, kwg, batch, cfg)
                 loss = losses(state, size, groups, lasts, config)  # (B,)
                 (grad,) = torch.autograd.grad(loss.sum(), zg)
             state.clear()
