@@ -1,13 +1,16 @@
 """`studio bench compose`: every composer on the same Shapes World pairs, scored by the evaluator, side by side.
 
 `--prepare` trains and caches a fixed seeded set (4 emblem and 2 texture DreamBooth-LoRA adapters) in the bench's own
-library. Scoring covers two categories, every pair x `--seeds` seeds: two subjects (two emblems, left and right)
-and subject + style (an emblem in a texture). Per composer: composition success (both concepts present, in place,
-neither duplicated nor blended: the evaluator's `composition_success`), subject fidelity, prompt fidelity and time
-per image as a ratio to single-adapter generation measured in the same run (a composer's set-up, such as CMLoRA's
-Fourier profiling, is reported apart); control rows "each adapter alone" and "no adapter". `--category` scores one
-category, and `--prepare` then trains only the adapters its pairs use. Writes `compose-bench.md` (the table),
-`compose-bench.json` and `compose-bench-grid.png`.
+library. Scoring covers three categories, every case x `--seeds` seeds: two subjects (two emblems, left and right),
+one subject beside an ordinary object (`a large sks emblem on the left and a small blue circle on the right ...`:
+the adapter must not leak into the other object) and subject + style (an emblem in a texture). Per composer and
+category: composition success (every concept present, in place, none duplicated or blended: the evaluator's
+`composition_success`), for subject + object "both right" (the emblem found and the other object entirely right),
+subject fidelity, prompt fidelity, and time per image as a ratio to single-adapter generation measured in the same
+run (a composer's set-up, such as CMLoRA's Fourier profiling, is reported apart); control rows "each adapter alone"
+and "no adapter". Spatial composers get each emblem's box from its position and size words (`case_boxes`).
+`--category` scores some categories, and `--prepare` then trains only the adapters their cases use. Writes
+`compose-bench.md` (the table), `compose-bench.json` and `compose-bench-grid.png`.
 """
 
 from __future__ import annotations
@@ -32,12 +35,15 @@ TEXTURE_NAMES = ("stripes", "checker")  # fixed styles
 EMBLEM_TRIGGERS = ("sks", "zwx", "qrv", "pkt")
 TEXTURE_TRIGGERS = ("vgl", "xzn")
 CONTROLS = ("alone", "none")
-CATEGORIES = ("two_subjects", "subject_style")
+CATEGORIES = ("two_subjects", "subject_object", "subject_style")
+# The ordinary object beside emblem i in the subject + object cases (shape, colour, emblem side).
+OBJECTS = (("circle", "blue", "left"), ("square", "red", "right"), ("triangle", "green", "left"),
+           ("star", "yellow", "right"))
 
 
 @dataclass(frozen=True)
 class Case:
-    category: str  # two_subjects | subject_style
+    category: str  # two_subjects | subject_object | subject_style
     prompt: str  # with the adapters' triggers
     caption: str  # the same scene in plain words, as the evaluator reads it
     adapters: tuple[str, ...]
@@ -62,6 +68,11 @@ def cases() -> list[Case]:
         Case("two_subjects", pair.format(ta, tb), pair.format("", "").replace("  ", " "), (a, b), (sa, sb), None)
         for (a, ta, sa), (b, tb, sb) in itertools.combinations(emblem, 2)
     ]
+    one = "a large {} emblem on the {} and a small {} {} on the {} on a white background"
+    for (e, te, se), (shape, colour, side) in zip(emblem, OBJECTS):
+        other = "right" if side == "left" else "left"
+        out.append(Case("subject_object", one.format(te, side, colour, shape, other),
+                        one.format("", side, colour, shape, other).replace("  ", " "), (e,), (se,), None))
     out += [
         Case("subject_style", styled.format(te, f" in {tt} style"), styled.format("", "").replace("  ", " "), (e, x),
              (se,), name)
@@ -70,11 +81,43 @@ def cases() -> list[Case]:
     return out
 
 
-def needed(categories: list[str] | None = None, pairs: int | None = None) -> list[str]:
-    """The adapters the chosen cases use (`pairs` per category, as `run_bench` picks them), in set order."""
-    chosen = [c for cat in CATEGORIES if cat in (categories or CATEGORIES)
-              for c in [c for c in cases() if c.category == cat][:pairs]]
-    return [n for n in adapter_names() if any(n in c.adapters for c in chosen)]
+def case_boxes(case: Case) -> dict[str, tuple[float, float, float, float]]:
+    """Each emblem adapter's box from its object's position anchor and size (the world's radius plus jitter)."""
+    from studio.world.grammar import EMBLEM, IMAGE_SIZE, POSITIONS
+    from studio.world.renderer import EMBLEM_RADIUS
+
+    scene = _scene(case)
+    emblems = [o for o in scene.objects if o.shape == EMBLEM]
+    subjects = [a for a in case.adapters if "emblem" in a]
+    boxes = {}
+    for name, obj in zip(subjects, emblems):
+        x, y = POSITIONS[obj.position or "center"]
+        r = EMBLEM_RADIUS[obj.size or "large"] * 1.1 + 1.5  # radius jitter 8% and position jitter 1.5 px
+        boxes[name] = tuple(round(min(max(v / IMAGE_SIZE, 0.0), 1.0), 4) for v in (x - r, y - r, x + r, y + r))
+    return boxes
+
+
+def composer_config(composer: str, case: Case):  # -> the composer's config for this case
+    """The composer's default config, with the case's boxes and prompt where the composer reads them."""
+    import dataclasses
+
+    import composers
+
+    config = composers.make_config(composer)
+    if "boxes" in {f.name for f in dataclasses.fields(config)}:
+        config = dataclasses.replace(config, boxes=case_boxes(case))
+    return config.for_prompt(case.prompt) if hasattr(config, "for_prompt") else config
+
+
+def chosen_cases(categories: tuple[str, ...] = CATEGORIES, pairs: int | None = None) -> dict[str, list[Case]]:
+    """Category -> its first `pairs` cases (all when None), for the chosen categories."""
+    return {cat: [c for c in cases() if c.category == cat][:pairs] for cat in categories}
+
+
+def needed(categories: tuple[str, ...] = CATEGORIES, pairs: int | None = None) -> list[str]:
+    """The adapters the chosen cases use, in set order."""
+    used = {n for group in chosen_cases(categories, pairs).values() for c in group for n in c.adapters}
+    return [n for n in adapter_names() if n in used]
 
 
 def prepare(model: str, library: Path, steps: int | None, names: list[str] | None = None) -> list[str]:
@@ -105,17 +148,20 @@ def _scene(case: Case):  # -> Scene with the asked emblem seeds
 
 
 def score_image(image: torch.Tensor, case: Case) -> dict[str, float]:
-    """The evaluator's composition success, subject fidelity and prompt fidelity of one image."""
+    """The evaluator's composition success, subject and prompt fidelity, and whether every object is right."""
     from studio.world.evaluator import evaluate
+    from studio.world.grammar import EMBLEM
 
-    r = evaluate(image, _scene(case), texture=case.texture)
+    scene = _scene(case)
+    r = evaluate(image, scene, texture=case.texture)
+    both = all(o["correct"] if s.shape != EMBLEM else o["emblem"] for o, s in zip(r["objects"], scene.objects))
     return {"composition_success": float(r["composition_success"]), "subject_fidelity": r["subject_fidelity"] or 0.0,
-            "prompt_fidelity": r["prompt_fidelity"]}
+            "prompt_fidelity": r["prompt_fidelity"], "both_right": float(both)}
 
 
 def run_bench(
     model: str, library: Path, composers_: list[str], seeds: int, steps: int, out: Path, pairs: int | None = None,
-    categories: list[str] | None = None,
+    categories: tuple[str, ...] = CATEGORIES,
 ) -> dict:
     """Score every composer and the control rows on every case x seed; write the table, JSON and grid."""
     from tqdm import tqdm
@@ -126,7 +172,9 @@ def run_bench(
 
     os.environ["STUDIO_LIBRARY"] = str(library)  # generation resolves adapters in the bench's library
     lib = Library(library)
-    missing = [n for n in needed(categories, pairs) if n not in lib]
+    by_category = chosen_cases(categories, pairs)
+    chosen = [c for group in by_category.values() for c in group]
+    missing = sorted({n for c in chosen for n in c.adapters if n not in lib})
     if missing:
         from studio.errors import StudioError
 
@@ -134,17 +182,16 @@ def run_bench(
     began = time.perf_counter()
     pipe = cached_pipeline(model, "cpu")
     rows = [*composers_, *CONTROLS]
-    figures: dict[str, dict[str, list[float]]] = {r: {"composition_success": [], "subject_fidelity": [],
-                                                       "prompt_fidelity": [], "seconds": [], "install": []}
-                                                   for r in rows}
+    keys = ("composition_success", "subject_fidelity", "prompt_fidelity", "both_right")
+    figures: dict[str, dict[str, dict[str, list[float]]]] = {
+        r: {cat: {k: [] for k in keys} for cat in by_category} for r in rows}
+    seconds: dict[str, list[float]] = {r: [] for r in rows}
+    install: dict[str, list[float]] = {r: [] for r in rows}
     grid: dict[str, list[torch.Tensor]] = {r: [] for r in rows}
-    by_category = {cat: [c for c in cases() if c.category == cat] for cat in CATEGORIES
-                   if cat in (categories or CATEGORIES)}
-    chosen = [c for group in by_category.values() for c in group[:pairs]]
     bar = tqdm(total=len(chosen) * len(rows), desc="compose bench", unit="row")
     for case in chosen:
-        pair = composers.AdapterSet(list(case.adapters), [1.0] * len(case.adapters))
-        runs = {c: lambda c=c: composers.apply(pipe, pair, c) for c in composers_}
+        pair = composers.AdapterSet(list(case.adapters), [1.0] * len(case.adapters)).resolve(lib)
+        runs = {c: lambda c=c: composers.apply(pipe, pair, c, composer_config(c, case)) for c in composers_}
         # One batch of every seed per row (image i has seed i, as alone); "none" first, with nothing loaded; then
         # the pair is loaded once and every other row activates only its own adapters.
         config = GenerateConfig(prompt=case.prompt, model=model, seed=0, steps=steps, num_images=seeds)
@@ -161,28 +208,29 @@ def run_bench(
                     handle = None
                 try:  # timed: generation with the composer installed (loading is not the composer's cost)
                     start = time.perf_counter()
-                    figures[row]["install"].append(start - installed)
+                    install[row].append(start - installed)
                     images = generate(config, pipe=pipe, output_type="pt").images  # (seeds, 3, H, W) in [0, 1]
-                    figures[row]["seconds"].append((time.perf_counter() - start) / seeds)
+                    seconds[row].append((time.perf_counter() - start) / seeds)
                 finally:
                     if handle is not None:
                         handle.remove()
                 for image in images:
                     for key, value in score_image(image, case).items():
-                        figures[row][key].append(value)
+                        figures[row][case.category][key].append(value)
                 if names is None or names[0] == case.adapters[0]:
                     grid[row].append(images[0])  # one tile per case and row ("alone": the pair's first adapter)
             bar.update()
         unload_adapters(pipe)
     bar.close()
-    single = statistics.median(figures["alone"]["seconds"])
+    single = statistics.median(seconds["alone"])
     table = {
-        row: {key: round(statistics.mean(v), 4) for key, v in f.items() if key not in ("seconds", "install")}
-        | {"time_ratio": round(statistics.median(f["seconds"]) / single, 3),
-           "install_seconds": round(max(f["install"]), 3)}
-        for row, f in figures.items()
+        row: {cat: {key: round(statistics.mean(v), 4) for key, v in f.items()} for cat, f in per.items()}
+        | {"time_ratio": round(statistics.median(seconds[row]) / single, 3),
+           "install_seconds": round(max(install[row]), 3)}
+        for row, per in figures.items()
     }
-    report = {"model": model, "steps": steps, "seeds": seeds, "cases": len(chosen), "categories": list(by_category),
+    report = {"model": model, "steps": steps, "seeds": seeds,
+              "cases": {cat: len(group) for cat, group in by_category.items()},
               "threads": torch.get_num_threads(), "single_adapter_s_per_image": round(single, 4), "rows": table,
               "scoring_seconds": round(time.perf_counter() - began, 1)}
     _write(out, report, grid, rows)
@@ -195,20 +243,22 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: l
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "compose-bench.json", report)
-    head = (
-        "| row | composition success | subject fidelity | prompt fidelity | time / single adapter |\n"
-        "|---|---|---|---|---|\n"
-    )
-    body = "".join(
-        f"| {r} | {v['composition_success']:.3f} | {v['subject_fidelity']:.3f} | {v['prompt_fidelity']:.3f} | "
-        f"{v['time_ratio']:.2f}x |\n"
-        for r, v in report["rows"].items()
-    )
-    note = (f"\n{report['cases']} pairs x {report['seeds']} seeds, {report['steps']} steps, {report['threads']} "
-            f"threads; 'alone' averages each adapter of the pair on its own; single adapter "
+    cats = list(report["cases"])
+    columns = {"two_subjects": ("composition_success", "two subjects: composition success"),
+               "subject_object": ("both_right", "subject + object: both right"),
+               "subject_style": ("composition_success", "subject + style: composition success")}
+    head = ("| row | " + " | ".join(columns[c][1] for c in cats)
+            + " | subject fidelity | prompt fidelity | time / single adapter |\n" + "|---" * (len(cats) + 4) + "|\n")
+    body = ""
+    for r, v in report["rows"].items():
+        mean = {k: statistics.mean(v[c][k] for c in cats) for k in ("subject_fidelity", "prompt_fidelity")}
+        body += (f"| {r} | " + " | ".join(f"{v[c][columns[c][0]]:.3f}" for c in cats)
+                 + f" | {mean['subject_fidelity']:.3f} | {mean['prompt_fidelity']:.3f} | {v['time_ratio']:.2f}x |\n")
+    counts = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in report["cases"].items())
+    note = (f"\nCases: {counts}; {report['seeds']} seeds each, {report['steps']} steps, {report['threads']} "
+            f"threads; 'alone' averages each adapter of the case on its own; single adapter "
             f"{report['single_adapter_s_per_image']} s/image; scoring took {report['scoring_seconds']:.0f} s; "
-            f"categories: {', '.join(report['categories'])}; longest set-up outside the timing (e.g. CMLoRA's "
-            f"profiling, once per adapter): "
+            f"longest set-up outside the timing (e.g. CMLoRA's profiling, once per adapter): "
             + ", ".join(f"{r} {v['install_seconds']:.1f} s" for r, v in report["rows"].items()) + ".\n")
     write_text(out / "compose-bench.md", head + body + note)
     save_grid(out / "compose-bench-grid.png", [grid[r] for r in rows])
@@ -218,8 +268,9 @@ def run(args: argparse.Namespace) -> int:
     import composers
 
     library = Path(args.library)
+    categories = tuple(args.category or CATEGORIES)
     if args.prepare:
-        prepare(args.model, library, args.train_steps, needed(args.category, args.pairs))
+        prepare(args.model, library, args.train_steps, needed(categories, args.pairs))
     if args.autolora_gate_steps:  # AutoLoRA's gates, trained on the bench's adapters and shipped for the base
         from composers.autolora_train import train_gate
         from studio.generate import cached_pipeline
@@ -228,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         train_gate(cached_pipeline(args.model, "cpu"), list(adapter_names()), steps=args.autolora_gate_steps,
                    library=Library(library))
     report = run_bench(args.model, library, args.composer or list(composers.COMPOSERS), args.seeds, args.steps,
-                       Path(args.out), pairs=args.pairs, categories=args.category)
+                       Path(args.out), pairs=args.pairs, categories=categories)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -241,11 +292,11 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--library", default="bench-out/compose/library", help="the bench's own adapter library")
     parser.add_argument("--composer", action="append", help="a composer to score (repeatable; default all)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per pair")
-    parser.add_argument("--pairs", type=int, default=None, help="pairs per category (default all: 6 and 8)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
-    parser.add_argument("--category", action="append", choices=CATEGORIES,
-                        help="a category of pairs to score (repeatable; default both); --prepare trains what it needs")
+    parser.add_argument("--pairs", type=int, default=None, help="cases per category (default all: 6, 4 and 8)")
+    parser.add_argument("--category", action="append", choices=CATEGORIES, help="a category to score (repeatable; "
+                        "default all); --prepare then trains only what its cases use")
     parser.add_argument("--autolora-gate-steps", type=int, default=0,
                         help="train AutoLoRA's gates on the bench's adapters first, this many steps (0: the shipped)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--out", default="bench-out/compose")
     parser.set_defaults(func=run)

@@ -29,9 +29,11 @@ from composers.attention import (
     word_maps,
 )
 from composers.autolora import AutoLoRAConfig, apply_autolora
+from composers.clora import CloraConfig, apply_clora
 from composers.cmlora import CMLoRAConfig, apply_cmlora
 from composers.composite import CompositeConfig, apply_composite
 from composers.handle import Handle
+from composers.lora_composer import LoraComposerConfig, apply_lora_composer, parse_boxes
 from composers.merge import MergeConfig, apply_merge, fuse
 from composers.regions import attention_levels, box_mask, box_masks, level_size
 from composers.switch import SwitchConfig, apply_switch, switch_index, switch_order
@@ -45,6 +47,8 @@ COMPOSERS: dict[str, tuple[type, Callable[[Any, AdapterSet, Any], Handle]]] = {
     "composite": (CompositeConfig, apply_composite),
     "cmlora": (CMLoRAConfig, apply_cmlora),
     "autolora": (AutoLoRAConfig, apply_autolora),
+    "lora_composer": (LoraComposerConfig, apply_lora_composer),
+    "clora": (CloraConfig, apply_clora),
 }
 
 
@@ -114,6 +118,7 @@ def from_options(
     no_cache: bool = False,
     c1: int | None = None,
     c2: int | None = None,
+    boxes: list[str] | None = None,
 ) -> tuple[str, AdapterSet, Any]:
     """The CLI's and the UI's options as (prompt without its `<lora:...>` tags, adapter set, composer config)."""
     from studio.prompt_tags import split_lora_tags
@@ -127,8 +132,10 @@ def from_options(
     adapter_set = AdapterSet.parse(adapters, tags).resolve()
     adapter_set.schedules = [parse_schedule(schedule)] * len(adapter_set.names)
     values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None,
-              "cache": False if no_cache else None, "c1": c1, "c2": c2}
-    return text, adapter_set, make_config(composer, {k: v for k, v in values.items() if v is not None})
+              "cache": False if no_cache else None, "c1": c1, "c2": c2,
+              "boxes": parse_boxes(boxes) if boxes else None}
+    config = make_config(composer, {k: v for k, v in values.items() if v is not None})
+    return text, adapter_set, config.for_prompt(text) if hasattr(config, "for_prompt") else config
 
 
 def compose(
@@ -146,6 +153,8 @@ def compose(
 
     pipe = pipe or cached_pipeline(config.model, resolve_device(config.device))
     composer_config = make_config(composer) if composer_config is None else composer_config
+    if hasattr(composer_config, "for_prompt"):  # composers whose settings read the prompt (region prompts)
+        composer_config = composer_config.for_prompt(config.prompt)
     with apply(pipe, adapter_set, composer, composer_config):
         result = generate(config, pipe=pipe, progress=progress, output_type=output_type)
     extra = {
@@ -167,8 +176,10 @@ __all__ = [
     "from_options",
     "AttentionStore",
     "CaptureAttnProcessor",
+    "CloraConfig",
     "CompositeConfig",
     "Handle",
+    "LoraComposerConfig",
     "MergeConfig",
     "Schedule",
     "SwitchConfig",

@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--composer",
         default="merge",
         metavar="NAME",
-        help="how the adapters combine: merge (default), switch, composite or cmlora",
+        help="how the adapters combine: merge (default), switch, composite, cmlora, lora_composer (boxes), clora "
+        "or autolora (no adapters named: retrieved by the prompt)",
     )
     parser.add_argument("--tau", type=int, default=None, help="switch: steps each adapter stays active (default 5)")
     parser.add_argument(
@@ -42,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="cmlora: refresh interval on the first 37.5%% and last 12.5%% of the steps (default 2)")
     parser.add_argument("--c2", type=int, default=None,
                         help="cmlora: refresh interval on the middle half of the steps (default 3)")
+    parser.add_argument(
+        "--box",
+        action="append",
+        default=None,
+        metavar="NAME:x0,y0,x1,y1",
+        help="lora_composer: the region of an adapter in image fractions, origin top-left (repeatable), e.g. "
+        "sks:0,0.1,0.5,0.9",
+    )
     parser.add_argument("--fused", action="store_true", help="merge: bake the weighted sum into the weights")
     parser.add_argument(
         "--schedule",
@@ -61,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.prompt, adapters, composer_config = composers.from_options(
         args.prompt, args.adapters, args.composer, tau=args.tau, order=args.order, fused=args.fused,
-        schedule=args.schedule, no_cache=args.no_cache, c1=args.c1, c2=args.c2,
+        schedule=args.schedule, no_cache=args.no_cache, c1=args.c1, c2=args.c2, boxes=args.box,
     )
     config = from_namespace(GenerateConfig, args)
     output_paths(args.out, config.num_images)  # a bad --out fails before any work

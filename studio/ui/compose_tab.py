@@ -2,7 +2,9 @@
 
 Adapters come from the adapters field (`NAME[:W],...`) and from `<lora:name:w>` tags in the prompt, exactly as
 `studio compose` takes them (`composers.from_options`). The sweep draws one image per weight pair of two adapters,
-the first adapter's weights down the rows and the second's across, with the same seed everywhere.
+the first adapter's weights down the rows and the second's across, with the same seed everywhere. LoRA-Composer
+takes typed boxes (`NAME:x0,y0,x1,y1`, one per line, image fractions), and the layout is drawn over a blank canvas
+before composing and over the first image after.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import composers
 from studio.generate import GenerateConfig, make_grid
@@ -24,6 +26,25 @@ from studio.ui.errors import shows_errors
 
 
 SWEEP_WEIGHTS = (0.0, 0.5, 1.0)
+LAYOUT_COLOURS = ("#e6194b", "#3cb4e6", "#f0a000", "#3cb44b", "#911eb4", "#808080")
+
+
+def box_lines(text: str | None) -> list[str]:
+    """The typed boxes field: one `NAME:x0,y0,x1,y1` per line (or separated by `;`)."""
+    return [b.strip() for b in (text or "").replace(";", "\n").splitlines() if b.strip()]
+
+
+def draw_layout(boxes_text: str | None, image: Image.Image | None = None, size: int = 256) -> Image.Image:
+    """The boxes drawn, labelled, over `image` enlarged to `size` (a white canvas without one)."""
+    boxes = composers.parse_boxes(box_lines(boxes_text))
+    canvas = (image.convert("RGB").resize((size, size), Image.NEAREST) if image is not None
+              else Image.new("RGB", (size, size), "white"))
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, (x0, y0, x1, y1)) in enumerate(boxes.items()):
+        colour = LAYOUT_COLOURS[i % len(LAYOUT_COLOURS)]
+        draw.rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=colour, width=3)
+        draw.text((x0 * size + 5, y0 * size + 4), name, fill=colour)
+    return canvas
 
 
 def run_compose(
@@ -35,6 +56,7 @@ def run_compose(
         fields["prompt"], fields.get("adapters") or "", composer,
         tau=int(fields["tau"]) if fields.get("tau") else None, order=fields.get("order") or None,
         no_cache=composer == "cmlora" and fields.get("cache") is False,
+        boxes=box_lines(fields.get("boxes")) or None,
     )
     generate_config = GenerateConfig(prompt=prompt, model=fields.get("model") or DEFAULT_MODEL,
                                      seed=int(fields.get("seed") or 0), steps=int(fields.get("steps") or 20))
@@ -98,12 +120,15 @@ def build_compose_tab() -> dict[str, Any]:
                 "order": gr.Textbox("", label="Switch: order a,b,... (empty: subject, style, then the rest); "
                                     "CMLoRA: integration order (empty: measured by Fourier profiling)"),
                 "cache": gr.Checkbox(True, label="CMLoRA: reuse non-dominant adapters' deep features (faster)"),
+                "boxes": gr.Textbox("", lines=2, label="LoRA-Composer boxes: NAME:x0,y0,x1,y1 per line (fractions, "
+                                    "origin top-left; CLoRA needs none)", elem_id="compose-boxes"),
                 "seed": gr.Number(0, label="Seed", precision=0, elem_id="compose-seed"),
                 "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="compose-steps"),
             }
             with gr.Row():
                 button = gr.Button("Compose", variant="primary", elem_id="compose-button")
                 sweep = gr.Button("Weight sweep of two adapters", elem_id="compose-sweep")
+                preview = gr.Button("Preview layout", elem_id="compose-preview")
             by_prompt = gr.Button("Compose by prompt (AutoLoRA: retrieve the adapters, fuse them with gates)",
                                   elem_id="compose-by-prompt")
         with gr.Column():
@@ -114,6 +139,8 @@ def build_compose_tab() -> dict[str, Any]:
             info = gr.Textbox(label="Parameters", lines=4, elem_id="compose-info")
             files = gr.File(label="PNG files at their own size (with their parameters)", file_count="multiple",
                             elem_id="compose-files")
+            layout = gr.Image(label="Layout: the boxes (over the first image after composing)", type="pil",
+                              format="png", elem_id="compose-layout")
             grid = gr.Image(label=f"Sweep: rows first adapter, columns second, weights {SWEEP_WEIGHTS}",
                             type="pil", format="png", elem_id="compose-grid", elem_classes=[PIXELATED])
 
@@ -121,9 +148,15 @@ def build_compose_tab() -> dict[str, Any]:
         return {name: values[component] for name, component in form.items()}
 
     @shows_errors
-    def on_compose(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str, list]:  # noqa: B008
-        paths, text = run_compose(values_of(values), progress=lambda s, t: progress((s, t), desc="denoising"))
-        return [display_copy(p) for p in paths], text, paths
+    def on_compose(values: dict, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        fields = values_of(values)
+        paths, text = run_compose(fields, progress=lambda s, t: progress((s, t), desc="denoising"))
+        drawn = draw_layout(fields.get("boxes"), Image.open(paths[0])) if box_lines(fields.get("boxes")) else None
+        return [display_copy(p) for p in paths], text, paths, drawn
+
+    @shows_errors
+    def on_preview(values: dict) -> Image.Image:
+        return draw_layout(values_of(values).get("boxes"))
 
     @shows_errors
     def on_by_prompt(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str, list, str]:  # noqa: B008
@@ -136,7 +169,9 @@ def build_compose_tab() -> dict[str, Any]:
         return display_image(run_sweep(values_of(values), progress=lambda s, t: progress((s, t), desc="sweep")))
 
     shared = {"concurrency_id": "pipeline", "concurrency_limit": 1}  # the pipeline cache is shared with Generate
-    button.click(on_compose, inputs=set(form.values()), outputs=[gallery, info, files], api_name="compose", **shared)
+    button.click(on_compose, inputs=set(form.values()), outputs=[gallery, info, files, layout], api_name="compose",
+                 **shared)
+    preview.click(on_preview, inputs=set(form.values()), outputs=layout, api_name="layout")
     by_prompt.click(on_by_prompt, inputs=set(form.values()), outputs=[gallery, info, files, retrieved],
                     api_name="compose_by_prompt", **shared)
     sweep.click(on_sweep, inputs=set(form.values()), outputs=grid, api_name="sweep", **shared)

@@ -9,7 +9,7 @@ from composer_helpers import add_random_adapter
 from PIL import Image
 
 import composers
-from benches.compose import adapter_names, cases, needed, score_image
+from benches.compose import adapter_names, case_boxes, cases, needed, score_image
 from studio.cli import main
 from studio.generate import cached_pipeline
 
@@ -18,6 +18,7 @@ def test_cases_cover_both_categories_with_distinct_triggers() -> None:
     all_cases = cases()
     assert sum(c.category == "two_subjects" for c in all_cases) >= 6
     assert sum(c.category == "subject_style" for c in all_cases) >= 6
+    assert sum(c.category == "subject_object" for c in all_cases) == 4
     triggers = [t for t, _ in adapter_names().values()]
     assert len(set(triggers)) == len(triggers) == 6
     for case in all_cases:
@@ -41,22 +42,40 @@ def test_score_image_judges_the_asked_emblems() -> None:
     assert score_image(swapped, case)["composition_success"] == 0.0
 
 
+def test_boxes_hold_their_emblems_and_both_right_needs_the_other_object() -> None:
+    from benches.compose import _scene
+    from studio.world.renderer import render
+
+    pair = next(c for c in cases() if c.category == "two_subjects")
+    boxes = list(case_boxes(pair).values())
+    assert boxes[0][2] <= 0.5 <= boxes[1][0] and all(0 <= v <= 1 for b in boxes for v in b)  # left, right
+    case = next(c for c in cases() if c.category == "subject_object")
+    assert case.prompt.startswith("a large sks emblem on the left and a small blue circle on the right")
+    right = render(_scene(case), 0)
+    assert score_image(right, case)["both_right"] == 1.0
+    recoloured = render(_scene(type(case)(**{**case.__dict__, "caption": case.caption.replace("blue", "red")})), 0)
+    assert score_image(recoloured, case)["both_right"] == 0.0  # the leaked colour fails the other object
+
+
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path, monkeypatch, capsys) -> None:
     library = tmp_path / "bench-lib"
     monkeypatch.setenv("STUDIO_LIBRARY", str(library))
     pipe = cached_pipeline(str(tiny_dirs["sd1"]), "cpu")
-    for i, name in enumerate(adapter_names()):
-        add_random_adapter(pipe, name, seed=i)
+    for i, (name, (trigger, _)) in enumerate(adapter_names().items()):
+        add_random_adapter(pipe, name, seed=i, trigger=trigger, kind="style" if "texture" in name else "subject")
     out = tmp_path / "out"
-    assert main(["bench", "compose", "--model", str(tiny_dirs["sd1"]), "--library", str(library), "--seeds", "2",
-                 "--steps", "2", "--pairs", "1", "--out", str(out)]) == 0
+    assert main(["bench", "compose", "--model", str(tiny_dirs["sd1"]), "--library", str(library), "--seeds", "1",
+                 "--steps", "2", "--pairs", "1", "--category", "two_subjects", "--category", "subject_object",
+                 "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert list(report["rows"]) == [*composers.COMPOSERS, "alone", "none"]
-    assert report["cases"] == 2 and report["rows"]["alone"]["time_ratio"] == 1.0
+    assert report["cases"] == {"two_subjects": 1, "subject_object": 1}
+    assert report["rows"]["alone"]["time_ratio"] == 1.0
     assert report["rows"]["composite"]["time_ratio"] > report["rows"]["merge"]["time_ratio"]  # k UNet passes
     table = (out / "compose-bench.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == len(report["rows"]) + 1
-    assert "| composite |" in table and "| cmlora |" in table
+    assert all(f"| {row} |" in table for row in ("lora_composer", "clora", "cmlora", "autolora"))
+    assert "subject + object: both right" in table
     assert report["scoring_seconds"] > 0 and f"scoring took {report['scoring_seconds']:.0f} s" in table
     grid = Image.open(out / "compose-bench-grid.png")
-    assert grid.size[1] > 5 * 32 and grid.size[0] > 2 * 32  # 5 rows x 2 cases of 32-px tiles
+    assert grid.size[1] > len(report["rows"]) * 32 and grid.size[0] > 2 * 32  # a row per bench row, 2 cases

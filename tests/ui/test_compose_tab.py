@@ -43,3 +43,20 @@ def test_sweep_grid_corner_is_the_base_and_cells_differ(two_adapters: str) -> No
     assert np.abs(cells[-1] - cells[0]).max() > 0 and np.abs(cells[1] - cells[n]).max() > 0
     with pytest.raises(StudioError, match="exactly two adapters"):
         run_sweep({**fields, "adapters": "alpha"})
+
+
+def test_boxes_reach_lora_composer_and_the_layout_is_drawn(two_adapters: str, tmp_path: Path) -> None:
+    from studio.ui.compose_tab import draw_layout
+
+    boxes = "alpha:0,0,0.5,1\nbeta:0.5,0.25,1,0.75"
+    fields = {"model": two_adapters, "prompt": "a alpha emblem on the left and a beta star on the right",
+              "adapters": "alpha,beta", "composer": "lora_composer", "boxes": boxes, "seed": 0, "steps": 2}
+    paths, _ = run_compose(fields, out_dir=tmp_path)
+    params = read_parameters(paths[0])
+    assert params["composer"] == "lora_composer"
+    assert params["composer_config"]["boxes"] == {"alpha": [0, 0, 0.5, 1], "beta": [0.5, 0.25, 1, 0.75]}
+    layout = np.asarray(draw_layout(boxes, size=100)).astype(int)
+    assert (layout[50, 1] != 255).any() and (layout[50, 25] == 255).all()  # alpha's left edge; inside is blank
+    assert (layout[25, 75] != 255).any() and (layout[10, 75] == 255).all()  # beta's top edge at y = 0.25
+    with pytest.raises(StudioError, match="NAME:x0,y0,x1,y1"):
+        draw_layout("alpha:0,0,1")

@@ -1,0 +1,287 @@
+"""LoRA-Composer: each concept's adapter works inside its own box, in one pipeline.
+
+Yang et al., "LoRA-Composer: Leveraging Low-Rank Adaptation for Multi-Concept Customization in Training-Free
+Diffusion Models", arXiv:2403.11627 (composers.md section 2).
+- Concept injection (§3.3, Eq. 2-3) and concept isolation (§3.4): `composers.region_attention`.
+- Latent guidance (§3.4, Eq. 5-9): on the first steps, `z <- z - phi_i grad_z L` with
+  `L = L_ce + alpha L_fill + beta L_region` (alpha 0.25, beta 0.8 in the paper; its code uses 8 / 2 / 10, and the
+  paper wins here), `phi_i` decaying linearly from `step_size` to half of it (the paper; the code takes a square
+  root), stopped when the loss rises after the first tenth of the steps or at half of them (the code's 5 and 25 of
+  50 steps, as fractions of any schedule).
+- Latent re-initialisation (§3.5): at t_0 each concept's best window of its attention map lends its latent patch to
+  the concept's box, then z gets its original mean and std back.
+Adapters without a box (and style adapters) act everywhere, as the paper's background LoRA replaces the base model.
+The studio's adapters also adapt the UNet's convolutions, feed-forward and self-attention (trainers/methods/
+dreambooth_lora.py: the emblem's identity lives there), which the paper's ED-LoRAs do not: with `spatial_lora` (on
+by default) those deltas act inside the concept's box only, masked per position (`region_lora`); the paper's
+cross-attention-only injection is `spatial_lora=False`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from composers.activation import activate, step_of, wrap_forward
+from composers.adapter_set import AdapterSet
+from composers.concepts import adapter_triggers, region_prompt, split_concepts, token_group
+from composers.handle import Handle
+from composers.region_attention import IsolatedSelfAttnProcessor, RegionCrossAttnProcessor, RegionState
+from composers.region_lora import LatentEdit, RegionMasks, cond_half, input_scale, install_region_deltas, set_scales
+from composers.regions import Box, attention_levels
+from studio.configs import check_numbers
+from studio.errors import StudioError
+
+
+@dataclass
+class LoraComposerConfig:
+    boxes: dict[str, Box] = field(default_factory=dict, metadata={
+        "help": "adapter name -> (x0, y0, x1, y1) in image fractions; adapters without a box act everywhere"})
+    region_prompts: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "adapter name -> its region prompt; default the prompt's clause that holds its trigger"})
+    guidance: bool = field(default=True, metadata={"help": "latent guidance by the §3.4 losses"})
+    step_size: float = field(default=20.0, metadata={"help": "phi at the first step (paper: 20)"})
+    fill_weight: float = field(default=0.25, metadata={"help": "alpha of L_fill (paper Eq. 9)"})
+    region_weight: float = field(default=0.8, metadata={"help": "beta of L_region (paper Eq. 9)"})
+    topk_ratio: float = field(default=0.2, metadata={"help": "share of a box's cells the losses average"})
+    guide_until: float = field(default=0.5, metadata={"help": "guide at most this share of the steps (25 of 50)"})
+    patience_after: float = field(default=0.1, metadata={"help": "stop at a rising loss after this share (5 of 50)"})
+    reinit: bool = field(default=True, metadata={"help": "latent re-initialisation (§3.5)"})
+    isolation: bool = field(default=True, metadata={"help": "concept region mask in self-attention (§3.4)"})
+    spatial_lora: bool = field(default=True, metadata={
+        "help": "also apply each boxed adapter's non-cross-attention layers inside its box (studio adapters adapt "
+                "convolutions); False: the paper's cross-attention-only injection"})
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        from composers.regions import box_mask
+
+        for name, box in self.boxes.items():
+            try:
+                box_mask(tuple(float(v) for v in box), (2, 2))
+            except (TypeError, ValueError) as err:
+                raise StudioError(f"--box {name}: {err}") from None
+        self.boxes = {n: tuple(float(v) for v in b) for n, b in self.boxes.items()}
+
+    def for_prompt(self, prompt: str) -> LoraComposerConfig:
+        """This config with the region prompt of every boxed adapter filled in from `prompt`."""
+        missing = [n for n in self.boxes if n not in self.region_prompts]
+        if not missing:
+            return self
+        prompts = dict(self.region_prompts)
+        for concept in split_concepts(prompt, adapter_triggers(missing)):
+            for name in concept.adapters:
+                prompts.setdefault(name, region_prompt(prompt, concept))
+        for name in missing:  # a trigger the prompt does not hold: the trigger words alone
+            prompts.setdefault(name, " ".join(adapter_triggers([name])[name]))
+        return replace(self, region_prompts=prompts)
+
+
+def parse_boxes(items: list[str]) -> dict[str, Box]:
+    """`NAME:x0,y0,x1,y1` items (image fractions, origin top-left) -> {name: box}."""
+    boxes = {}
+    for item in items:
+        name, _, numbers = item.partition(":")
+        try:
+            box = tuple(float(v) for v in numbers.split(","))
+        except ValueError:
+            box = ()
+        if not name or len(box) != 4:
+            raise StudioError(f"--box {item!r}: write NAME:x0,y0,x1,y1 in image fractions, e.g. corgi:0,0,0.5,1")
+        if name in boxes:
+            raise StudioError(f"--box {name} is given twice; give each adapter one box")
+        boxes[name.strip()] = box
+    return boxes
+
+
+def guidance_level(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> int:
+    """The paper's map level (latent / 4: 16x16 for SD1.5 at 512) if its maps keep 8 cells a side, else the
+    coarsest level that does (8x8 on the embedded base's 16x16 latent)."""
+    levels = sorted(set(attention_levels(unet).values()))
+    fine = [lv for lv in levels if min(latent_hw) / 2**lv >= 8] or levels[:1]
+    return 2 if 2 in fine else fine[-1]
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """3x3 Gaussian smoothing of (B, h, w) maps (Attend-and-Excite's, which LoRA-Composer's losses reuse)."""
+    x = torch.arange(3, dtype=maps.dtype, device=maps.device) - 1
+    k1 = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = (k1[:, None] * k1[None, :]) / (k1.sum() ** 2)  # (3, 3)
+    return F.conv2d(F.pad(maps[:, None], (1, 1, 1, 1), mode="reflect"), kernel[None, None])[:, 0]
+
+
+def text_maps(maps: torch.Tensor, last: int) -> torch.Tensor:
+    """(B, L, 77) cross-attention -> (B, L, 77) with Attend-and-Excite's normalisation over the text tokens 1..last-1
+    (x100, softmax) and zeros elsewhere."""
+    out = torch.zeros_like(maps)
+    out[..., 1:last] = (maps[..., 1:last] * 100).softmax(-1)
+    return out
+
+
+def box_gaussian(mask: torch.Tensor) -> torch.Tensor:
+    """(h, w) Gaussian over a box's bounding rectangle: coordinates in [-1, 1], sigma 1, peak 1 (§3.4)."""
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    h, w = mask.shape
+    y = (torch.arange(h, dtype=mask.dtype) - (rows[0] + rows[-1]) / 2) / max((rows[-1] - rows[0]) / 2, 1)
+    x = (torch.arange(w, dtype=mask.dtype) - (cols[0] + cols[-1]) / 2) / max((cols[-1] - cols[0]) / 2, 1)
+    return torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / 2)  # (h, w)
+
+
+def losses(state: RegionState, size: tuple[int, int], tokens: list[list[int]], last: list[int],
+           config: LoraComposerConfig) -> torch.Tensor:
+    """(B,) L_ce + alpha L_fill + beta L_region of the captured maps (Yang et al. Eq. 5-9)."""
+    h, w = size
+    masks = (state.regions.at(size) > 0).float()  # (N, h, w)
+    self_attn = torch.stack(state.self_maps).mean(0) if state.self_maps else None  # (B, L, L)
+    total = 0
+    for n in range(len(state.names)):
+        cross = text_maps(torch.stack(state.cross[n]).mean(0), last[n])  # (B, L, 77)
+        m = masks[n].to(cross)
+        k = max(1, int(config.topk_ratio * m.sum()))
+        g = box_gaussian(masks[n]).to(cross)
+        for token in tokens[n]:
+            a = gaussian_smooth(cross[..., token].reshape(-1, h, w))  # (B, h, w)
+            s = (a * m * g).flatten(1).topk(k, dim=1).values.mean(1)  # (B,)
+            total = total + (1 - s).clamp_min(0)  # L_ce, Eq. 5-6
+            masked = a * m
+            fill = (masked.amax(1) - m.amax(0)).abs().mean(1) + (masked.amax(2) - m.amax(1)).abs().mean(1)
+            total = total + config.fill_weight * fill  # L_fill, Eq. 7: row and column projections vs the box's
+        if self_attn is not None:
+            inside = m.flatten() > 0  # (L,)
+            leak = self_attn[:, inside][:, :, ~inside].sum(-1)  # (B, |M|): each box query's mass outside the box
+            total = total + config.region_weight * leak.topk(min(k, leak.shape[1]), dim=1).values.mean(1)  # Eq. 8
+    return total
+
+
+def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig) -> Handle:
+    from studio.prompts import encode_prompt
+
+    unknown = sorted(set(config.boxes) - set(adapters.names))
+    if unknown:
+        raise StudioError(f"--box names {unknown[0]!r}, which is not among the adapters {','.join(adapters.names)}")
+    kinds = dict(zip(adapters.names, adapters.kinds or ["unknown"] * len(adapters.names)))
+    boxed = [n for n in adapters.names if n in config.boxes and kinds[n] != "style"]
+    if not boxed:
+        raise StudioError("lora_composer needs a box for at least one subject adapter: --box NAME:x0,y0,x1,y1")
+    config = config.for_prompt("")  # region prompts not filled from a prompt: the trigger words alone
+    weights = dict(zip(adapters.names, adapters.weights))
+    free = {n: w for n, w in weights.items() if n not in boxed}  # background / style adapters: everywhere
+    unet = pipe.unet
+    handle = Handle("lora_composer", [lambda: activate(unet, weights)])
+    te = [m for m in (getattr(pipe, c, None) for c in ("text_encoder", "text_encoder_2")) if m is not None]
+    embeds = []
+    with torch.no_grad():  # P^n through concept n's text encoder alone (tau_n of Eq. 2)
+        for name in boxed:
+            for model in te:
+                activate(model, {**free, name: weights[name]})
+            embeds.append(encode_prompt(pipe, config.region_prompts[name], None, guidance=False).prompt_embeds)
+    for model in te:
+        activate(model, free)  # the global prompt: base text encoder (plus background adapters)
+        handle.add(lambda model=model: activate(model, weights))
+    activate(unet, free)
+    set_scales(unet, {n: weights[n] for n in boxed})
+    regions = RegionMasks([config.boxes[n] for n in boxed])
+    handle.add(regions.track(unet))
+    levels = attention_levels(unet)
+    state = RegionState(boxed, regions, embeds, 0, levels)
+    processors = {n: RegionCrossAttnProcessor(state, n) for n in levels if ".attn2." in n}
+    if config.isolation:
+        processors.update({n: IsolatedSelfAttnProcessor(state, n) for n in levels if ".attn1." in n})
+    from composers.attention import install_processors
+
+    handle.add(install_processors(unet, processors).remove)
+    cross_only = (".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")
+    if config.spatial_lora:
+        handle.add(install_region_deltas(unet, boxed, regions, lambda n: n.endswith(cross_only)).remove)
+    tokenizer = pipe.tokenizer
+    groups, lasts = [], []
+    for name in boxed:
+        text = config.region_prompts[name]
+        [concept] = split_concepts(text, adapter_triggers([name]))[:1] or [None]
+        keys = concept.keys if concept is not None else []
+        groups.append(token_group(tokenizer, text, keys) or [1])
+        lasts.append(len(tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids) - 1)
+    edit = LatentEdit()
+    handle.add(edit.remove)
+    run = {"loss": math.inf, "guiding": True}
+
+    def unet_cond(original: Callable[..., Any], z: torch.Tensor, t: Any, args: tuple, kw: dict, batch: int,
+                  cfg: bool) -> tuple[int, int]:
+        """One conditional forward on scaled latents z, capturing the maps; returns the (h, w) of the maps."""
+        state.clear()
+        state.capture, state.uncond = True, 0
+        try:
+            original(z, t, *args, **(cond_half(kw, batch) if cfg else kw))
+        finally:
+            state.capture = False
+        return regions.size_of(state.cross[0][0].shape[1])
+
+    def forward(original: Callable[..., Any], sample: torch.Tensor, timestep: Any, *args: Any, **kw: Any) -> Any:
+        step, total = step_of(pipe.scheduler, timestep)
+        cfg = bool(getattr(pipe, "do_classifier_free_guidance", False)) and sample.shape[0] % 2 == 0
+        batch = sample.shape[0] // 2 if cfg else sample.shape[0]
+        state.level = guidance_level(unet, tuple(sample.shape[-2:]))
+        if step == 0:
+            run.update(loss=math.inf, guiding=config.guidance)
+        changed = False
+        c = input_scale(pipe.scheduler, timestep)
+        z = sample[batch:] if cfg else sample  # (B, C, H, W) scaled latents, the conditional half
+        if step == 0 and config.reinit:
+            with torch.no_grad():
+                size = unet_cond(original, z, timestep, args, kw, batch, cfg)
+                z = reinitialise(z, state, size, groups, lasts)
+            changed = True
+        if run["guiding"] and config.guidance:
+            with torch.inference_mode(False), torch.enable_grad():
+                zg = z.clone().requires_grad_(True)
+                kwg = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+                size = unet_cond(original, zg, timestep.clone() if isinstance(timestep, torch.Tensor)
+                                 else timestep, args, kwg, batch, cfg)
+                loss = losses(state, size, groups, lasts, config)  # (B,)
+                (grad,) = torch.autograd.grad(loss.sum(), zg)
+            state.clear()
+            phi = config.step_size * (1 - 0.5 * step / max(total - 1, 1))  # linear decay 1 -> 0.5 (§3.4)
+            z = (z - phi * grad).detach()  # z_t <- z_t - phi_i grad L
+            changed = True
+            value = float(loss.mean())
+            rising = value > run["loss"] and step >= config.patience_after * total
+            if rising or step + 1 >= config.guide_until * total:
+                run["guiding"] = False  # adaptive sampling steps: stop guiding
+            run["loss"] = value
+        state.uncond = batch if cfg else 0
+        if changed:
+            sample = torch.cat([z, z]) if cfg else z
+            edit.set(pipe.scheduler, z / c)
+        return original(sample, timestep, *args, **kw)
+
+    handle.add(wrap_forward(unet, forward))
+    handle.state = state
+    return handle
+
+
+def reinitialise(z: torch.Tensor, state: RegionState, size: tuple[int, int], groups: list[list[int]],
+                 lasts: list[int]) -> torch.Tensor:
+    """Yang et al. §3.5: copy each concept's best-attended window of z into its box, then restore z's statistics."""
+    h, w = size
+    scale_y, scale_x = z.shape[-2] // h, z.shape[-1] // w
+    out = z.clone()
+    for n in range(len(state.names)):
+        cross = text_maps(torch.stack(state.cross[n]).mean(0), lasts[n])  # (B, L, 77)
+        concept = cross[..., groups[n]].sum(-1).reshape(-1, 1, h, w)  # (B, 1, h, w)
+        mask = state.regions.at(size)[n] > 0  # (h, w)
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        bh, bw = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        scores = F.conv2d(concept, torch.ones(1, 1, bh, bw).to(concept))  # (B, 1, h-bh+1, w-bw+1), valid
+        for b in range(z.shape[0]):
+            i, j = divmod(int(scores[b, 0].flatten().argmax()), scores.shape[-1])
+            src = z[b, :, i * scale_y:(i + bh) * scale_y, j * scale_x:(j + bw) * scale_x]
+            out[b, :, int(rows[0]) * scale_y:(int(rows[0]) + bh) * scale_y,
+                int(cols[0]) * scale_x:(int(cols[0]) + bw) * scale_x] = src
+    dims = (1, 2, 3)
+    out = (out - out.mean(dims, keepdim=True)) / out.std(dims, keepdim=True)
+    return out * z.std(dims, keepdim=True) + z.mean(dims, keepdim=True)  # z's own mean and std again

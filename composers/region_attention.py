@@ -1,0 +1,154 @@
+"""LoRA-Composer's attention processors: concept injection in cross-attention, concept isolation in self-attention.
+
+Yang et al., "LoRA-Composer: Leveraging Low-Rank Adaptation for Multi-Concept Customization in Training-Free
+Diffusion Models", arXiv:2403.11627.
+- `RegionCrossAttnProcessor` (§3.3, Eq. 2-3, "region-aware LoRA injection"): the global prompt's attention
+  `h0 = softmax(Q K_g^T / sqrt(d)) V_g` outside the boxes; inside box n, `h_n = (W_O + dW_O^n) softmax(Q K_n^T /
+  sqrt(d)) V_n` with `K_n = (W_K + dW_K^n) tau_n(P^n)`, `V_n = (W_V + dW_V^n) tau_n(P^n)`, P^n the region prompt
+  encoded by concept n's text encoder; overlapping boxes are averaged.
+- `IsolatedSelfAttnProcessor` (§3.4, "concept region mask"): -inf added to the self-attention logits of a query in
+  box k and a key in another box j != k; background queries and keys in the background stay free.
+Both record their maps (averaged over heads, keeping the graph) at the guidance level while `state.capture` is on,
+for the latent-guidance losses (§3.4 Eq. 5-9) and the re-initialisation (§3.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from composers.region_lora import RegionMasks, lora_delta
+
+
+class RegionState:
+    """What the processors share: masks, region prompt embeddings, the CFG layout and the captured maps."""
+
+    def __init__(self, names: list[str], regions: RegionMasks, region_embeds: list[torch.Tensor], level: int,
+                 levels: dict[str, int]) -> None:
+        self.names = names  # boxed adapters, in box order
+        self.regions = regions
+        self.region_embeds = region_embeds  # per concept: (1, 77, D), its region prompt through its text encoder
+        self.level = level  # the level whose maps drive the losses
+        self.levels = levels  # processor name -> level
+        self.uncond: int = 0  # leading rows of the batch that are the unconditional (negative prompt) half
+        self.capture = False
+        self.cross: list[list[torch.Tensor]] = [[] for _ in names]  # per concept: (B, L, 77) per layer
+        self.self_maps: list[torch.Tensor] = []  # (B, L, L) per layer
+        self._isolation: dict[int, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self.cross = [[] for _ in self.names]
+        self.self_maps = []
+
+    def context(self, n: int, negative: torch.Tensor) -> torch.Tensor:
+        """Concept n's keys' source: the negative prompt for the uncond rows, its region prompt for the rest."""
+        batch = negative.shape[0]
+        region = self.region_embeds[n].to(negative).expand(batch - self.uncond, -1, -1)  # (B_c, 77, D)
+        return torch.cat([negative[: self.uncond], region])  # (B, 77, D)
+
+    def isolation(self, tokens: int) -> torch.Tensor:
+        """(L, L) additive mask: -inf for a query in box k and a key in box j != k outside box k (§3.4)."""
+        if tokens not in self._isolation:
+            with torch.inference_mode(False):
+                self._isolation[tokens] = self._isolation_mask(tokens)
+        return self._isolation[tokens]
+
+    def _isolation_mask(self, tokens: int) -> torch.Tensor:
+        inside = self.regions.at(self.regions.size_of(tokens)).flatten(1) > 0  # (N, L)
+        block = torch.zeros(tokens, tokens, dtype=torch.bool)
+        for k in range(inside.shape[0]):
+            others = inside[[j for j in range(inside.shape[0]) if j != k]].any(0) & ~inside[k]  # (L,) keys
+            block |= inside[k][:, None] & others[None, :]
+        return torch.zeros(tokens, tokens).masked_fill(block, float("-inf"))  # (L, L)
+
+
+def _heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
+    batch = x.shape[0]
+    return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # (B, heads, L, d)
+
+
+def _attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            record: list | None) -> torch.Tensor:
+    """Attention over heads, (B, heads, L, d) inputs -> (B, L, heads * d); explicit probabilities when recorded."""
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if record is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q))
+    else:
+        scores = q @ k.transpose(-1, -2) * attn.scale  # (B, heads, Lq, Lk)
+        if mask is not None:
+            scores = scores + mask.to(scores)
+        probs = scores.softmax(-1)  # (B, heads, Lq, Lk)
+        record.append(probs.mean(1))  # (B, Lq, Lk), graph kept for the losses
+        out = probs @ v
+    return out.transpose(1, 2).reshape(q.shape[0], -1, q.shape[1] * q.shape[-1])  # (B, L, C)
+
+
+class _Base:
+    # Adapted from diffusers.models.attention_processor.AttnProcessor2_0 (diffusers 0.42): the same projections,
+    # norms, residual and rescale; only the attention in between differs.
+    def __init__(self, state: RegionState, name: str) -> None:
+        self.state, self.name = state, name
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape = hidden_states.shape
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        out = self.attend(attn, hidden_states, encoder_hidden_states)  # (B, L, C) after to_out[0]
+        out = attn.to_out[1](out)
+        if len(shape) == 4:
+            out = out.transpose(-1, -2).reshape(shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def record(self, target: list) -> list | None:
+        return target if self.state.capture and self.state.levels[self.name] == self.state.level else None
+
+    def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RegionCrossAttnProcessor(_Base):
+    """Cross-attention with each concept's own prompt and LoRA inside its box (Yang et al. Eq. 2-3)."""
+
+    def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        assert context is not None, "a cross-attention processor needs encoder_hidden_states"
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q = _heads(attn, attn.to_q(hs))  # (B, heads, L, d): the base (and global adapters') query
+        h0 = _attend(attn, q, _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context)), None, None)
+        out0 = attn.to_out[0](h0)  # (B, L, C): the global prompt, base weights
+        masks = self.state.regions.for_output(out0)  # (N, 1, L, 1), overlaps averaged
+        out = out0 * (1 - masks.sum(0))  # outside every box: h0
+        for n, name in enumerate(self.state.names):
+            ctx = self.state.context(n, context)  # (B, 77, D): P^n (uncond rows: the negative prompt)
+            k, v = attn.to_k(ctx), attn.to_v(ctx)
+            dk, dv = lora_delta(attn.to_k, name, ctx), lora_delta(attn.to_v, name, ctx)
+            k = k if dk is None else k + dk  # K_n = (W_K + dW_K^n) tau_n(P^n), Eq. 2
+            v = v if dv is None else v + dv  # V_n = (W_V + dW_V^n) tau_n(P^n)
+            h = _attend(attn, q, _heads(attn, k), _heads(attn, v), None, self.record(self.state.cross[n]))
+            do = lora_delta(attn.to_out[0], name, h)
+            h = attn.to_out[0](h) if do is None else attn.to_out[0](h) + do  # (W_O + dW_O^n) softmax(..) V_n, Eq. 3
+            out = out + masks[n] * h  # inside box n: h_n, averaged where boxes overlap
+        return out
+
+
+class IsolatedSelfAttnProcessor(_Base):
+    """Self-attention in which a concept's queries cannot see another concept's box (Yang et al. §3.4)."""
+
+    def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        mask = self.state.isolation(hs.shape[1])  # (L, L)
+        q, k, v = (_heads(attn, f(hs)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        return attn.to_out[0](_attend(attn, q, k, v, mask, self.record(self.state.self_maps)))

@@ -1,0 +1,160 @@
+"""Pieces shared by the spatial composers: one adapter's LoRA delta on demand, region-masked LoRA deltas on every
+adapted UNet layer, per-token region masks at any resolution, and latents a composer changed mid-step.
+
+- `lora_delta(layer, name, x)`: `(alpha / r) w B A x` of one adapter of a PEFT LoRA layer (Hu et al. 2021, Eq. 3),
+  whatever is active, so a composer holds one pipeline and computes each concept's delta where it needs it
+  (composers.md 2.3: LoRA-Composer's optimized branch computes `dW = up @ down` on the fly instead of N pipelines).
+- `install_region_deltas`: forward hooks adding `sum_n M_n(p) delta_n(x)` at each spatial position p of a layer's
+  output, `M_n` the box of concept n normalised by the number of boxes covering p. This is the per-token scale matrix
+  S of DESIGN.md section 7 (`y = x W^T + sum_k S[t, k] (x A_k^T) B_k^T`).
+- `LatentEdit`: the pipeline steps its own `latents`; a composer that updates them inside the UNet call (latent
+  guidance, re-initialisation) hands the new latents to the scheduler's next `step`, which starts from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from composers.handle import Handle
+from composers.regions import Box, box_mask, level_size
+from studio.errors import StudioError
+
+
+def lora_delta(layer: Any, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """`scaling[name] * B(A(x))` of adapter `name` in a PEFT LoRA layer (None where the adapter has no weights)."""
+    if name not in getattr(layer, "lora_A", {}):
+        return None
+    if name in getattr(layer, "lora_variant", {}):
+        raise StudioError(f"adapter {name!r} is a LoRA variant (DoRA); the spatial composers take plain LoRA adapters")
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    return b(a(layer.lora_dropout[name](x.to(a.weight.dtype)))) * layer.scaling[name]
+
+
+def set_scales(model: torch.nn.Module, weights: dict[str, float]) -> None:
+    """Set each adapter's scale (`w * alpha / r`) without activating it."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name, weight in weights.items():
+                if name in getattr(module, "lora_A", {}):
+                    module.set_scale(name, float(weight))
+
+
+class RegionMasks:
+    """Box masks of the boxed concepts at every resolution, shared by the hooks and attention processors."""
+
+    def __init__(self, boxes: Sequence[Box]) -> None:
+        self.boxes = list(boxes)
+        self.latent_hw: tuple[int, int] | None = None  # set by a pre-hook on every UNet call
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def at(self, size: tuple[int, int]) -> torch.Tensor:
+        """(N, h, w) masks, each divided by the number of boxes covering the cell (overlaps are averaged)."""
+        if size not in self._cache:  # built outside inference mode: the latent guidance backpropagates through it
+            with torch.inference_mode(False):
+                self._cache[size] = self._normalised(size)
+        return self._cache[size]
+
+    def _normalised(self, size: tuple[int, int]) -> torch.Tensor:
+        masks = torch.stack([box_mask(b, size) for b in self.boxes])  # (N, h, w)
+        return masks / masks.sum(0, keepdim=True).clamp_min(1.0)
+
+    def size_of(self, tokens: int) -> tuple[int, int]:
+        """(h, w) of a map with `tokens` cells at some level of the current latent."""
+        if self.latent_hw is None:
+            raise RuntimeError("region masks used outside a UNet call")
+        for level in range(8):
+            h, w = level_size(self.latent_hw, level)
+            if h * w == tokens:
+                return h, w
+        raise RuntimeError(f"{tokens} tokens are no level of a {self.latent_hw} latent")
+
+    def for_output(self, output: torch.Tensor) -> torch.Tensor:
+        """Masks shaped to broadcast over `output`: (N, 1, 1, H, W) for (B, C, H, W), (N, 1, L, 1) for (B, L, C)."""
+        if output.ndim == 4:
+            return self.at(tuple(output.shape[-2:]))[:, None, None].to(output)  # (N, 1, 1, H, W)
+        masks = self.at(self.size_of(output.shape[1]))
+        return masks.flatten(1)[:, None, :, None].to(output)  # (N, 1, L, 1)
+
+    def track(self, unet: torch.nn.Module) -> Callable[[], None]:
+        def record(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            sample = args[0] if args else kwargs["sample"]  # (B, C, H, W)
+            self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+
+        return unet.register_forward_pre_hook(record, with_kwargs=True).remove
+
+
+def install_region_deltas(
+    unet: torch.nn.Module, names: Sequence[str], regions: RegionMasks, skip: Callable[[str], bool] = lambda n: False
+) -> Handle:
+    """Add concept n's LoRA delta inside its box only, on every adapted UNet layer `skip` does not name."""
+    handle = Handle("region_deltas")
+
+    def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        masks = regions.for_output(output)
+        for n, name in enumerate(names):
+            delta = lora_delta(module, name, args[0])
+            if delta is not None:
+                output = output + masks[n] * delta  # M_n(p) * (alpha / r) w B_n A_n x at each position p
+        return output
+
+    for module_name, module in unet.named_modules():
+        if not isinstance(module, BaseTunerLayer) or skip(module_name):
+            continue
+        held = [n for n in names if any(n in getattr(module, a, {}) for a in module.adapter_layer_names)]
+        if not held:
+            continue
+        if not all(n in getattr(module, "lora_A", {}) for n in held):
+            raise StudioError(f"adapter {held[0]!r} is not a LoRA at {module_name}; the spatial composers take LoRA "
+                              "adapters (dreambooth_lora, orthogonal), not LoKr or SaRA")
+        handle.add(module.register_forward_hook(hook).remove)
+    return handle
+
+
+class LatentEdit:
+    """Latents changed inside a UNet call, handed to the scheduler's next `step` in place of the pipeline's own."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+        self._wrapped: list[Any] = []
+
+    def set(self, scheduler: Any, latents: torch.Tensor) -> None:
+        if not any(s is scheduler for s in self._wrapped):
+            original = scheduler.step
+
+            def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kw: Any) -> Any:
+                if self.pending is not None and self.pending.shape == sample.shape:
+                    sample = self.pending.to(sample)  # the composer's updated z_t
+                self.pending = None
+                return original(model_output, timestep, sample, *args, **kw)
+
+            scheduler.step = step
+            self._wrapped.append(scheduler)
+        self.pending = latents.detach()
+
+    def remove(self) -> None:
+        for scheduler in self._wrapped:
+            del scheduler.step
+        self._wrapped.clear()
+        self.pending = None
+
+
+def input_scale(scheduler: Any, timestep: Any) -> float:
+    """c with `scale_model_input(z, t) = c z` (1 for DDIM and DPM-Solver, 1/sqrt(sigma^2 + 1) for Euler)."""
+    return float(scheduler.scale_model_input(torch.ones(1), timestep).flatten()[0])
+
+
+def cond_half(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """The UNet keyword arguments restricted to the conditional half `[batch:]` of a CFG batch of 2 * batch."""
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 2 * batch:
+            return v[batch:]
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return v
+
+    return {k: cut(v) for k, v in kwargs.items()}

@@ -1,0 +1,167 @@
+"""LoRA-Composer on the tiny pipelines with random (non-identity) adapters: region injection, isolation, latent
+re-initialisation and guidance, exact removal, and the CLI's boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from composer_helpers import add_random_adapter
+from diffusers.models.attention_processor import AttnProcessor2_0
+from tiny_models import BUILDERS
+
+import composers
+from composers import AdapterSet, LoraComposerConfig, parse_boxes
+from composers.activation import activate
+from composers.concepts import split_concepts, token_group
+from composers.lora_composer import reinitialise
+from composers.region_attention import RegionState
+from composers.region_lora import RegionMasks
+from studio.cli import main
+from studio.errors import StudioError
+from studio.generate import GenerateConfig, generate
+from studio.library import load_adapters
+from studio.prompts import encode_prompt
+
+
+PROMPT = "a large qa emblem on the left and a large qb emblem on the right on a white background"
+BOXES = {"qa": (0.0, 0.0, 0.5, 1.0), "qb": (0.5, 0.0, 1.0, 1.0)}
+
+
+def _pipe(kind: str = "sd1"):
+    pipe = BUILDERS[kind]()
+    add_random_adapter(pipe, "qa", 1, kind="subject", scale=0.5)
+    add_random_adapter(pipe, "qb", 2, kind="subject", scale=0.5)
+    return pipe
+
+
+def _config(**kw) -> LoraComposerConfig:
+    return LoraComposerConfig(boxes=dict(BOXES), **kw).for_prompt(PROMPT)
+
+
+def test_region_prompts_and_token_groups_come_from_the_prompt() -> None:
+    tok = _pipe().tokenizer  # and the adapters in the library, whose trigger words name the concepts
+    config = _config()
+    assert config.region_prompts == {"qa": "a large qa emblem on the left on a white background",
+                                     "qb": "a large qb emblem on the right on a white background"}
+    one = "a large qa emblem on the left and a small blue circle on the right on a white background"
+    concepts = split_concepts(one, {"qa": ["qa"]})
+    assert [[one.split()[i] for i in c.keys] for c in concepts] == [["qa", "emblem"], ["blue", "circle"]]
+    assert [c.adapters for c in concepts] == [["qa"], []]
+    ids = tok(one).input_ids
+    assert tok.decode([ids[i] for i in token_group(tok, one, concepts[1].keys)]) == "blue circle"
+    assert parse_boxes(["qa:0,0.1,0.5,0.9"]) == {"qa": (0.0, 0.1, 0.5, 0.9)}
+    for bad in (["qa:0,0,1"], ["qa"], ["qa:0,0,a,1"]):
+        with pytest.raises(StudioError, match="NAME:x0,y0,x1,y1"):
+            parse_boxes(bad)
+    with pytest.raises(StudioError, match="x0 < x1"):
+        LoraComposerConfig(boxes={"qa": (0.6, 0, 0.5, 1)})
+
+
+def test_cross_attention_is_the_concepts_own_inside_its_box_and_the_base_outside() -> None:
+    pipe = _pipe()
+    unet = pipe.unet
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    attn = unet.get_submodule(name)
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(2, 256, attn.to_q.in_features, generator=g)  # (B, 16*16, C)
+    ctx = torch.randn(2, 77, attn.to_k.in_features, generator=g)  # the global prompt
+    load_adapters(pipe, ["qa", "qb"], [1.0, 0.7])  # loaded before, so they stay for the reference below
+    with composers.apply(pipe, AdapterSet.parse("qa,qb:0.7"), "lora_composer", _config(guidance=False)) as h:
+        h.state.regions.latent_hw = (16, 16)
+        out = attn(hs, encoder_hidden_states=ctx)  # (B, L, C)
+        region = [e.expand(2, -1, -1) for e in h.state.region_embeds]
+    left = torch.zeros(16, 16, dtype=torch.bool)
+    left[:, :8] = True
+    left = left.flatten()
+    base_proc = AttnProcessor2_0()
+    with torch.no_grad():
+        activate(unet, {})  # adapters off: the base
+        for model in (pipe.text_encoder,):
+            activate(model, {"qa": 1.0})
+        want_region = encode_prompt(pipe, _config().region_prompts["qa"], None, guidance=False).prompt_embeds
+        activate(unet, {"qa": 1.0})  # adapter qa alone, everywhere: Eq. 2-3 inside its box
+        inside = base_proc(attn, hs, region[0])
+        activate(unet, {"qb": 0.7})
+        inside_b = base_proc(attn, hs, region[1])
+    assert torch.allclose(region[0][:1], want_region, atol=1e-6)  # P^n through concept n's text encoder
+    assert torch.allclose(out[:, left], inside[:, left], atol=1e-5)
+    assert torch.allclose(out[:, ~left], inside_b[:, ~left], atol=1e-5)
+    assert not torch.allclose(inside[:, ~left], inside_b[:, ~left], atol=1e-3)  # the adapters differ there
+    activate(unet, {"qa": 1.0, "qb": 0.7})
+
+
+def test_isolation_hides_the_other_box_from_a_concepts_queries() -> None:
+    pipe = _pipe()
+    attn = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1")
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(1, 256, attn.to_q.in_features, generator=g)
+    box_b = torch.zeros(16, 16, dtype=torch.bool)
+    box_b[:, 8:] = True
+    box_b = box_b.flatten()
+    moved = hs.clone()
+    moved[:, box_b] += torch.randn(1, int(box_b.sum()), hs.shape[-1], generator=g)
+    for isolation in (True, False):
+        with composers.apply(pipe, AdapterSet.parse("qa,qb"), "lora_composer", _config(isolation=isolation)) as h:
+            h.state.regions.latent_hw = (16, 16)
+            a, b = attn(hs), attn(moved)
+        same = torch.allclose(a[:, ~box_b], b[:, ~box_b], atol=1e-5)  # box qa's queries (and only those)
+        assert same == isolation, isolation
+
+
+def test_reinitialisation_moves_the_best_window_into_the_box_and_keeps_the_statistics() -> None:
+    regions = RegionMasks([(0.0, 0.0, 0.5, 0.5)])
+    regions.latent_hw = (8, 8)
+    state = RegionState(["qa"], regions, [], 0, {})
+    cross = torch.full((1, 64, 77), 1e-3)
+    peak = torch.zeros(8, 8)
+    peak[4:8, 4:8] = 1  # the concept attends to the bottom-right quarter
+    cross[0, :, 2] = peak.flatten()
+    state.cross = [[cross]]
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    out = reinitialise(z, state, (8, 8), [[2]], [5])
+    patched = z.clone()
+    patched[..., :8, :8] = z[..., 8:, 8:]  # the window's latent patch (latent = 2 x the 8x8 maps) in the box
+    assert torch.allclose((out - out.mean()) / out.std(), (patched - patched.mean()) / patched.std(), atol=1e-5)
+    assert torch.allclose(out.mean(), z.mean(), atol=1e-5) and torch.allclose(out.std(), z.std(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_generation_is_guided_and_removal_restores_the_pipeline(kind: str) -> None:
+    pipe = _pipe(kind)
+    config = GenerateConfig(prompt=PROMPT, steps=4, size="32x32", num_images=2)
+    before = generate(config, pipe=pipe, output_type="np").images
+    adapters = AdapterSet.parse("qa,qb")
+    plain = composers.compose(config, adapters, "lora_composer", _config(guidance=False, reinit=False), pipe=pipe,
+                              output_type="np")
+    with composers.apply(pipe, adapters.resolve(), "lora_composer", _config()) as handle:
+        guided = generate(config, pipe=pipe, output_type="np").images
+        assert handle.state.names == ["qa", "qb"]
+    assert np.isfinite(guided).all() and np.abs(guided - plain.images).max() > 1e-3  # guidance moved the latents
+    merged = composers.compose(config, adapters, "merge", pipe=pipe, output_type="np").images
+    assert np.abs(plain.images - merged).max() > 1e-3
+    assert plain.params[0]["composer_config"]["boxes"]["qa"] == (0.0, 0.0, 0.5, 1.0)
+    assert np.array_equal(generate(config, pipe=pipe, output_type="np").images, before)
+
+
+def test_cli_takes_boxes(tiny_dirs, tmp_path, capsys) -> None:
+    from studio.models import load_pipeline
+    from studio.pnginfo import read_parameters
+
+    model = str(tiny_dirs["sd1"])
+    pipe = load_pipeline(model)
+    add_random_adapter(pipe, "qa", 1, kind="subject")
+    add_random_adapter(pipe, "qb", 2, kind="subject")
+    out = tmp_path / "lc.png"
+    common = ["--model", model, "--steps", "2", "--size", "32x32", "--prompt", PROMPT, "--adapters", "qa,qb"]
+    assert main(["compose", *common, "--composer", "lora_composer", "--box", "qa:0,0,0.5,1", "--box",
+                 "qb:0.5,0,1,1", "--out", str(out)]) == 0
+    params = read_parameters(out)
+    assert params["composer"] == "lora_composer" and params["composer_config"]["boxes"]["qb"] == [0.5, 0, 1, 1]
+    assert params["composer_config"]["region_prompts"]["qb"].startswith("a large qb emblem on the right")
+    capsys.readouterr()
+    for flags, message in [(["--composer", "lora_composer"], "needs a box"),
+                           (["--composer", "lora_composer", "--box", "qc:0,0,1,1"], "qc"),
+                           (["--composer", "lora_composer", "--box", "qa:0,0,1"], "NAME:x0,y0,x1,y1")]:
+        assert main(["compose", *common, *flags, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
