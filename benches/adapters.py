@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from benches.figures import save_grid
+from benches.judging import BATCH, PLACES, GenerateFn, Prompt, judge_texture, texture_prompts
 from studio.models import DEFAULT_MODEL
 
 
@@ -43,18 +42,8 @@ EMBLEM_STREAM = 0xE3B5  # emblem seeds of the bench: the "eval" split of their o
 REFERENCE = "dreambooth_lora"  # parameter ratios are against this method at its defaults
 TRIGGERS = ("sks", "zwx", "qrv")
 TEXTURE_TRIGGER = "vgl"
-PLACES = ("left", "right", "top", "bottom", "center")  # the grammar's named positions (corners are optional)
 ACCURACY_KEYS = ("shape", "colour", "position", "background")  # `studio bench base`'s single-object bar
 
-GenerateFn = Callable[[list[str], list[int]], list[torch.Tensor]]  # prompts, seeds -> (3, H, W) each, in [0, 1]
-BATCH = 10  # images per generation batch (the same images as one at a time, in about half the time)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str  # with the trigger
-    scene: object  # studio.world.grammar.Scene the evaluator judges against
-    seed: int
 
 
 def eval_emblems(n: int = 3) -> list[int]:
@@ -73,23 +62,6 @@ def emblem_prompts(seed: int, trigger: str) -> list[Prompt]:
     for i, (pos, bg) in enumerate((p, b) for p in PLACES for b in BACKGROUNDS):
         scene = Scene((SceneObject(EMBLEM, None, "large", pos, emblem=seed),), bg)
         out.append(Prompt(scene.caption().replace("emblem", f"{trigger} emblem"), scene, i))
-    return out
-
-
-def texture_prompts(name: str, trigger: str, n: int = 20) -> list[Prompt]:
-    """`n` new one- or two-object scenes from the evaluation split, written `... in {trigger} style`.
-
-    Objects are large, as in the texture's training scenes: a small textured object is unreadable through the VAE
-    (perfect renders of small ones, round-tripped, keep their shape in 74% of objects), so no adapter could show it.
-    Backgrounds are any of the four.
-    """
-    from studio.world.datasets import _rng, random_scene
-
-    rng = _rng(0x7E48, "eval", 0)
-    out = []
-    for i in range(n):
-        scene = random_scene(rng, int(rng.integers(1, 3)), texture=name, sizes=("large",))
-        out.append(Prompt(f"{scene.caption()} in {trigger} style", scene, i))
     return out
 
 
@@ -118,19 +90,6 @@ def judge_emblem(images: list[torch.Tensor], prompts: list[Prompt], seed: int) -
         hits["emblem"].append(bool(o.get("emblem")))
         hits["position"].append(bool(o["position"]))
         hits["background"].append(bool(r["background"]["correct"]))
-    return {k: round(statistics.mean(v), 4) for k, v in hits.items()}
-
-
-def judge_texture(images: list[torch.Tensor], prompts: list[Prompt], name: str) -> dict[str, float]:
-    from studio.world.evaluator import evaluate
-
-    hits: dict[str, list[bool]] = {"texture": [], "shape": [], "colour": [], "position": []}
-    for image, p in zip(images, prompts):
-        r = evaluate(image, p.scene, texture=name)
-        hits["texture"].append(bool(r["style_fidelity"]))
-        for o in r["objects"]:
-            for k in ("shape", "colour", "position"):
-                hits[k].append(bool(o[k]))
     return {k: round(statistics.mean(v), 4) for k, v in hits.items()}
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benches.adapters import BATCH, PLACES, GenerateFn, Prompt, judge_texture, texture_prompts
+from benches.judging import BATCH, PLACES, GenerateFn, Prompt, judge_texture, texture_prompts
 
 
 CONCEPTS = (("stripes", "vgl"), ("dots", "kbr"))  # (texture, trigger) of the two one-image concepts
