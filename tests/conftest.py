@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,17 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Each test gets its own library and cache, so nothing leaks between tests or into the checkout."""
     monkeypatch.setenv("STUDIO_LIBRARY", str(tmp_path_factory.mktemp("library")))
     monkeypatch.setenv("STUDIO_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (the machine is shared); directories opt in with an autouse fixture."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,8 +19,5 @@ if _loaded is not None and not str(getattr(_loaded, "__file__", "")).startswith(
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    pass
