@@ -35,6 +35,7 @@ from composers.composite import CompositeConfig, apply_composite
 from composers.handle import Handle
 from composers.lora_composer import LoraComposerConfig, apply_lora_composer, parse_boxes
 from composers.merge import MergeConfig, apply_merge, fuse
+from composers.multidiffusion import MultiDiffusionConfig, apply_multidiffusion
 from composers.regions import attention_levels, box_mask, box_masks, level_size
 from composers.switch import SwitchConfig, apply_switch, switch_index, switch_order
 from studio.errors import StudioError
@@ -49,6 +50,7 @@ COMPOSERS: dict[str, tuple[type, Callable[[Any, AdapterSet, Any], Handle]]] = {
     "autolora": (AutoLoRAConfig, apply_autolora),
     "lora_composer": (LoraComposerConfig, apply_lora_composer),
     "clora": (CloraConfig, apply_clora),
+    "multidiffusion": (MultiDiffusionConfig, apply_multidiffusion),
 }
 
 

@@ -110,3 +110,17 @@ def region_prompt(prompt: str, concept: Concept) -> str:
     tail = re.search(r"\s(on|in|with) an? \w+ background\b", prompt)
     clause = " ".join(words[i] for i in concept.words).rstrip(",;")
     return clause + (tail.group(0) if tail else "")
+
+
+def region_prompts(prompt: str, names: list[str], given: dict[str, str] | None = None) -> dict[str, str]:
+    """Adapter name -> its region prompt: `given` first, else the prompt's clause that holds its trigger, else the
+    trigger words alone."""
+    out = dict(given or {})
+    missing = [n for n in names if n not in out]
+    if missing:
+        for concept in split_concepts(prompt, adapter_triggers(missing)):
+            for name in concept.adapters:
+                out.setdefault(name, region_prompt(prompt, concept))
+        for name in missing:
+            out.setdefault(name, " ".join(adapter_triggers([name])[name]))
+    return out

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from composers.activation import activate, step_of, wrap_forward
 from composers.adapter_set import AdapterSet
-from composers.concepts import adapter_triggers, region_prompt, split_concepts, token_group
+from composers.concepts import adapter_triggers, region_prompts, split_concepts, token_group
 from composers.handle import Handle
 from composers.region_attention import IsolatedSelfAttnProcessor, RegionCrossAttnProcessor, RegionState
 from composers.region_lora import LatentEdit, RegionMasks, cond_half, input_scale, install_region_deltas, set_scales
@@ -70,16 +70,9 @@ class LoraComposerConfig:
 
     def for_prompt(self, prompt: str) -> LoraComposerConfig:
         """This config with the region prompt of every boxed adapter filled in from `prompt`."""
-        missing = [n for n in self.boxes if n not in self.region_prompts]
-        if not missing:
+        if all(n in self.region_prompts for n in self.boxes):
             return self
-        prompts = dict(self.region_prompts)
-        for concept in split_concepts(prompt, adapter_triggers(missing)):
-            for name in concept.adapters:
-                prompts.setdefault(name, region_prompt(prompt, concept))
-        for name in missing:  # a trigger the prompt does not hold: the trigger words alone
-            prompts.setdefault(name, " ".join(adapter_triggers([name])[name]))
-        return replace(self, region_prompts=prompts)
+        return replace(self, region_prompts=region_prompts(prompt, list(self.boxes), self.region_prompts))
 
 
 def parse_boxes(items: list[str]) -> dict[str, Box]:

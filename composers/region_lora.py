@@ -114,6 +114,36 @@ def install_region_deltas(
     return handle
 
 
+def install_sample_deltas(unet: torch.nn.Module, names: Sequence[str], rows: dict[str, slice]) -> Handle:
+    """Add adapter n's LoRA delta to the batch rows `rows[n]` only (read at each call), on every UNet layer that
+    holds it: different adapters per sample in one batched call (the per-sample scale matrix S of DESIGN.md
+    section 7, S[b, n] = 1 for b in rows[n]). The adapters themselves stay inactive in PEFT, so the other rows see
+    the base weights."""
+    handle = Handle("sample_deltas")
+
+    def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not rows:
+            return output
+        out = output.clone()
+        for name, r in rows.items():
+            delta = lora_delta(module, name, args[0][r])
+            if delta is not None:
+                out[r] = out[r] + delta  # rows of pass n: W x + (alpha / r) w B_n A_n x
+        return out
+
+    for module_name, module in unet.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        held = [n for n in names if any(n in getattr(module, a, {}) for a in module.adapter_layer_names)]
+        if not held:
+            continue
+        if not all(n in getattr(module, "lora_A", {}) for n in held):
+            raise StudioError(f"adapter {held[0]!r} is not a LoRA at {module_name}; the spatial composers take LoRA "
+                              "adapters (dreambooth_lora, orthogonal), not LoKr or SaRA")
+        handle.add(module.register_forward_hook(hook).remove)
+    return handle
+
+
 class LatentEdit:
     """Latents changed inside a UNet call, handed to the scheduler's next `step` in place of the pipeline's own."""
 
