@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--composer",
         default="merge",
         metavar="NAME",
-        help="how the adapters combine: merge (default), switch, composite, cmlora, lora_composer (boxes), clora "
-        "or autolora (no adapters named: retrieved by the prompt)",
+        help="how the adapters combine: merge (default), switch, composite, cmlora, multidiffusion (boxes), "
+        "lora_composer (boxes), clora or autolora (no adapters named: retrieved by the prompt)",
     )
     parser.add_argument("--tau", type=int, default=None, help="switch: steps each adapter stays active (default 5)")
     parser.add_argument(
@@ -48,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="NAME:x0,y0,x1,y1",
-        help="lora_composer: the region of an adapter in image fractions, origin top-left (repeatable), e.g. "
-        "sks:0,0.1,0.5,0.9",
+        help="multidiffusion, lora_composer: the region of an adapter in image fractions, origin top-left "
+        "(repeatable), e.g. sks:0,0.1,0.5,0.9",
     )
     parser.add_argument("--fused", action="store_true", help="merge: bake the weighted sum into the weights")
     parser.add_argument(

@@ -120,8 +120,8 @@ def build_compose_tab() -> dict[str, Any]:
                 "order": gr.Textbox("", label="Switch: order a,b,... (empty: subject, style, then the rest); "
                                     "CMLoRA: integration order (empty: measured by Fourier profiling)"),
                 "cache": gr.Checkbox(True, label="CMLoRA: reuse non-dominant adapters' deep features (faster)"),
-                "boxes": gr.Textbox("", lines=2, label="LoRA-Composer boxes: NAME:x0,y0,x1,y1 per line (fractions, "
-                                    "origin top-left; CLoRA needs none)", elem_id="compose-boxes"),
+                "boxes": gr.Textbox("", lines=2, label="Boxes (MultiDiffusion, LoRA-Composer): NAME:x0,y0,x1,y1 per "
+                                    "line (fractions, origin top-left; CLoRA needs none)", elem_id="compose-boxes"),
                 "seed": gr.Number(0, label="Seed", precision=0, elem_id="compose-seed"),
                 "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="compose-steps"),
             }
