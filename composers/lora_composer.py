@@ -32,7 +32,15 @@ from composers.adapter_set import AdapterSet
 from composers.concepts import adapter_triggers, region_prompts, split_concepts, token_group
 from composers.handle import Handle
 from composers.region_attention import IsolatedSelfAttnProcessor, RegionCrossAttnProcessor, RegionState
-from composers.region_lora import LatentEdit, RegionMasks, cond_half, input_scale, install_region_deltas, set_scales
+from composers.region_lora import (
+    LatentEdit,
+    RegionMasks,
+    boxed_set,
+    cond_half,
+    input_scale,
+    install_region_deltas,
+    set_scales,
+)
 from composers.regions import Box, attention_levels
 from studio.configs import check_numbers
 from studio.errors import StudioError
@@ -152,29 +160,13 @@ def losses(state: RegionState, size: tuple[int, int], tokens: list[list[int]], l
 
 
 def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig) -> Handle:
-    from studio.prompts import encode_prompt
-
-    unknown = sorted(set(config.boxes) - set(adapters.names))
-    if unknown:
-        raise StudioError(f"--box names {unknown[0]!r}, which is not among the adapters {','.join(adapters.names)}")
-    kinds = dict(zip(adapters.names, adapters.kinds or ["unknown"] * len(adapters.names)))
-    boxed = [n for n in adapters.names if n in config.boxes and kinds[n] != "style"]
-    if not boxed:
-        raise StudioError("lora_composer needs a box for at least one subject adapter: --box NAME:x0,y0,x1,y1")
     config = config.for_prompt("")  # region prompts not filled from a prompt: the trigger words alone
-    weights = dict(zip(adapters.names, adapters.weights))
-    free = {n: w for n, w in weights.items() if n not in boxed}  # background / style adapters: everywhere
+    concepts = boxed_set(pipe, adapters, config.boxes, config.region_prompts, "lora_composer")
+    boxed, free, weights = concepts.boxed, concepts.free, concepts.weights
+    embeds = [e.prompt_embeds for e in concepts.region_embeds]  # P^n through concept n's text encoder (Eq. 2)
     unet = pipe.unet
     handle = Handle("lora_composer", [lambda: activate(unet, weights)])
-    te = [m for m in (getattr(pipe, c, None) for c in ("text_encoder", "text_encoder_2")) if m is not None]
-    embeds = []
-    with torch.no_grad():  # P^n through concept n's text encoder alone (tau_n of Eq. 2)
-        for name in boxed:
-            for model in te:
-                activate(model, {**free, name: weights[name]})
-            embeds.append(encode_prompt(pipe, config.region_prompts[name], None, guidance=False).prompt_embeds)
-    for model in te:
-        activate(model, free)  # the global prompt: base text encoder (plus background adapters)
+    for model in concepts.text_encoders:  # the global prompt went through the base text encoder (plus background)
         handle.add(lambda model=model: activate(model, weights))
     activate(unet, free)
     set_scales(unet, {n: weights[n] for n in boxed})

@@ -30,7 +30,7 @@ from composers.activation import activate, sample_of, with_sample, wrap_forward
 from composers.adapter_set import AdapterSet
 from composers.concepts import region_prompts
 from composers.handle import Handle
-from composers.region_lora import install_sample_deltas, set_scales
+from composers.region_lora import boxed_set, install_sample_deltas, set_scales
 from composers.regions import Box, box_mask
 from studio.errors import StudioError
 
@@ -79,29 +79,12 @@ def cat_paths(values: list[Any], batch: int) -> Any:
 
 
 def apply_multidiffusion(pipe: Any, adapters: AdapterSet, config: MultiDiffusionConfig) -> Handle:
-    from studio.prompts import encode_prompt
-
-    unknown = sorted(set(config.boxes) - set(adapters.names))
-    if unknown:
-        raise StudioError(f"--box names {unknown[0]!r}, which is not among the adapters {','.join(adapters.names)}")
-    kinds = dict(zip(adapters.names, adapters.kinds or ["unknown"] * len(adapters.names)))
-    boxed = [n for n in adapters.names if n in config.boxes and kinds[n] != "style"]
-    if not boxed:
-        raise StudioError("multidiffusion needs a box for at least one subject adapter: --box NAME:x0,y0,x1,y1")
     config = config.for_prompt("")  # region prompts not filled from a prompt: the trigger words alone
-    weights = dict(zip(adapters.names, adapters.weights))
-    free = {n: w for n, w in weights.items() if n not in boxed}  # background / style adapters: every path
+    concepts = boxed_set(pipe, adapters, config.boxes, config.region_prompts, "multidiffusion")
+    boxed, free, weights, region = concepts.boxed, concepts.free, concepts.weights, concepts.region_embeds
     unet = pipe.unet
     handle = Handle("multidiffusion", [lambda: activate(unet, weights)])
-    te = [m for m in (getattr(pipe, c, None) for c in ("text_encoder", "text_encoder_2")) if m is not None]
-    region: list[Any] = []
-    with torch.no_grad():  # path n's prompt through its own adapter's text encoder
-        for name in boxed:
-            for model in te:
-                activate(model, {**free, name: weights[name]})
-            region.append(encode_prompt(pipe, config.region_prompts[name], None, guidance=False))
-    for model in te:
-        activate(model, free)  # the global and negative prompts: the text encoder of path 0
+    for model in concepts.text_encoders:  # the global and negative prompts went through path 0's text encoder
         handle.add(lambda model=model: activate(model, weights))
     activate(unet, free)  # boxed adapters act only through their rows' deltas
     set_scales(unet, {n: weights[n] for n in boxed})

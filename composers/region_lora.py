@@ -14,6 +14,7 @@ adapted UNet layer, per-token region masks at any resolution, and latents a comp
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,20 +88,50 @@ class RegionMasks:
         return unet.register_forward_pre_hook(record, with_kwargs=True).remove
 
 
-def install_region_deltas(
-    unet: torch.nn.Module, names: Sequence[str], regions: RegionMasks, skip: Callable[[str], bool] = lambda n: False
-) -> Handle:
-    """Add concept n's LoRA delta inside its box only, on every adapted UNet layer `skip` does not name."""
-    handle = Handle("region_deltas")
+@dataclass
+class BoxedSet:
+    """A spatial composer's adapters: the boxed subjects, the rest (acting everywhere), the weights, and each boxed
+    adapter's region prompt encoded by its own text encoder."""
 
-    def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        masks = regions.for_output(output)
-        for n, name in enumerate(names):
-            delta = lora_delta(module, name, args[0])
-            if delta is not None:
-                output = output + masks[n] * delta  # M_n(p) * (alpha / r) w B_n A_n x at each position p
-        return output
+    boxed: list[str]
+    free: dict[str, float]  # unboxed adapters (style, background): everywhere, in every path
+    weights: dict[str, float]
+    region_embeds: list[Any]  # PromptEmbeds per boxed adapter
+    text_encoders: list[torch.nn.Module]
 
+
+def boxed_set(pipe: Any, adapters: Any, boxes: dict[str, Any], prompts: dict[str, str], composer: str) -> BoxedSet:
+    """Check the boxes against the adapters, encode each boxed adapter's region prompt through its own text-encoder
+    adapter (tau_n of Yang et al. Eq. 2), and leave the text encoders with the unboxed adapters only, so the global
+    and negative prompts are the base's (plus background adapters)."""
+    from composers.activation import activate
+    from studio.prompts import encode_prompt
+
+    unknown = sorted(set(boxes) - set(adapters.names))
+    if unknown:
+        raise StudioError(f"--box names {unknown[0]!r}, which is not among the adapters {','.join(adapters.names)}")
+    kinds = dict(zip(adapters.names, adapters.kinds or ["unknown"] * len(adapters.names)))
+    boxed = [n for n in adapters.names if n in boxes and kinds[n] != "style"]
+    if not boxed:
+        raise StudioError(f"{composer} needs a box for at least one subject adapter: --box NAME:x0,y0,x1,y1")
+    weights = dict(zip(adapters.names, adapters.weights))
+    free = {n: w for n, w in weights.items() if n not in boxed}
+    te = [m for m in (getattr(pipe, c, None) for c in ("text_encoder", "text_encoder_2")) if m is not None]
+    embeds = []
+    with torch.no_grad():
+        for name in boxed:
+            for model in te:
+                activate(model, {**free, name: weights[name]})
+            embeds.append(encode_prompt(pipe, prompts[name], None, guidance=False))
+    for model in te:
+        activate(model, free)
+    return BoxedSet(boxed, free, weights, embeds, te)
+
+
+def hook_lora_layers(unet: torch.nn.Module, names: Sequence[str], hook: Callable[..., torch.Tensor], name: str,
+                     skip: Callable[[str], bool] = lambda n: False) -> Handle:
+    """`hook` as a forward hook on every PEFT layer of `unet` that holds one of `names` (all plain LoRA there)."""
+    handle = Handle(name)
     for module_name, module in unet.named_modules():
         if not isinstance(module, BaseTunerLayer) or skip(module_name):
             continue
@@ -114,12 +145,27 @@ def install_region_deltas(
     return handle
 
 
+def install_region_deltas(
+    unet: torch.nn.Module, names: Sequence[str], regions: RegionMasks, skip: Callable[[str], bool] = lambda n: False
+) -> Handle:
+    """Add concept n's LoRA delta inside its box only, on every adapted UNet layer `skip` does not name."""
+
+    def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        masks = regions.for_output(output)
+        for n, name in enumerate(names):
+            delta = lora_delta(module, name, args[0])
+            if delta is not None:
+                output = output + masks[n] * delta  # M_n(p) * (alpha / r) w B_n A_n x at each position p
+        return output
+
+    return hook_lora_layers(unet, names, hook, "region_deltas", skip)
+
+
 def install_sample_deltas(unet: torch.nn.Module, names: Sequence[str], rows: dict[str, slice]) -> Handle:
     """Add adapter n's LoRA delta to the batch rows `rows[n]` only (read at each call), on every UNet layer that
     holds it: different adapters per sample in one batched call (the per-sample scale matrix S of DESIGN.md
     section 7, S[b, n] = 1 for b in rows[n]). The adapters themselves stay inactive in PEFT, so the other rows see
     the base weights."""
-    handle = Handle("sample_deltas")
 
     def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not rows:
@@ -131,17 +177,7 @@ def install_sample_deltas(unet: torch.nn.Module, names: Sequence[str], rows: dic
                 out[r] = out[r] + delta  # rows of pass n: W x + (alpha / r) w B_n A_n x
         return out
 
-    for module_name, module in unet.named_modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        held = [n for n in names if any(n in getattr(module, a, {}) for a in module.adapter_layer_names)]
-        if not held:
-            continue
-        if not all(n in getattr(module, "lora_A", {}) for n in held):
-            raise StudioError(f"adapter {held[0]!r} is not a LoRA at {module_name}; the spatial composers take LoRA "
-                              "adapters (dreambooth_lora, orthogonal), not LoKr or SaRA")
-        handle.add(module.register_forward_hook(hook).remove)
-    return handle
+    return hook_lora_layers(unet, names, hook, "sample_deltas")
 
 
 class LatentEdit:
