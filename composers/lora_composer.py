@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 
 from composers.activation import activate, step_of, wrap_forward
 from composers.adapter_set import AdapterSet
-from composers.concepts import adapter_triggers, region_prompts, split_concepts, token_group
+from composers.concepts import adapter_triggers, split_concepts, token_group
 from composers.handle import Handle
 from composers.region_attention import IsolatedSelfAttnProcessor, RegionCrossAttnProcessor, RegionState
 from composers.region_lora import (
+    BoxedConfig,
     LatentEdit,
     RegionMasks,
     boxed_set,
@@ -47,11 +48,7 @@ from studio.errors import StudioError
 
 
 @dataclass
-class LoraComposerConfig:
-    boxes: dict[str, Box] = field(default_factory=dict, metadata={
-        "help": "adapter name -> (x0, y0, x1, y1) in image fractions; adapters without a box act everywhere"})
-    region_prompts: dict[str, str] = field(default_factory=dict, metadata={
-        "help": "adapter name -> its region prompt; default the prompt's clause that holds its trigger"})
+class LoraComposerConfig(BoxedConfig):
     guidance: bool = field(default=True, metadata={"help": "latent guidance by the §3.4 losses"})
     step_size: float = field(default=20.0, metadata={"help": "phi at the first step (paper: 20)"})
     fill_weight: float = field(default=0.25, metadata={"help": "alpha of L_fill (paper Eq. 9)"})
@@ -67,20 +64,7 @@ class LoraComposerConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self)
-        from composers.regions import box_mask
-
-        for name, box in self.boxes.items():
-            try:
-                box_mask(tuple(float(v) for v in box), (2, 2))
-            except (TypeError, ValueError) as err:
-                raise StudioError(f"--box {name}: {err}") from None
-        self.boxes = {n: tuple(float(v) for v in b) for n, b in self.boxes.items()}
-
-    def for_prompt(self, prompt: str) -> LoraComposerConfig:
-        """This config with the region prompt of every boxed adapter filled in from `prompt`."""
-        if all(n in self.region_prompts for n in self.boxes):
-            return self
-        return replace(self, region_prompts=region_prompts(prompt, list(self.boxes), self.region_prompts))
+        super().__post_init__()
 
 
 def parse_boxes(items: list[str]) -> dict[str, Box]:

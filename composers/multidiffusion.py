@@ -21,42 +21,22 @@ per sample through `install_sample_deltas` (adapters stay inactive in PEFT, each
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from composers.activation import activate, sample_of, with_sample, wrap_forward
 from composers.adapter_set import AdapterSet
-from composers.concepts import region_prompts
 from composers.handle import Handle
-from composers.region_lora import boxed_set, install_sample_deltas, set_scales
+from composers.region_lora import BoxedConfig, boxed_set, install_sample_deltas, set_scales
 from composers.regions import Box, box_mask
-from studio.errors import StudioError
 
 
 @dataclass
-class MultiDiffusionConfig:
-    boxes: dict[str, Box] = field(default_factory=dict, metadata={
-        "help": "adapter name -> (x0, y0, x1, y1) in image fractions; adapters without a box act everywhere"})
-    region_prompts: dict[str, str] = field(default_factory=dict, metadata={
-        "help": "adapter name -> its region prompt; default the prompt's clause that holds its trigger"})
+class MultiDiffusionConfig(BoxedConfig):
     batched: bool = field(default=True, metadata={
         "help": "run every path in one UNet call (False: one call per path, less memory)"})
-
-    def __post_init__(self) -> None:
-        for name, box in self.boxes.items():
-            try:
-                box_mask(tuple(float(v) for v in box), (2, 2))
-            except (TypeError, ValueError) as err:
-                raise StudioError(f"--box {name}: {err}") from None
-        self.boxes = {n: tuple(float(v) for v in b) for n, b in self.boxes.items()}
-
-    def for_prompt(self, prompt: str) -> MultiDiffusionConfig:
-        """This config with the region prompt of every boxed adapter filled in from `prompt`."""
-        if all(n in self.region_prompts for n in self.boxes):
-            return self
-        return replace(self, region_prompts=region_prompts(prompt, list(self.boxes), self.region_prompts))
 
 
 def path_masks(boxes: list[Box], size: tuple[int, int]) -> torch.Tensor:

@@ -14,7 +14,7 @@ adapted UNet layer, per-token region masks at any resolution, and latents a comp
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -86,6 +86,32 @@ class RegionMasks:
             self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
 
         return unet.register_forward_pre_hook(record, with_kwargs=True).remove
+
+
+@dataclass
+class BoxedConfig:
+    """The settings every boxed composer shares: a box and a region prompt per subject adapter."""
+
+    boxes: dict[str, Box] = field(default_factory=dict, metadata={
+        "help": "adapter name -> (x0, y0, x1, y1) in image fractions; adapters without a box act everywhere"})
+    region_prompts: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "adapter name -> its region prompt; default the prompt's clause that holds its trigger"})
+
+    def __post_init__(self) -> None:
+        for name, box in self.boxes.items():
+            try:
+                box_mask(tuple(float(v) for v in box), (2, 2))
+            except (TypeError, ValueError) as err:
+                raise StudioError(f"--box {name}: {err}") from None
+        self.boxes = {n: tuple(float(v) for v in b) for n, b in self.boxes.items()}
+
+    def for_prompt(self, prompt: str) -> Any:  # -> the same config class
+        """This config with the region prompt of every boxed adapter filled in from `prompt`."""
+        from composers.concepts import region_prompts
+
+        if all(n in self.region_prompts for n in self.boxes):
+            return self
+        return replace(self, region_prompts=region_prompts(prompt, list(self.boxes), self.region_prompts))
 
 
 @dataclass
