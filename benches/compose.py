@@ -121,8 +121,10 @@ def needed(categories: tuple[str, ...] = CATEGORIES, pairs: int | None = None) -
     return [n for n in adapter_names() if n in used]
 
 
-def prepare(model: str, library: Path, steps: int | None, names: list[str] | None = None) -> list[str]:
-    """Train (or find cached) the fixed adapter set, or its `names`, in `library`; returns the names trained now."""
+def prepare(model: str, library: Path, steps: int | None, names: list[str] | None = None,
+            overrides: dict | None = None) -> list[str]:
+    """Train (or find cached) the fixed adapter set, or its `names`, in `library` (`overrides`: TrainConfig fields
+    beyond the steps, e.g. fewer class images); returns the names trained now."""
     from studio.library import Library
     from trainers import TrainConfig, train
 
@@ -130,7 +132,7 @@ def prepare(model: str, library: Path, steps: int | None, names: list[str] | Non
     for name, (trigger, source) in adapter_names().items():
         if name in lib or (names is not None and name not in names):
             continue
-        options = {"train_steps": steps} if steps else {}
+        options = {**(overrides or {}), **({"train_steps": steps} if steps else {})}
         run_dir = str(library / ".runs" / name)  # an interrupted preparation starts that adapter over
         config = TrainConfig(trigger=trigger, name=name, model=model, seed=0, run_dir=run_dir, overwrite=True,
                              progress=False, **source, **options)

@@ -137,10 +137,12 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
     library = out / "work" / "compose-adapters" / "library"
     categories = compose.CATEGORIES
     adapter_settings = {"model": model, "train_steps": s["compose_train_steps"], "pairs": s["pairs"],
+                        "train": {k: v for k, v in train.items() if k != "train_steps"},
                         "adapters": compose.needed(categories, s["pairs"])}
 
     def run_prepare(work: Path) -> dict:
-        trained = compose.prepare(model, library, s["compose_train_steps"], adapter_settings["adapters"])
+        trained = compose.prepare(model, library, s["compose_train_steps"], adapter_settings["adapters"],
+                                  adapter_settings["train"])
         return {"library": str(library.relative_to(out)), "trained": trained}
 
     units.append(Unit("compose-adapters", adapter_settings, run_prepare))
