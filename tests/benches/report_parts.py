@@ -94,7 +94,8 @@ def meta() -> dict:
 
 def write_report(out: Path, seed: int = 0, success: dict[str, float] | None = None) -> dict:
     """A whole synthetic report (tables, JSON, figures) in `out`; returns it."""
-    from benches.report_tables import assemble, write_report as write
+    from benches.report_tables import assemble
+    from benches.report_tables import write_report as write
 
     report = assemble(parts(seed, success), meta())
     write(out, report)
