@@ -69,7 +69,7 @@ def submit_report(jobs: JobQueue, out: Path | None = None) -> Job:
 
 def build_bench_tab(jobs: JobQueue) -> None:
     """The tab (inside the page's gr.Tabs); it reads the latest report each time it is opened."""
-    with gr.Tab("Benchmarks", id="bench", elem_id="tab-bench") as tab:
+    with gr.Tab("Benchmarks", id="benchmarks", elem_id="tab-benchmarks") as tab:
         gr.Markdown(INTRO)
         with gr.Row():
             start = gr.Button("Run the quick report", variant="primary", elem_id="bench-start")
