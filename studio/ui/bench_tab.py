@@ -76,7 +76,8 @@ def build_bench_tab(jobs: JobQueue) -> None:
             cancel = gr.Button("Cancel", variant="stop", elem_id="bench-cancel")
             refresh = gr.Button("Show the latest report", elem_id="bench-refresh")
         status = gr.Textbox("no report running", label="status", elem_id="bench-status", interactive=False)
-        figures = gr.Gallery(label="figures", columns=2, height="auto", format="png", elem_id="bench-figures")
+        figures = gr.Gallery(label="figures", columns=2, height="auto", format="png", object_fit="contain",
+                             elem_id="bench-figures")
         tables = gr.Markdown(elem_id="bench-tables")
         grids = gr.Gallery(label="example images (one row per bench row)", columns=1, height="auto", format="png",
                            elem_id="bench-grids")
