@@ -99,6 +99,8 @@ def run_unit(out: Path, unit: Unit, tree: str, log: Callable[[str], object] = pr
         log(f"{unit.name}: {'settings' if stored.get('tree') == tree else 'code'} changed since "
             f"{stored.get('finished') or stored.get('started')}; running it again")
         shutil.rmtree(work, ignore_errors=True)
+    elif stored:
+        log(f"{unit.name}: a run stopped during it at {stored['started']}; continuing with what it left")
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     write_json(path, {"unit": unit.name, "key": key, "tree": tree, "settings": unit.settings, "state": "running",
                       "started": started})  # a killed run finds this key and continues in the same work folder
