@@ -286,6 +286,10 @@ def run(args: argparse.Namespace) -> int:
                    composer_options=parse_options(args.composer_option), progress=progress, log=tqdm.write)
         bar.close()
         print((out / "report.md").read_text())
+    if args.publish:
+        from benches.report_publish import publish
+
+        print(f"published {out} to {publish(out, ROOT).parent / 'docs' / 'benchmarks'} and the README")
     if args.compare:
         new = Path(args.new) if args.new else out / "report.json"
         worse = compare_files(Path(args.compare), new, out / "compare.md" if not args.new else None)
@@ -301,6 +305,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
                         "report-quick, $STUDIO_BENCH_OUT defaulting to ./bench-out)")
     parser.add_argument("--compare", metavar="OLD.json", help="compare the report with an earlier report.json")
     parser.add_argument("--new", metavar="NEW.json", help="with --compare: compare these two files, run nothing")
+    parser.add_argument("--publish", action="store_true", help="then copy the report to docs/benchmarks and show "
+                        "its headline table in the README")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -165,3 +165,51 @@ def test_training_peak_measures_memory_the_block_adds() -> None:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del block
     assert 50 <= peak["peak_memory_mb"] <= 200, peak
+
+
+def test_a_cancelled_run_stops_between_parts(tmp_path: Path) -> None:
+    import threading
+
+    from benches.report import QUICK, Cancelled, run_report
+
+    cancel = threading.Event()
+    cancel.set()
+    seen: list[tuple[int, int, str]] = []
+    with pytest.raises(Cancelled, match="stopped before trainer-dreambooth_lora; 0 of"):
+        run_report(tmp_path, settings=QUICK, cancel=cancel, progress=lambda *a: seen.append(a))
+    assert seen == [] and not (tmp_path / "parts").exists()
+
+
+def _readme_checks(root: Path) -> None:
+    """The README's Benchmarks table is the committed report's headline, its figure exists, the report covers the
+    registries (a newly registered method needs the report run again)."""
+    from benches.report_tables import missing_rows
+
+    section = (root / "README.md").read_text().split("\n## Benchmarks\n", 1)[1].split("\n## ", 1)[0]
+    committed = (root / "docs" / "benchmarks" / "report.md").read_text()
+    headline = committed.split("\n## Headline\n", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in headline.splitlines() if line.startswith("|")]
+    assert table and [line for line in section.splitlines() if line.startswith("|")] == table
+    assert "`studio bench report --quick`" in section and "studio bench report --quick" in committed
+    images = re.findall(r"\]\((docs/benchmarks/[^)]+\.png)\)", section)
+    assert images and all((root / image).is_file() for image in images)
+    assert missing_rows(json.loads((root / "docs" / "benchmarks" / "report.json").read_text())) == []
+
+
+def test_publish_puts_the_reports_headline_in_the_readme(tmp_path: Path) -> None:
+    from benches.report_publish import publish
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "README.md").write_text((root / "README.md").read_text())
+    write_report(tmp_path / "report")
+    publish(tmp_path / "report", tmp_path)
+    _readme_checks(tmp_path)
+    publish(tmp_path / "report", tmp_path)  # again: the section is replaced, not added
+    assert (tmp_path / "README.md").read_text().count("\n## Benchmarks\n") == 1
+
+
+def test_the_readmes_benchmarks_are_the_committed_report() -> None:
+    root = Path(__file__).resolve().parents[2]
+    if "\n## Benchmarks\n" not in (root / "README.md").read_text():
+        pytest.skip("no report published yet (studio bench report --quick --publish)")
+    _readme_checks(root)
