@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit keys the
 # The full report: each bench's own bar settings (`studio bench adapters`, `compose`, `base` at their defaults).
 FULL = {"train": {}, "emblems": 3, "texture": "stripes", "n_base": 50, "n_texture": 20, "steps": 20,
         "compose_train_steps": None, "seeds": 8, "pairs": None, "base_n": 100, "guidances": [None, 7.5]}
-# --quick: what each number is cut to, so that a first run ends in about 15 minutes on 2 CPU cores.
+# --quick: what each number is cut to for a first run (its aim: 15 minutes on 2 idle CPU cores; CLoRA's part alone
+# took longer than that on a shared machine).
 QUICK = {"train": {"train_steps": 60, "sample_steps": 4, "num_class_images": 4}, "emblems": 1, "texture": None,
          "n_base": 10, "n_texture": 5, "steps": 10, "compose_train_steps": 60, "seeds": 2, "pairs": 1, "base_n": 10,
          "guidances": [None, 7.5]}
@@ -45,7 +46,8 @@ REDUCTIONS = [  # stated in report.md and in every caption of a quick report
     "compose: one case per pair kind, 2 seeds (full: 6, 4 and 8 cases, 8 seeds)",
     "base: 10 prompts per set (full: 100)",
 ]
-FULL_HOURS = "about 5 hours on 2 CPU cores"  # the full report's expected time (training dominates)
+# The full report's expected time, an estimate (not yet measured): 24 adapters at 700 steps dominate.
+FULL_HOURS = "estimated at 5 hours or more on 2 CPU cores, not yet measured"
 
 
 def reports_root() -> Path:
@@ -299,8 +301,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register_bench(benches: argparse._SubParsersAction) -> None:
     parser = benches.add_parser("report", help="every trainer and composer side by side: tables, plots, --compare")
-    parser.add_argument("--quick", action="store_true", help="fewer steps, prompts and seeds (stated in the report); "
-                        "about 15 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, prompts and seeds (stated in the report): "
+                        "the one to run first")
     parser.add_argument("--out", default=None, help="the report folder (default $STUDIO_BENCH_OUT/report or "
                         "report-quick, $STUDIO_BENCH_OUT defaulting to ./bench-out)")
     parser.add_argument("--compare", metavar="OLD.json", help="compare the report with an earlier report.json")
