@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     if args.new and not args.compare:
         raise StudioError("--new NEW.json compares against --compare OLD.json; give both")
     out = Path(args.out) if args.out else default_out(args.quick)
-    if not args.new:
+    if not (args.new or args.no_run):
         torch.set_num_threads(args.threads)
         bar = tqdm(desc="bench report", unit="part")
 
@@ -307,6 +307,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
                         "report-quick, $STUDIO_BENCH_OUT defaulting to ./bench-out)")
     parser.add_argument("--compare", metavar="OLD.json", help="compare the report with an earlier report.json")
     parser.add_argument("--new", metavar="NEW.json", help="with --compare: compare these two files, run nothing")
+    parser.add_argument("--no-run", action="store_true", help="run nothing: --publish or --compare the report "
+                        "already in --out, as it was written")
     parser.add_argument("--publish", action="store_true", help="then copy the report to docs/benchmarks and show "
                         "its headline table in the README")
     parser.add_argument("--model", default=DEFAULT_MODEL)

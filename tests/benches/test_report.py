@@ -206,6 +206,9 @@ def test_publish_puts_the_reports_headline_in_the_readme(tmp_path: Path) -> None
     _readme_checks(tmp_path)
     publish(tmp_path / "report", tmp_path)  # again: the section is replaced, not added
     assert (tmp_path / "README.md").read_text().count("\n## Benchmarks\n") == 1
+    from studio.cli import main as studio
+
+    assert studio(["bench", "report", "--no-run", "--out", str(tmp_path / "missing"), "--publish"]) == 2
 
 
 def test_the_readmes_benchmarks_are_the_committed_report() -> None:
