@@ -27,6 +27,7 @@ BENCHES = [
     "benches.library_scale",  # studio bench library: 1,000 adapters: list, search, <lora:...>; killed writers
     "benches.ui_load",  # studio bench ui-load: 20 simultaneous requests, cancel, queue limit, upload limit
     "benches.kill_resume",  # studio bench kill-resume: training SIGKILLed at seeded points resumes exactly
+    "benches.report",  # studio bench report: every trainer and composer side by side, tables, plots, --compare
 ]
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benches.figures import save_grid
-from benches.judging import BATCH, PLACES, GenerateFn, Prompt, judge_texture, texture_prompts
+from benches.judging import BATCH, PLACES, GenerateFn, Prompt, judge_texture, texture_prompts, training_peak
 from studio.models import DEFAULT_MODEL
 
 
@@ -73,11 +73,12 @@ def train_adapter(method: str, name: str, trigger: str, source: dict, model: str
 
     config = TrainConfig(trigger=trigger, name=name, model=model, overwrite=True, progress=False,
                          run_dir=str(library / ".runs" / name), **source, **overrides)
-    start = time.perf_counter()
-    result = train(method, config, library=Library(library))
-    seconds = time.perf_counter() - start
+    with training_peak(config.device) as peak:
+        start = time.perf_counter()
+        result = train(method, config, library=Library(library))
+        seconds = time.perf_counter() - start
     params = sum(t.numel() for t in result.method.trainable_tensors().values())
-    return {"name": name, "seconds": round(seconds, 1), "trainable_params": params}
+    return {"name": name, "seconds": round(seconds, 1), "trainable_params": params, **peak}
 
 
 def judge_emblem(images: list[torch.Tensor], prompts: list[Prompt], seed: int) -> dict[str, float]:
@@ -90,7 +91,8 @@ def judge_emblem(images: list[torch.Tensor], prompts: list[Prompt], seed: int) -
         hits["emblem"].append(bool(o.get("emblem")))
         hits["position"].append(bool(o["position"]))
         hits["background"].append(bool(r["background"]["correct"]))
-    return {k: round(statistics.mean(v), 4) for k, v in hits.items()}
+    return {**{k: round(statistics.mean(v), 4) for k, v in hits.items()},
+            "raw": {k: [int(h) for h in v] for k, v in hits.items()}}  # per image, for `studio bench report --compare`
 
 
 def reference_params(model: str) -> int:
@@ -112,6 +114,7 @@ def single_accuracy(generate_fn: GenerateFn, n: int) -> dict[str, float]:
     figures = score(images, [scene for _, scene, _ in entries])
     out = {k: figures[k] for k in ACCURACY_KEYS}
     out["mean"] = round(statistics.mean(out.values()), 4)
+    out["raw"] = {k: figures["raw"][k] for k in ACCURACY_KEYS}  # per judgement, for `studio bench report --compare`
     return out
 
 

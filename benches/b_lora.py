@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benches.judging import BATCH, PLACES, GenerateFn, Prompt, judge_texture, texture_prompts
+from benches.judging import BATCH, PLACES, GenerateFn, Prompt, judge_texture, texture_prompts, training_peak
 
 
 CONCEPTS = (("stripes", "vgl"), ("dots", "kbr"))  # (texture, trigger) of the two one-image concepts
@@ -91,7 +91,8 @@ def judge_content(images: list[torch.Tensor], prompts: list[Prompt], own: str, n
             hits["new_texture"].append(bool(judged["style_fidelity"]))
         hits["leak"].append(bool(evaluate(image, p.scene, texture=own)["style_fidelity"]) if new else
                             bool(judged["style_fidelity"]))
-    return {k: round(statistics.mean(v), 4) for k, v in hits.items()}
+    return {**{k: round(statistics.mean(v), 4) for k, v in hits.items()},
+            "raw": {k: [int(h) for h in v] for k, v in hits.items()}}  # per image, for `studio bench report`
 
 
 def judge_both(images: list[torch.Tensor], prompts: list[Prompt], own: str) -> dict[str, float]:
@@ -106,7 +107,8 @@ def judge_both(images: list[torch.Tensor], prompts: list[Prompt], own: str) -> d
         for key, ok in zip(("shape", "colour", "texture"), row):
             hits[key].append(ok)
         hits["reproduced"].append(all(row))
-    return {k: round(statistics.mean(v), 4) for k, v in hits.items()}
+    return {**{k: round(statistics.mean(v), 4) for k, v in hits.items()},
+            "raw": {k: [int(h) for h in v] for k, v in hits.items()}}  # per image, for `studio bench report`
 
 
 def make_generate(model: str, pipe: object, steps: int) -> GenerateFn:
@@ -124,16 +126,20 @@ def make_generate(model: str, pipe: object, steps: int) -> GenerateFn:
 
 
 def train_concept(texture: str, trigger: str, name: str, model: str, library: Path, overrides: dict,
-                  method_options: dict | None = None) -> float:
-    """Train one B-LoRA from the concept's single render into `library`; its wall clock in seconds."""
+                  method_options: dict | None = None) -> dict:
+    """Train one B-LoRA from the concept's single render into `library`: its wall clock in seconds, trainable
+    parameters and peak training memory (`benches.judging.training_peak`)."""
     from studio.library import Library
     from trainers import BLoRAConfig, TrainConfig, train
 
     config = TrainConfig(trigger=trigger, name=name, model=model, world_texture=texture, overwrite=True,
                          progress=False, run_dir=str(library / ".runs" / name), **overrides)  # fmt: skip
-    start = time.perf_counter()
-    train(BLoRAConfig(**(method_options or {})), config, library=Library(library))
-    return round(time.perf_counter() - start, 1)
+    with training_peak(config.device) as peak:
+        start = time.perf_counter()
+        result = train(BLoRAConfig(**(method_options or {})), config, library=Library(library))
+        seconds = round(time.perf_counter() - start, 1)
+    params = sum(t.numel() for t in result.method.trainable_tensors().values())
+    return {"seconds": seconds, "trainable_params": params, **peak}
 
 
 def _with(pipe: object, library: Path, names: list[str], fn: GenerateFn, prompts: list[Prompt]) -> list[torch.Tensor]:
@@ -151,14 +157,14 @@ def bar_rows(model: str, library: Path, generate_fn: GenerateFn, pipe: object, o
     """Train the two concepts and judge every row of the bar for each."""
     from tqdm import tqdm
 
-    seconds = {}
+    trained = {}
     overrides = {"batch_size": 1, **overrides}  # one image, one a step: the paper's --train_batch_size 1
     for texture, trigger in tqdm(CONCEPTS, desc="b_lora bench: training", unit="concept"):
-        seconds[texture] = train_concept(texture, trigger, f"bar-b-lora-{texture}", model, library, overrides)
+        trained[texture] = train_concept(texture, trigger, f"bar-b-lora-{texture}", model, library, overrides)
     rows = []
     for (texture, trigger), (other, other_trigger) in ((CONCEPTS[0], CONCEPTS[1]), (CONCEPTS[1], CONCEPTS[0])):
         name, other_name = f"bar-b-lora-{texture}", f"bar-b-lora-{other}"
-        row: dict = {"method": "b_lora", "kind": "one image", "concept": texture, "seconds": seconds[texture]}
+        row: dict = {"method": "b_lora", "kind": "one image", "concept": texture, **trained[texture]}
         prompts = texture_prompts(texture, trigger, n)
         images = _with(pipe, library, [f"{name}-style"], generate_fn, prompts)
         row["style"] = judge_texture(images, prompts, texture)
@@ -241,7 +247,7 @@ def sweep(model: str, out: Path, *, train_steps: int = 600, n: int = 10, steps: 
         name = "sweep-" + f"{first}-{second}".replace(".", "").replace("_", "")
         settings = {"train_steps": train_steps, "batch_size": 1, **(overrides or {})}
         seconds = train_concept(texture, trigger, name, model, library, settings,
-                                {"content_block": first, "style_block": second})  # fmt: skip
+                                {"content_block": first, "style_block": second})["seconds"]  # fmt: skip
         measured = {}
         for block, entry in ((first, f"{name}-content"), (second, f"{name}-style")):
             measured[block] = measure(_with(pipe, library, [entry], generate_fn, style_prompts), style_prompts,

@@ -94,6 +94,8 @@ def score(
     out["objects_correct"] = _fraction(objects_correct)
     out["all_correct"] = _fraction(all_correct)
     out["asked"] = {k: len(v) for k, v in hits.items()}
+    raw = {**hits, "objects_correct": objects_correct, "all_correct": all_correct}
+    out["raw"] = {k: [int(h) for h in v] for k, v in raw.items()}  # per judgement, for `studio bench report`
     out["images"] = len(images)
     return out
 

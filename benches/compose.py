@@ -23,6 +23,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -120,8 +121,10 @@ def needed(categories: tuple[str, ...] = CATEGORIES, pairs: int | None = None) -
     return [n for n in adapter_names() if n in used]
 
 
-def prepare(model: str, library: Path, steps: int | None, names: list[str] | None = None) -> list[str]:
-    """Train (or find cached) the fixed adapter set, or its `names`, in `library`; returns the names trained now."""
+def prepare(model: str, library: Path, steps: int | None, names: list[str] | None = None,
+            overrides: dict | None = None) -> list[str]:
+    """Train (or find cached) the fixed adapter set, or its `names`, in `library` (`overrides`: TrainConfig fields
+    beyond the steps, e.g. fewer class images); returns the names trained now."""
     from studio.library import Library
     from trainers import TrainConfig, train
 
@@ -129,7 +132,7 @@ def prepare(model: str, library: Path, steps: int | None, names: list[str] | Non
     for name, (trigger, source) in adapter_names().items():
         if name in lib or (names is not None and name not in names):
             continue
-        options = {"train_steps": steps} if steps else {}
+        options = {**(overrides or {}), **({"train_steps": steps} if steps else {})}
         run_dir = str(library / ".runs" / name)  # an interrupted preparation starts that adapter over
         config = TrainConfig(trigger=trigger, name=name, model=model, seed=0, run_dir=run_dir, overwrite=True,
                              progress=False, **source, **options)
@@ -161,9 +164,13 @@ def score_image(image: torch.Tensor, case: Case) -> dict[str, float]:
 
 def run_bench(
     model: str, library: Path, composers_: list[str], seeds: int, steps: int, out: Path, pairs: int | None = None,
-    categories: tuple[str, ...] = CATEGORIES,
+    categories: tuple[str, ...] = CATEGORIES, controls: tuple[str, ...] = CONTROLS, configure: Any = None,
 ) -> dict:
-    """Score every composer and the control rows on every case x seed; write the table, JSON and grid."""
+    """Score every composer and the `controls` rows on every case x seed; write the table, JSON and grid.
+
+    "alone" is always measured: it is the time ratio's reference. `configure(composer, config)`, when given, returns
+    the config a composer runs with (e.g. a variant with its masks off), after `composer_config`. The JSON keeps
+    every image's judgements (`raw`) and every row's seconds per image (`raw_seconds`) beside the means."""
     from tqdm import tqdm
 
     import composers
@@ -181,7 +188,7 @@ def run_bench(
         raise StudioError(f"the bench's adapters are not trained ({missing[0]}, ...); run with --prepare first")
     began = time.perf_counter()
     pipe = cached_pipeline(model, "cpu")
-    rows = [*composers_, *CONTROLS]
+    rows = [*composers_, *dict.fromkeys([*controls, "alone"])]
     keys = ("composition_success", "subject_fidelity", "prompt_fidelity", "both_right")
     figures: dict[str, dict[str, dict[str, list[float]]]] = {
         r: {cat: {k: [] for k in keys} for cat in by_category} for r in rows}
@@ -191,11 +198,16 @@ def run_bench(
     bar = tqdm(total=len(chosen) * len(rows), desc="compose bench", unit="row")
     for case in chosen:
         pair = composers.AdapterSet(list(case.adapters), [1.0] * len(case.adapters)).resolve(lib)
-        runs = {c: lambda c=c: composers.apply(pipe, pair, c, composer_config(c, case)) for c in composers_}
+
+        def config_of(c: str, case: Case = case) -> Any:
+            config = composer_config(c, case)
+            return configure(c, config) if configure is not None else config
+
+        runs = {c: lambda c=c: composers.apply(pipe, pair, c, config_of(c)) for c in composers_}
         # One batch of every seed per row (image i has seed i, as alone); "none" first, with nothing loaded; then
         # the pair is loaded once and every other row activates only its own adapters.
         config = GenerateConfig(prompt=case.prompt, model=model, seed=0, steps=steps, num_images=seeds)
-        for row in ["none", *(r for r in rows if r != "none")]:
+        for row in [*(r for r in rows if r == "none"), *(r for r in rows if r != "none")]:
             if row != "none" and not loaded_adapters(pipe):
                 load_adapters(pipe, pair.names, pair.weights, library=lib)
             for names in [None] if row != "alone" else [[a] for a in case.adapters]:
@@ -232,7 +244,10 @@ def run_bench(
     report = {"model": model, "steps": steps, "seeds": seeds,
               "cases": {cat: len(group) for cat, group in by_category.items()},
               "threads": torch.get_num_threads(), "single_adapter_s_per_image": round(single, 4), "rows": table,
-              "scoring_seconds": round(time.perf_counter() - began, 1)}
+              "scoring_seconds": round(time.perf_counter() - began, 1),
+              "raw": {row: {cat: {k: [round(x, 4) for x in v] for k, v in f.items()} for cat, f in per.items()}
+                      for row, per in figures.items()},
+              "raw_seconds": {row: [round(x, 4) for x in v] for row, v in seconds.items()}}
     _write(out, report, grid, rows)
     return report
 

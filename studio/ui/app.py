@@ -1,10 +1,12 @@
-"""The LoRA Studio page: one `gr.Blocks`, tabs Generate, Train, Library, Compose and Batch over the Python API."""
+"""The LoRA Studio page: one `gr.Blocks`, tabs Generate, Train, Library, Compose, Batch and Benchmarks over the Python
+API."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from studio.ui.batch_tab import build_batch_tab
+from studio.ui.bench_tab import build_bench_tab
 from studio.ui.compose_tab import build_compose_tab
 from studio.ui.generate_tab import build_generate_tab
 from studio.ui.jobs import JobQueue
@@ -28,6 +30,7 @@ def build_app(jobs: JobQueue | None = None) -> gr.Blocks:
                 compose = build_compose_tab()
             with gr.Tab("Batch", id="batch", elem_id="tab-batch"):
                 build_batch_tab()
+            build_bench_tab(jobs)  # a quick report waits in the same queue as training
         wire_sends(tabs, generate, compose, train)
     demo.jobs = jobs  # for scripts and tests: the queue behind the Train tab
     return demo

@@ -40,8 +40,9 @@ def test_judges_on_exact_renders() -> None:
     prompts = content_prompts("stripes", "vgl", "dots", 2)
     new = render([replace(p.scene, texture="dots") for p in prompts], 0)
     old = render([replace(p.scene, texture="stripes") for p in prompts], 0)
-    assert judge_content(list(new), prompts, "stripes", "dots") == {
-        "shape": 1.0, "colour": 1.0, "new_texture": 1.0, "leak": 0.0}  # fmt: skip
+    content = judge_content(list(new), prompts, "stripes", "dots")
+    assert content.pop("raw") == {"shape": [1, 1], "colour": [1, 1], "leak": [0, 0], "new_texture": [1, 1]}
+    assert content == {"shape": 1.0, "colour": 1.0, "new_texture": 1.0, "leak": 0.0}
     assert judge_content(list(old), prompts, "stripes", "dots")["leak"] == 1.0
     same = both_prompts("stripes", "vgl", 2)
     assert judge_both(list(render([p.scene for p in same], 0)), same, "stripes")["reproduced"] == 1.0
