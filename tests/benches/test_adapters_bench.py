@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benches.adapters import (
     DRIFT_BAR,
     emblem_prompts,
@@ -53,7 +55,11 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
         judged = ("emblem", "position", "background") if r["kind"] == "emblem" else ("texture", "shape", "colour")
         assert all(0.0 <= r[k] <= 1.0 for k in judged)
     assert rows[0]["params_ratio"] == 1.0 and 0 < rows[2]["params_ratio"] < 1  # Kronecker: fewer parameters
-    assert set(report["base_accuracy"]) == {"shape", "colour", "position", "background", "mean"}
+    assert set(report["base_accuracy"]) == {"shape", "colour", "position", "background", "mean", "raw"}
+    for key, judgements in report["base_accuracy"]["raw"].items():  # the per-image judgements behind each fraction
+        assert len(judgements) <= 2 and all(j in (0, 1) for j in judgements)
+        if judgements:
+            assert sum(judgements) / len(judgements) == pytest.approx(report["base_accuracy"][key], abs=1e-3)
     alone = run_bench(str(tiny_dirs["sd1"]), ["kronecker"], tmp_path / "k", steps=2, n_base=2, n_texture=2,
                       overrides=SMALL, n_emblems=1)  # ratio still against the LoRA
     assert [r["params_ratio"] for r in alone["rows"]] == [rows[2]["params_ratio"]] * 2
