@@ -17,12 +17,13 @@ self-attention of one pass see the whole image), while a subject denoised in a p
 `studio bench compose`). The cost is `1 + boxes` UNet passes per step, batched into one call: different adapters
 per sample through `install_sample_deltas` (adapters stay inactive in PEFT, each row adds its own LoRA delta).
 
-Measured on the embedded base (`studio bench compose --pairs 1 --seeds 6 --category two_subjects --category
-subject_object`, DreamBooth-LoRA emblems 101 and 202 at their defaults, 2 threads): two subjects, composition success
-1.000 (merge, switch, composite and lora_composer 0.000); one subject beside a blue circle, both right 1.000
-(lora_composer 0.500, the others 0.000). Time per image against one adapter, medians of 5 interleaved runs after a
-warm-up on a quiet 2-core machine: 2.85x for two subjects, 1.95x for one (lora_composer 2.57x and 1.97x): on a CPU the
-batched paths cost what separate calls would; on a GPU one image is launch-bound and the paths ride in the same calls.
+Measured on the embedded base (`studio bench compose --prepare --pairs 2 --seeds 6 --category two_subjects --category
+subject_object --composer merge --composer switch --composer composite --composer multidiffusion --composer
+lora_composer --composer clora`, DreamBooth-LoRA emblems at their defaults, 2 threads, quiet machine, one run): two
+subjects, composition success 1.000 (merge, switch, composite, lora_composer and clora 0.000); one subject beside an
+ordinary object, both right 1.000 (lora_composer 0.583, merge 0.083, clora 0.000); time per image 2.15x one adapter
+(lora_composer 2.11x, clora 11.55x): on a CPU the batched paths cost what separate calls would; on a GPU one image is
+launch-bound and the paths ride in the same calls.
 """
 
 from __future__ import annotations
