@@ -285,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
     library = Path(args.library)
     categories = tuple(args.category or CATEGORIES)
     if args.prepare:
-        prepare(args.model, library, args.train_steps, needed(categories, args.pairs))
+        objects = {"world_objects": args.world_objects} if args.world_objects > 1 else None
+        prepare(args.model, library, args.train_steps, needed(categories, args.pairs), objects)
     if args.autolora_gate_steps:  # AutoLoRA's gates, trained on the bench's adapters and shipped for the base
         from composers.autolora_train import train_gate
         from studio.generate import cached_pipeline
@@ -305,6 +306,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--prepare", action="store_true", help="train the fixed adapter set first (cached)")
     parser.add_argument("--train-steps", type=int, default=None, help="steps per adapter (default the method's)")
     parser.add_argument("--library", default="bench-out/compose/library", help="the bench's own adapter library")
+    parser.add_argument("--world-objects", type=int, default=1, metavar="N",
+                        help="--prepare: emblem renders hold the emblem and up to N-1 other objects (default 1)")
     parser.add_argument("--composer", action="append", help="a composer to score (repeatable; default all)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per pair")
     parser.add_argument("--pairs", type=int, default=None, help="cases per category (default all: 6, 4 and 8)")

@@ -73,6 +73,11 @@ class TrainConfig:
         metadata={"help": "subject or style (default: subject, style for textures)", "choices": ["subject", "style"]},
     )
     world_images: int = field(default=20, metadata={"help": "how many Shapes World renders to train on"})
+    world_objects: int = field(
+        default=1,
+        metadata={"help": "objects per Shapes World emblem render, the emblem and up to N-1 others (more than 1: "
+                  "a subject that can share an image)", "metavar": "N"},
+    )
     prior_preservation: bool | None = field(
         default=None,
         metadata={
@@ -136,6 +141,7 @@ class TrainConfig:
             "batch_size": self.batch_size,
             "grad_accum": self.grad_accum,
             "world_images": self.world_images,
+            "world_objects": self.world_objects,
             "num_class_images": self.num_class_images,
             "sample_steps": self.sample_steps,
         }

@@ -139,13 +139,17 @@ def world_class_prompts(n: int) -> list[str]:
     return [scene.caption() for scene in sample_scenes(n, CLASS_SCENES_SEED, "train")]
 
 
-def emblem_data(seed: int, trigger: str, resolution: int, *, n: int = 5, min_images: int = 1) -> TrainData:
-    """Renders of one Shapes World emblem (a subject), captioned `a large {trigger} emblem on the left ...`."""
+def emblem_data(
+    seed: int, trigger: str, resolution: int, *, n: int = 5, min_images: int = 1, objects: int = 1
+) -> TrainData:
+    """Renders of one Shapes World emblem (a subject), captioned `a large {trigger} emblem on the left ...`; with
+    `objects` > 1, each render holds the emblem and 0 to `objects`-1 other objects (`... and a small blue ring on the
+    right ...`), so the adapter learns the emblem beside other things."""
     from studio.world.datasets import emblem_dataset
     from studio.world.emblems import emblem
 
     check_count(n, min_images, f"--world-images {n}")
-    batch = emblem_dataset(int(seed), n)
+    batch = emblem_dataset(int(seed), n, objects=(1, objects))
     prompts = [c.replace("emblem", f"{trigger} emblem") for c in batch.captions]
     samples = [
         f"a large {trigger} emblem in the center on a white background",
@@ -155,6 +159,7 @@ def emblem_data(seed: int, trigger: str, resolution: int, *, n: int = 5, min_ima
     ]
     summary = (
         f"{n} Shapes World renders of emblem {seed} ({emblem(int(seed)).describe()}) at {resolution}x{resolution}"
+        + (f", with up to {objects - 1} other object(s)" if objects > 1 else "")
     )
     return TrainData(
         _renders(batch.images, resolution),
@@ -251,7 +256,9 @@ def load_data(
     elif config.world_texture is not None and (config.world_emblem is not None or max_images == 1):
         data = textured_object_data(config.world_texture, config.world_emblem, config.trigger, resolution, n=n)
     elif config.world_emblem is not None:
-        data = emblem_data(config.world_emblem, config.trigger, resolution, n=n, min_images=min_images)
+        data = emblem_data(
+            config.world_emblem, config.trigger, resolution, n=n, min_images=min_images, objects=config.world_objects
+        )
     else:
         data = texture_data(config.world_texture, config.trigger, resolution, n=n, min_images=min_images)
     data.kind = config.kind or data.kind

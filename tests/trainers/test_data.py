@@ -128,3 +128,14 @@ def test_prior_preservation_default_and_class_prompts(tmp_path: Path) -> None:
         quick(name="My Adapter")
     with pytest.raises(StudioError, match="multiple of 8"):
         quick(resolution=30)
+
+
+def test_emblem_renders_with_other_objects() -> None:
+    alone = emblem_data(3, "zq", 32, n=8)
+    shared = emblem_data(3, "zq", 32, n=8, objects=2)
+    assert not any(" and " in p for p in alone.prompts)
+    # the emblem comes first, named by its trigger, and some renders hold a second (ordinary) object
+    assert all(p.startswith("a ") and p.split(" on ")[0].endswith("zq emblem") for p in shared.prompts)
+    assert any(" and " in p for p in shared.prompts) and "other object" in shared.summary
+    assert sum(p.count("emblem") for p in shared.prompts) == 8
+    assert not torch.equal(alone.images, shared.images)  # other objects are drawn, not only named
