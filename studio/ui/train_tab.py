@@ -34,6 +34,7 @@ SOURCE_FIELDS = ("source", "uploads", "world_emblem", "world_texture")
 MAIN_ROWS = (("trigger", "name"), ("model",), ("train_steps", "rank", "lr"), ("batch_size", "resolution", "seed"))
 MORE_FIELDS = (
     "world_images",
+    "world_objects",
     "sample_every",
     "sample_steps",
     "save_every",
@@ -261,6 +262,7 @@ def build_train_tab(jobs: JobQueue) -> dict[str, Any]:
             gr.update(visible=source in (TEXTURE, TEXTURED)),
             gr.update(visible=source == UPLOAD),
             gr.update(visible=source != UPLOAD),
+            gr.update(visible=source == EMBLEM),
         )
 
     form["method"].change(
@@ -271,7 +273,8 @@ def build_train_tab(jobs: JobQueue) -> dict[str, Any]:
     form["source"].change(
         on_source,
         inputs=form["source"],
-        outputs=[form["world_emblem"], form["world_texture"], form["uploads"], form["world_images"]],
+        outputs=[form["world_emblem"], form["world_texture"], form["uploads"], form["world_images"],
+                 form["world_objects"]],
     )
 
     def submit(values: dict, resume_run: bool) -> tuple[int, str, tuple[int, int]]:

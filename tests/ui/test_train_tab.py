@@ -22,7 +22,7 @@ def _form(**changes: Any) -> dict[str, Any]:
     form = {
         "method": "dreambooth_lora", "source": EMBLEM, "uploads": None, "world_emblem": 3, "world_texture": "dots",
         "trigger": "sks", "name": "emb", "model": "studio-tiny", "train_steps": 2, "rank": "", "lr": "",
-        "batch_size": 1, "resolution": "", "seed": 0, "world_images": 3, "sample_every": 0, "sample_steps": 1,
+        "batch_size": 1, "resolution": "", "seed": 0, "world_images": 3, "world_objects": 2, "sample_every": 0, "sample_steps": 1,
         "save_every": 0, "lr_scheduler": "constant", "grad_accum": 1, "mixed_precision": "auto",
         "gradient_checkpointing": False, "prior_preservation": "default", "class_prompt": "", "num_class_images": 100,
         "instance_prompt": "",
@@ -34,6 +34,7 @@ def test_the_form_maps_onto_train_config_like_the_cli() -> None:
     options, uploads = train_options(_form(rank="8", lr="0.001", snr_gamma=5))
     method, config = configs_from_mapping(options)
     assert config.snr_gamma == 5.0  # Min-SNR weighting is a setting of the page too
+    assert config.world_objects == 2  # emblem renders with company, as `--world-objects 2`
     assert uploads == [] and config.world_emblem == 3 and config.world_texture is None and config.images is None
     assert method.rank == 8 and method.lr == 0.001 and config.resolution is None and config.class_prompt is None
     assert config.progress is False and config.resume is None and config.prior_preservation is None
