@@ -35,8 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit keys the
 # The full report: each bench's own bar settings (`studio bench adapters`, `compose`, `base` at their defaults).
 FULL = {"train": {}, "emblems": 3, "texture": "stripes", "n_base": 50, "n_texture": 20, "steps": 20,
         "compose_train_steps": None, "seeds": 8, "pairs": None, "base_n": 100, "guidances": [None, 7.5]}
-# --quick: what each number is cut to for a first run (its aim: 15 minutes on 2 idle CPU cores; CLoRA's part alone
-# took longer than that on a shared machine).
+# --quick: what each number is cut to for a first run (its aim: 15 minutes on 2 idle CPU cores). Measured part by
+# part (2026-12-04, 1 thread, 2 cores shared with other benches at load 3-4, compose adapters trained): 8.5 minutes
+# in all; trainers 26-43 s each, the compose adapters 54 s, composers 15-19 s each but CLoRA 86 s (its test-time
+# optimisation at the paper's settings), the base 30 s. The same report took over an hour at load 5-6 when OpenMP
+# threads spun at their barriers (the CLI now lets them sleep: studio.cli).
 QUICK = {"train": {"train_steps": 60, "sample_steps": 4, "num_class_images": 4}, "emblems": 1, "texture": None,
          "n_base": 10, "n_texture": 5, "steps": 10, "compose_train_steps": 60, "seeds": 2, "pairs": 1, "base_n": 10,
          "guidances": [None, 7.5]}
@@ -48,8 +51,10 @@ REDUCTIONS = [  # stated in report.md and in every caption of a quick report
     "compose: one case per pair kind, 2 seeds (full: 6, 4 and 8 cases, 8 seeds)",
     "base: 10 prompts per set (full: 100)",
 ]
-# The full report's expected time, an estimate (not yet measured): 24 adapters at 700 steps dominate.
-FULL_HOURS = "estimated at 5 hours or more on 2 CPU cores, not yet measured"
+# The full report's expected time, extrapolated from the quick parts (not measured): 24 adapters at their default
+# steps (about 5 minutes each, the trainer bar) about 2 hours; judging 20 steps x 8 seeds x 18 compose cases per
+# composer (CLoRA about 20x one adapter) and the base's 100 prompts per set about 2 more.
+FULL_HOURS = "estimated at 4 to 5 hours on 2 idle CPU cores (extrapolated from the quick report, not measured)"
 
 
 def reports_root() -> Path:
