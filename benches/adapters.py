@@ -163,15 +163,11 @@ def verdict(row: dict) -> list[str]:
     return missed
 
 
-def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_base: int = 50, n_texture: int = 20,
-              texture: str | None = "stripes", overrides: dict | None = None, n_emblems: int = 3,
-              device: str = "cpu") -> dict:
-    """Train, generate and judge on `device`; write the table, JSON and grid; return the report."""
+def bench_generate_fn(model: str, steps: int, device: str = "cpu") -> GenerateFn:
+    """The bench's generation: the cached pipeline of `model` as it stands (adapters loaded or not), in batches."""
     from studio.generate import GenerateConfig, cached_pipeline, generate
 
-    library = out / "library"
     pipe = cached_pipeline(model, device)
-    overrides = {"device": device, **(overrides or {})}
 
     def generate_fn(prompts: list[str], seeds: list[int]) -> list[torch.Tensor]:
         images = []
@@ -180,6 +176,28 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
             config = GenerateConfig(prompt=texts[0], model=model, steps=steps, num_images=len(texts), device=device)
             images += list(generate(config, pipe=pipe, output_type="pt", prompts=texts, seeds=batch_seeds).images)
         return images  # (3, H, W) each, in [0, 1]
+
+    return generate_fn
+
+
+def base_single_accuracy(model: str, n_base: int, steps: int, device: str = "cpu") -> dict:
+    """The base's trigger-free single-object accuracy (no adapter loaded): the reference of every adapter's drift."""
+    return single_accuracy(bench_generate_fn(model, steps, device), n_base)
+
+
+def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_base: int = 50, n_texture: int = 20,
+              texture: str | None = "stripes", overrides: dict | None = None, n_emblems: int = 3,
+              device: str = "cpu", base: dict | None = None) -> dict:
+    """Train, generate and judge on `device`; write the table, JSON and grid; return the report.
+
+    `base`: the base's accuracy (`base_single_accuracy` at the same model, `n_base`, steps and device) when the caller
+    computed it already, e.g. once for every method of `studio bench report`; measured here otherwise."""
+    from studio.generate import cached_pipeline
+
+    library = out / "library"
+    pipe = cached_pipeline(model, device)
+    overrides = {"device": device, **(overrides or {})}
+    generate_fn = bench_generate_fn(model, steps, device)
 
     grid: dict[str, list[torch.Tensor]] = {}
     one_image = [m for m in methods if m == "b_lora"]  # its own rows: one image split into content and style
@@ -194,7 +212,7 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
                       "passed": {"b_lora": not any(r["missed"] for r in b_rows)}}
             _write_b_lora(out, report, grid)
             return report
-    base_accuracy = single_accuracy(generate_fn, n_base)
+    base_accuracy = base if base is not None else single_accuracy(generate_fn, n_base)
     rows = []
     for method in methods:
         rows += method_rows(method, model, library, generate_fn, pipe, overrides, base_accuracy, n_base,

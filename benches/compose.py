@@ -165,12 +165,15 @@ def score_image(image: torch.Tensor, case: Case) -> dict[str, float]:
 def run_bench(
     model: str, library: Path, composers_: list[str], seeds: int, steps: int, out: Path, pairs: int | None = None,
     categories: tuple[str, ...] = CATEGORIES, controls: tuple[str, ...] = CONTROLS, configure: Any = None,
+    timed_only: tuple[str, ...] = (),
 ) -> dict:
     """Score every composer and the `controls` rows on every case x seed; write the table, JSON and grid.
 
     "alone" is always measured: it is the time ratio's reference. `configure(composer, config)`, when given, returns
-    the config a composer runs with (e.g. a variant with its masks off), after `composer_config`. The JSON keeps
-    every image's judgements (`raw`) and every row's seconds per image (`raw_seconds`) beside the means."""
+    the config a composer runs with (e.g. a variant with its masks off), after `composer_config`. Rows in
+    `timed_only` are generated and timed but not judged (`studio bench report` judges the controls once, in their
+    own part, and times "alone" beside each composer). The JSON keeps every image's judgements (`raw`) and every
+    row's seconds per image (`raw_seconds`) beside the means."""
     from tqdm import tqdm
 
     import composers
@@ -226,7 +229,7 @@ def run_bench(
                 finally:
                     if handle is not None:
                         handle.remove()
-                for image in images:
+                for image in images if row not in timed_only else []:  # timed only: no judgement
                     for key, value in score_image(image, case).items():
                         figures[row][case.category][key].append(value)
                 if names is None or names[0] == case.adapters[0]:
@@ -235,18 +238,21 @@ def run_bench(
         unload_adapters(pipe)
     bar.close()
     single = statistics.median(seconds["alone"])
+    judged = {row: per for row, per in figures.items() if row not in timed_only}
+    means = {row: {cat: {key: round(statistics.mean(v), 4) for key, v in f.items()} for cat, f in per.items()}
+             for row, per in judged.items()}
     table = {
-        row: {cat: {key: round(statistics.mean(v), 4) for key, v in f.items()} for cat, f in per.items()}
+        row: means.get(row, {})
         | {"time_ratio": round(statistics.median(seconds[row]) / single, 3),
            "install_seconds": round(max(install[row]), 3)}
-        for row, per in figures.items()
+        for row in figures
     }
     report = {"model": model, "steps": steps, "seeds": seeds,
               "cases": {cat: len(group) for cat, group in by_category.items()},
               "threads": torch.get_num_threads(), "single_adapter_s_per_image": round(single, 4), "rows": table,
               "scoring_seconds": round(time.perf_counter() - began, 1),
               "raw": {row: {cat: {k: [round(x, 4) for x in v] for k, v in f.items()} for cat, f in per.items()}
-                      for row, per in figures.items()},
+                      for row, per in judged.items()},
               "raw_seconds": {row: [round(x, 4) for x in v] for row, v in seconds.items()}}
     _write(out, report, grid, rows)
     return report
@@ -266,6 +272,9 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: l
             + " | subject fidelity | prompt fidelity | time / single adapter |\n" + "|---" * (len(cats) + 4) + "|\n")
     body = ""
     for r, v in report["rows"].items():
+        if not all(c in v for c in cats):  # timed only: the time ratio's reference, judged elsewhere
+            body += f"| {r} | " + " | ".join(["timed only"] * (len(cats) + 2)) + f" | {v['time_ratio']:.2f}x |\n"
+            continue
         mean = {k: statistics.mean(v[c][k] for c in cats) for k in ("subject_fidelity", "prompt_fidelity")}
         body += (f"| {r} | " + " | ".join(f"{v[c][columns[c][0]]:.3f}" for c in cats)
                  + f" | {mean['subject_fidelity']:.3f} | {mean['prompt_fidelity']:.3f} | {v['time_ratio']:.2f}x |\n")

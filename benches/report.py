@@ -1,14 +1,16 @@
 """`studio bench report`: every trainer and every composer side by side on one base, as one folder of tables and plots.
 
 It runs the existing benches unit by unit and keeps each unit's result as its own JSON part in the report folder:
-one part per trainer (`studio bench adapters --method M`), the compose bench's adapter set (`studio bench compose
---prepare`), its control rows, one part per composer, and the base (`studio bench base`). A part is keyed by the
-code (the git commit, plus a hash of `git diff HEAD` when the tree is dirty, or "no-git") and the unit's settings:
-a part whose key matches is reused (the report says from when), any other is run again, so nothing is silently
-stale, and a killed run continues from the parts already on disk. `--quick` uses fewer steps, prompts and seeds
-(each reduction is stated in the report and in every figure's caption); the full report uses each bench's own
-bar settings. Tables, figures and the coverage check are in `benches.report_tables`; `--compare` in
-`benches.report_compare`.
+the base's trigger-free accuracy (measured once: every trainer's drift reference), one part per trainer (`studio
+bench adapters --method M`), the compose bench's adapter set (`studio bench compose --prepare`), its control rows,
+one part per composer (its "alone" row only timed, the time ratio's reference in the same part; the judged controls
+are the control part's), and the base (`studio bench base`). A part is keyed by the code (the git commit, plus a
+hash of `git diff HEAD` when the tree is dirty, or "no-git") and the unit's settings: a part whose key matches is
+reused (the report says from when), any other is run again, so nothing is silently stale, and a killed run
+continues from the parts already on disk. Each part keeps its seconds and the machine's load average while it ran.
+`--quick` uses fewer steps, prompts and seeds (each reduction is stated in the report and in every figure's
+caption); the full report uses each bench's own bar settings. Tables, figures and the coverage check are in
+`benches.report_tables`; `--compare` in `benches.report_compare`.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit keys the
 # The full report: each bench's own bar settings (`studio bench adapters`, `compose`, `base` at their defaults).
 FULL = {"train": {}, "emblems": 3, "texture": "stripes", "n_base": 50, "n_texture": 20, "steps": 20,
         "compose_train_steps": None, "seeds": 8, "pairs": None, "base_n": 100, "guidances": [None, 7.5]}
-# --quick: what each number is cut to for a first run (its aim: 15 minutes on 2 idle CPU cores; CLoRA's part alone
-# took longer than that on a shared machine).
+# --quick: what each number is cut to for a first run (its aim: 15 minutes on 2 idle CPU cores). Measured part by
+# part (2026-12-04, 1 thread, 2 cores shared with other benches at load 3-4, compose adapters trained): 8.5 minutes
+# in all; trainers 26-43 s each, the compose adapters 54 s, composers 15-19 s each but CLoRA 86 s (its test-time
+# optimisation at the paper's settings), the base 30 s. The same report took over an hour at load 5-6 when OpenMP
+# threads spun at their barriers (the CLI now lets them sleep: studio.cli).
 QUICK = {"train": {"train_steps": 60, "sample_steps": 4, "num_class_images": 4}, "emblems": 1, "texture": None,
          "n_base": 10, "n_texture": 5, "steps": 10, "compose_train_steps": 60, "seeds": 2, "pairs": 1, "base_n": 10,
          "guidances": [None, 7.5]}
@@ -46,8 +51,10 @@ REDUCTIONS = [  # stated in report.md and in every caption of a quick report
     "compose: one case per pair kind, 2 seeds (full: 6, 4 and 8 cases, 8 seeds)",
     "base: 10 prompts per set (full: 100)",
 ]
-# The full report's expected time, an estimate (not yet measured): 24 adapters at 700 steps dominate.
-FULL_HOURS = "estimated at 5 hours or more on 2 CPU cores, not yet measured"
+# The full report's expected time, extrapolated from the quick parts (not measured): 24 adapters at their default
+# steps (about 5 minutes each, the trainer bar) about 2 hours; judging 20 steps x 8 seeds x 18 compose cases per
+# composer (CLoRA about 20x one adapter) and the base's 100 prompts per set about 2 more.
+FULL_HOURS = "estimated at 4 to 5 hours on 2 idle CPU cores (extrapolated from the quick report, not measured)"
 
 
 def reports_root() -> Path:
@@ -81,7 +88,7 @@ def part_key(tree: str, unit: str, settings: dict) -> str:
 
 @dataclass
 class Unit:
-    name: str  # trainer-M | compose-adapters | compose-controls | composer-C | base
+    name: str  # base-accuracy | trainer-M | compose-adapters | compose-controls | composer-C | base
     settings: dict  # everything the unit's figures depend on (with the code, its key)
     run: Callable[[Path], dict]  # work folder -> the unit's result (JSON-able)
 
@@ -106,13 +113,30 @@ def run_unit(out: Path, unit: Unit, tree: str, log: Callable[[str], object] = pr
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     write_json(path, {"unit": unit.name, "key": key, "tree": tree, "settings": unit.settings, "state": "running",
                       "started": started})  # a killed run finds this key and continues in the same work folder
-    began = time.perf_counter()
+    began, load = time.perf_counter(), load_average()
     result = unit.run(work)
     part = {"unit": unit.name, "key": key, "tree": tree, "settings": unit.settings, "state": "done",
             "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "seconds": round(time.perf_counter() - began, 1), "result": result}
+            "seconds": round(time.perf_counter() - began, 1), "load": [load, load_average()], "result": result}
     write_json(path, part)
     return {**part, "reused": False}
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (other work shares the cores when it is above the threads used)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def stored(out: Path, unit: str) -> dict:
+    """The result of a unit that ran earlier in this report (a unit that needs it runs after it)."""
+    path = out / "parts" / f"{unit}.json"
+    part = json.loads(path.read_text()) if path.is_file() else {}
+    if part.get("state") != "done":
+        raise StudioError(f"{path} is not finished; run `studio bench report` again (it runs {unit} first)")
+    return part["result"]
 
 
 def _rel(out: Path, path: Path) -> str:
@@ -127,11 +151,15 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
 
     s, units = settings, []
     train = {"device": device, **s["train"]}
+    # The base's trigger-free accuracy, every emblem's drift reference: measured once, not once per trainer.
+    accuracy = {"model": model, "n_base": s["n_base"], "steps": s["steps"], "device": device}
+    units.append(Unit("base-accuracy", accuracy,
+                      lambda work: adapters.base_single_accuracy(model, s["n_base"], s["steps"], device)))
     for method in METHODS:
         def run_trainer(work: Path, method: str = method) -> dict:
             report = adapters.run_bench(model, [method], work, steps=s["steps"], n_base=s["n_base"],
                                         n_texture=s["n_texture"], texture=s["texture"], overrides=dict(train),
-                                        n_emblems=s["emblems"], device=device)
+                                        n_emblems=s["emblems"], device=device, base=stored(out, "base-accuracy"))
             return {"rows": report.get("rows", []), "b_lora": report.get("b_lora", []),
                     "base_accuracy": report.get("base_accuracy"), "grid": _rel(out, work / "adapters-bench-grid.png")}
 
@@ -152,7 +180,7 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
     units.append(Unit("compose-adapters", adapter_settings, run_prepare))
     scoring = {"adapters": adapter_settings, "seeds": s["seeds"], "steps": s["steps"], "pairs": s["pairs"]}
 
-    def run_compose(work: Path, rows: list[str], controls: tuple[str, ...]) -> dict:
+    def run_compose(work: Path, rows: list[str], controls: tuple[str, ...], timed_only: tuple[str, ...] = ()) -> dict:
         options = composer_options or {}
 
         def configure(name: str, config: Any) -> Any:
@@ -163,7 +191,8 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
         before = os.environ.get("STUDIO_LIBRARY")  # the compose bench points the library at its own
         try:
             report = compose.run_bench(model, library, rows, s["seeds"], s["steps"], work, pairs=s["pairs"],
-                                       categories=categories, controls=controls, configure=configure)
+                                       categories=categories, controls=controls, configure=configure,
+                                       timed_only=timed_only)
         finally:
             if before is None:
                 os.environ.pop("STUDIO_LIBRARY", None)
@@ -176,7 +205,7 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
     for name in composers.COMPOSERS:
         options = (composer_options or {}).get(name, {})
         units.append(Unit(f"composer-{name}", {**scoring, "composer": name, "options": options},
-                          lambda work, name=name: run_compose(work, [name], ("alone",))))
+                          lambda work, name=name: run_compose(work, [name], ("alone",), ("alone",))))
 
     def run_base(work: Path) -> dict:
         report = base.run_bench(model, s["base_n"], s["steps"], s["guidances"], work, device=device)

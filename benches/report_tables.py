@@ -86,7 +86,7 @@ def assemble(parts: dict[str, dict], meta: dict) -> dict:
     """One report from the parts; refuses (StudioError) when a registered method or composer has no row."""
     report: dict = {"meta": meta, "trainers": [], "composers": [], "controls": [], "base": [], "grids": {},
                     "parts": {n: {"finished": p.get("finished"), "seconds": p.get("seconds"),
-                                  "reused": p.get("reused", False)} for n, p in parts.items()}}
+                                  "load": p.get("load"), "reused": p.get("reused", False)} for n, p in parts.items()}}
     for name, part in parts.items():
         result = part.get("result") or {}
         if result.get("grid"):
@@ -183,10 +183,11 @@ def markdown(report: dict) -> str:
     lines += ["", "## Figures", "", *(f"![{f}]({f})" for f in report.get("figures", [])), "", "## Example images",
               "", "One row per bench row (the bench's own grid):", "",
               *(f"- {name}: ![{name}]({path})" for name, path in report["grids"].items()), "", "## Parts", "",
-              "| part | finished | seconds | |", "|---|---|---|---|"]
+              "| part | finished | seconds | load average (start, end) | |", "|---|---|---|---|---|"]
     for name, p in report["parts"].items():
         how = f"reused from {p['finished']}" if p["reused"] else "run now"
-        lines.append(f"| {name} | {p['finished']} | {p['seconds']} | {how} |")
+        load = ", ".join(_f(v) for v in p.get("load") or [])
+        lines.append(f"| {name} | {p['finished']} | {p['seconds']} | {load} | {how} |")
     return "\n".join(lines) + "\n"
 
 

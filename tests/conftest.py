@@ -18,6 +18,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["DO_NOT_TRACK"] = "1"
+# As the CLI (studio.cli): OpenMP threads sleep at barriers instead of spinning, set before torch loads. Tests that
+# keep torch's default threads on cores shared with other workers otherwise wait on each other's time slices.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).parent))
 
 # The web UI's tests need gradio; an install of the core stack alone (a GPU box, say) leaves them out, and says so.

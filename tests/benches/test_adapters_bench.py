@@ -60,9 +60,12 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
         assert len(judgements) <= 2 and all(j in (0, 1) for j in judgements)
         if judgements:
             assert sum(judgements) / len(judgements) == pytest.approx(report["base_accuracy"][key], abs=1e-3)
+    given = {**report["base_accuracy"], "mean": 0.5}  # measured once by the caller (`studio bench report`)
     alone = run_bench(str(tiny_dirs["sd1"]), ["kronecker"], tmp_path / "k", steps=2, n_base=2, n_texture=2,
-                      overrides=SMALL, n_emblems=1)  # ratio still against the LoRA
+                      overrides=SMALL, n_emblems=1, base=given)  # ratio still against the LoRA
     assert [r["params_ratio"] for r in alone["rows"]] == [rows[2]["params_ratio"]] * 2
+    emblem = alone["rows"][0]
+    assert alone["base_accuracy"] is given and emblem["drift"] == round(0.5 - emblem["single_accuracy"]["mean"], 4)
     table = (tmp_path / "adapters-bench.md").read_text()
     assert table.count("| dreambooth_lora |") == 2 and "misses the bar" in table  # 2 steps on random weights
     assert (tmp_path / "adapters-bench-grid.png").is_file() and (tmp_path / "adapters-bench.json").is_file()

@@ -79,3 +79,24 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path, monkeypatch, cap
     assert report["scoring_seconds"] > 0 and f"scoring took {report['scoring_seconds']:.0f} s" in table
     grid = Image.open(out / "compose-bench-grid.png")
     assert grid.size[1] > len(report["rows"]) * 32 and grid.size[0] > 2 * 32  # a row per bench row, 2 cases
+
+
+def test_timed_only_rows_are_generated_and_timed_but_not_judged(tiny_dirs: dict, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from benches import compose
+
+    library = tmp_path / "bench-lib"
+    monkeypatch.setenv("STUDIO_LIBRARY", str(library))
+    pipe = cached_pipeline(str(tiny_dirs["sd1"]), "cpu")
+    for i, name in enumerate(needed(("two_subjects",), 1)):
+        add_random_adapter(pipe, name, seed=i, trigger=adapter_names()[name][0], kind="subject")
+    judged: list[object] = []
+    monkeypatch.setattr(compose, "score_image", lambda image, case: judged.append(image) or score_image(image, case))
+    report = compose.run_bench(str(tiny_dirs["sd1"]), library, ["merge"], 2, 2, tmp_path / "out", pairs=1,
+                               categories=("two_subjects",), controls=("alone",), timed_only=("alone",))
+    assert len(judged) == 2  # merge's two seeds; "alone" (each adapter, two seeds) is not judged
+    assert len(report["raw_seconds"]["alone"]) == 2 and report["rows"]["alone"] == {
+        "time_ratio": 1.0, "install_seconds": report["rows"]["alone"]["install_seconds"]}
+    assert list(report["raw"]) == ["merge"] and report["rows"]["merge"]["two_subjects"]["prompt_fidelity"] >= 0
+    table = (tmp_path / "out" / "compose-bench.md").read_text()
+    assert "| alone | timed only | timed only | timed only | 1.00x |" in table

@@ -175,9 +175,71 @@ def test_a_cancelled_run_stops_between_parts(tmp_path: Path) -> None:
     cancel = threading.Event()
     cancel.set()
     seen: list[tuple[int, int, str]] = []
-    with pytest.raises(Cancelled, match="stopped before trainer-dreambooth_lora; 0 of"):
+    with pytest.raises(Cancelled, match="stopped before base-accuracy; 0 of"):
         run_report(tmp_path, settings=QUICK, cancel=cancel, progress=lambda *a: seen.append(a))
     assert seen == [] and not (tmp_path / "parts").exists()
+
+
+def test_the_base_accuracy_is_measured_once_for_every_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benches import adapters
+    from benches.report import QUICK, plan
+    from trainers import METHODS
+
+    measured: list[tuple] = []
+    given: list[dict | None] = []
+
+    def base_single_accuracy(model: str, n_base: int, steps: int, device: str = "cpu") -> dict:
+        measured.append((model, n_base, steps, device))
+        return {"mean": 0.9, "n": n_base}
+
+    def run_bench(model: str, methods: list[str], out: Path, **options: object) -> dict:
+        given.append(options.get("base"))  # type: ignore[arg-type]
+        return {"rows": []}
+
+    monkeypatch.setattr(adapters, "base_single_accuracy", base_single_accuracy)
+    monkeypatch.setattr(adapters, "run_bench", run_bench)
+    units = [u for u in plan(tmp_path, QUICK, "studio-tiny", "cpu")
+             if u.name == "base-accuracy" or u.name.startswith("trainer-")]
+    assert units[0].name == "base-accuracy" and len(units) == len(METHODS) + 1  # first: the trainers read it
+    for unit in units:
+        run_unit(tmp_path, unit, "commit-a", lambda line: None)
+    assert measured == [("studio-tiny", QUICK["n_base"], QUICK["steps"], "cpu")]
+    assert given == [{"mean": 0.9, "n": QUICK["n_base"]}] * len(METHODS)
+    (tmp_path / "parts" / "base-accuracy.json").unlink()  # a trainer without it: a clear error, no guess
+    with pytest.raises(StudioError, match="base-accuracy.json is not finished; run `studio bench report` again"):
+        units[1].run(tmp_path / "work" / units[1].name)
+
+
+def test_composer_parts_only_time_their_alone_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import composers
+    from benches import compose
+    from benches.report import QUICK, plan
+
+    calls: dict[str, tuple] = {}
+
+    def run_bench(model: str, library: Path, rows: list[str], *args: object, **options: object) -> dict:
+        calls[",".join(rows) or "controls"] = (options["controls"], options["timed_only"])
+        return {}
+
+    monkeypatch.setattr(compose, "run_bench", run_bench)
+    for unit in plan(tmp_path, QUICK, "studio-tiny", "cpu"):
+        if unit.name == "compose-controls" or unit.name.startswith("composer-"):
+            unit.run(tmp_path / "work" / unit.name)
+    assert calls.pop("controls") == (compose.CONTROLS, ())  # the controls are judged once, in their own part
+    assert calls == dict.fromkeys(composers.COMPOSERS, (("alone",), ("alone",)))
+
+
+def test_the_cli_lets_openmp_threads_sleep_on_shared_cores() -> None:
+    import os
+    import sys
+
+    code = "import os, studio.cli; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "PASSIVE"
+    run = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "ACTIVE"  # a policy the user set is kept
 
 
 def _readme_checks(root: Path) -> None:
