@@ -8,7 +8,12 @@ in `studio/ui/`.
 
 from __future__ import annotations
 
-from studio.ui import build_app, launch, main, parse_args
+import os
+
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `studio` (studio.cli): OpenMP threads sleep, not spin
+
+from studio.ui import build_app, launch, main, parse_args  # noqa: E402 (after the OpenMP setting, before torch)
 
 
 __all__ = ["build_app", "launch", "main", "parse_args"]
