@@ -18,6 +18,12 @@ adapter's method config and checked on merge) instead of drawn at random (the pa
 paper trains ED-LoRA text embeddings beside the weights, here the text encoders' attention gets orthogonal LoRA as
 DreamBooth-LoRA's does. Capacity: a layer with d_in inputs holds d_in // rank concepts (the embedded base's 64-wide
 layers: 4 at rank 16); the library refuses a concept past it.
+
+Measured (`studio bench merge`, two evaluation emblems at the defaults, 20 prompts each, 20 steps, 2 threads): found
+alone 0.70 and 0.85, in the plain sum 0.35 and 0.60; DreamBooth-LoRA in the same run 0.90/0.85 alone and 0.75/0.65
+summed; both emblems in one prompt 0.00 for either sum. Orthogonal down-projections do not stop crosstalk here: on a
+64-wide input a random feature puts a quarter of its energy in another concept's 16 columns (the paper's SD layers
+are 320-1280 wide), and what the paper's argument needs, concept i's features inside span(A_i), is not trained for.
 """
 
 from __future__ import annotations
