@@ -33,6 +33,10 @@ Cost (`studio bench train --method sara --method dreambooth_lora`, embedded base
 images cached, on a shared machine): 866,071 trained entries (0.65x the default DreamBooth-LoRA's parameters), peak
 resident memory 1,075.7 MB against DreamBooth-LoRA's 1,115.4 MB, and 1.6x its seconds per step: every selected
 layer computes its dense weight gradient in the backward (as full fine-tuning does; the paper's saving is memory).
+
+Quality (`studio bench adapters --method sara --no-texture`, three evaluation emblems at the defaults, 2 threads, an
+otherwise idle machine): found 0.90, 1.00 and 0.95 of 20 prompts; trigger-free drift +0.015, +0.040 and +0.025 of
+the base's 0.995 single-object accuracy; 291-300 s of training each.
 """
 
 from __future__ import annotations
