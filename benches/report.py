@@ -37,10 +37,11 @@ FULL = {"train": {}, "emblems": 3, "texture": "stripes", "n_base": 50, "n_textur
         "compose_train_steps": None, "seeds": 8, "pairs": None, "base_n": 100, "guidances": [None, 7.5]}
 # --quick: what each number is cut to for a first run (its aim: 15 minutes on 2 idle CPU cores). Measured end to end
 # (2026-12-04, `studio bench report --quick --threads 2` on 2 otherwise idle cores, nothing reused): 717 s, 12.0
-# minutes; trainers 25-40 s each, composers 20-30 s each but CLoRA 151 s (its test-time optimisation at the paper's
-# settings), the base 43 s. The same report took over an hour at load 5-6 when OpenMP threads spun at their
-# barriers (the CLI now lets them sleep: studio.cli). At 60 training steps no composer composes (all rows 0.00):
-# the quick report checks the machinery and the costs; composition needs the full report's adapters.
+# minutes; trainers 30-52 s each, the compose adapters 94 s, composers 20-36 s each but CLoRA 151 s (its test-time
+# optimisation at the paper's settings), the base 43 s. The same report took over an hour at load 5-6 when
+# OpenMP threads spun at their barriers (the CLI now lets them sleep: studio.cli). At 60 training steps no composer
+# composes (all rows 0.00): the quick report checks the machinery and the costs; composition needs the full
+# report's adapters.
 QUICK = {"train": {"train_steps": 60, "sample_steps": 4, "num_class_images": 4}, "emblems": 1, "texture": None,
          "n_base": 10, "n_texture": 5, "steps": 10, "compose_train_steps": 60, "seeds": 2, "pairs": 1, "base_n": 10,
          "guidances": [None, 7.5]}
