@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from benches.figures import save_grid
+from studio.errors import StudioError
 from studio.models import DEFAULT_MODEL
 
 
@@ -129,8 +130,16 @@ def prepare(model: str, library: Path, steps: int | None, names: list[str] | Non
     from trainers import TrainConfig, train
 
     lib, made = Library(library), []
+    objects = (overrides or {}).get("world_objects", 1)
     for name, (trigger, source) in adapter_names().items():
-        if name in lib or (names is not None and name not in names):
+        if names is not None and name not in names:
+            continue
+        if name in lib:
+            trained = lib.root / name / "train_config.json"
+            held = json.loads(trained.read_text()).get("world_objects", 1) if trained.is_file() else 1
+            if "world_emblem" in source and held != objects:
+                raise StudioError(f"{library} holds {name} trained with --world-objects {held}, not {objects}: give "
+                                  "another --library, or remove it (studio library remove) to train it again")
             continue
         options = {**(overrides or {}), **({"train_steps": steps} if steps else {})}
         run_dir = str(library / ".runs" / name)  # an interrupted preparation starts that adapter over
@@ -186,8 +195,6 @@ def run_bench(
     chosen = [c for group in by_category.values() for c in group]
     missing = sorted({n for c in chosen for n in c.adapters if n not in lib})
     if missing:
-        from studio.errors import StudioError
-
         raise StudioError(f"the bench's adapters are not trained ({missing[0]}, ...); run with --prepare first")
     began = time.perf_counter()
     pipe = cached_pipeline(model, "cpu")

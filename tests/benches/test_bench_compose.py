@@ -100,3 +100,18 @@ def test_timed_only_rows_are_generated_and_timed_but_not_judged(tiny_dirs: dict,
     assert list(report["raw"]) == ["merge"] and report["rows"]["merge"]["two_subjects"]["prompt_fidelity"] >= 0
     table = (tmp_path / "out" / "compose-bench.md").read_text()
     assert "| alone | timed only | timed only | timed only | 1.00x |" in table
+
+
+def test_prepare_never_reuses_an_emblem_trained_on_other_renders(tmp_path: Path) -> None:
+    import pytest
+
+    from benches.compose import prepare
+    from studio.errors import StudioError
+
+    entry = tmp_path / "bench-emblem-101"
+    entry.mkdir()
+    (entry / "adapter_config.json").write_text("{}")
+    (entry / "train_config.json").write_text(json.dumps({"world_emblem": 101}))  # before --world-objects: 1
+    assert prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"]) == []  # the same renders: reused
+    with pytest.raises(StudioError, match="--world-objects 1, not 2"):
+        prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"], {"world_objects": 2})
