@@ -22,7 +22,8 @@ def _form(**changes: Any) -> dict[str, Any]:
     form = {
         "method": "dreambooth_lora", "source": EMBLEM, "uploads": None, "world_emblem": 3, "world_texture": "dots",
         "trigger": "sks", "name": "emb", "model": "studio-tiny", "train_steps": 2, "rank": "", "lr": "",
-        "batch_size": 1, "resolution": "", "seed": 0, "world_images": 3, "world_objects": 2, "sample_every": 0, "sample_steps": 1,
+        "batch_size": 1, "resolution": "", "seed": 0, "world_images": 3, "world_objects": 2, "sample_every": 0,
+        "sample_steps": 1,
         "save_every": 0, "lr_scheduler": "constant", "grad_accum": 1, "mixed_precision": "auto",
         "gradient_checkpointing": False, "prior_preservation": "default", "class_prompt": "", "num_class_images": 100,
         "instance_prompt": "",
