@@ -138,7 +138,10 @@ def prepare(model: str, library: Path, steps: int | None, names: list[str] | Non
             continue
         if name in lib:
             trained = lib.root / name / "train_config.json"
-            held = json.loads(trained.read_text()).get("world_objects", 1) if trained.is_file() else 1
+            try:
+                held = json.loads(trained.read_text()).get("world_objects", 1) if trained.is_file() else 1
+            except ValueError:  # unreadable: how it was trained is unknown
+                held = "unknown"
             if "world_emblem" in source and held != objects:
                 raise StudioError(f"{library} holds {name} trained with --world-objects {held}, not {objects}: give "
                                   "another --library, or remove it (studio library remove) to train it again")

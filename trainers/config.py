@@ -148,6 +148,9 @@ class TrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise StudioError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+        if self.world_objects > 3:  # a Shapes World scene holds 1 to 3 objects (DESIGN.md section 3)
+            raise StudioError(f"--world-objects {self.world_objects}: a Shapes World scene holds at most 3 objects; "
+                              "use 1, 2 or 3")
         for key in ("save_every", "sample_every", "lr_warmup_steps"):
             if getattr(self, key) < 0:
                 raise StudioError(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(self, key)}")

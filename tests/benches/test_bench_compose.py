@@ -115,3 +115,6 @@ def test_prepare_never_reuses_an_emblem_trained_on_other_renders(tmp_path: Path)
     assert prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"]) == []  # the same renders: reused
     with pytest.raises(StudioError, match="--world-objects 1, not 2"):
         prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"], {"world_objects": 2})
+    (entry / "train_config.json").write_text("{damaged")
+    with pytest.raises(StudioError, match="--world-objects unknown, not 1"):
+        prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"])

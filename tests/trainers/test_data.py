@@ -139,3 +139,5 @@ def test_emblem_renders_with_other_objects() -> None:
     assert any(" and " in p for p in shared.prompts) and "other object" in shared.summary
     assert sum(p.count("emblem") for p in shared.prompts) == 8
     assert not torch.equal(alone.images, shared.images)  # other objects are drawn, not only named
+    with pytest.raises(StudioError, match="at most 3 objects"):
+        quick(world_objects=4)
