@@ -21,8 +21,9 @@ from studio.ui.jobs import Job, JobQueue
 KEY = "benchmark report"  # the queue refuses a second unfinished report job
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\([^)]*\)")  # figures are shown in the gallery, not as links into the folder
 INTRO = ("Every trainer and composer of the studio, scored exactly by the Shapes World evaluator on the embedded base "
-         "(`studio bench report`). **Run the quick report** queues a short run (fewer steps and seeds, stated in the "
-         "report; it still trains an adapter per method) behind any training in progress.")
+         "(`studio bench report`). **Run the quick report** queues a short run (12 minutes on 2 idle CPU cores; fewer "
+         "steps and seeds, stated in the report; it still trains an adapter per method) behind any training in "
+         "progress.")
 
 
 def latest_report() -> Path | None:
