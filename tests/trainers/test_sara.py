@@ -16,7 +16,7 @@ from studio.library import Library, delta_weight, load_adapters, unload_adapters
 from studio.library.compat import CheckpointMismatchWarning
 from studio.models import load_pipeline
 from trainers import SaRA, SaRAConfig, train
-from trainers.methods.sara import SparseParam
+from trainers.methods.sara import SparseParam, nuclear_norm
 
 
 def _image(pipe) -> torch.Tensor:  # noqa: ANN001
@@ -85,6 +85,23 @@ def test_nuclear_norm_gradient_and_progressive_reselection() -> None:
     restored.params["unet.a.weight"].values = nn.Parameter(torch.zeros_like(param.values))
     restored.load_state_dict(method.state_dict())
     assert torch.equal(restored.params["unet.a.weight"].active, param.active)
+
+
+@pytest.mark.parametrize(("shape", "empty_row"), [((20, 150), False), ((150, 20), False), ((20, 150), True)])
+def test_the_nuclear_norm_through_qr_is_the_svds(shape: tuple[int, int], empty_row: bool) -> None:
+    torch.manual_seed(2)
+    matrix = torch.randn(shape) * (torch.rand(shape) < 0.2)  # sparse, like P (.) M
+    if empty_row:
+        matrix[3] = 0  # rank-deficient: QR's backward would divide by zero; the plain SVD is taken
+    matrix.requires_grad_(True)
+    (grad,) = torch.autograd.grad(nuclear_norm(matrix), matrix)
+    u, s, vh = torch.linalg.svd(matrix.detach(), full_matrices=False)
+    torch.testing.assert_close(nuclear_norm(matrix).detach(), s.sum())
+    if empty_row:  # a subgradient: the plain SVD's own choice on the null direction
+        (expected,) = torch.autograd.grad(torch.linalg.svdvals(matrix).sum(), matrix)
+    else:
+        expected = u @ vh  # d||M||_* = U V^T
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_sara_trains_small_weights_and_loads_exactly_at_a_weight(tiny_dirs: dict[str, Path]) -> None:
