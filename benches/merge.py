@@ -105,6 +105,7 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, ove
         row["both"], grid[f"{summed} both"] = judged([summed], pair, lambda im, p=pair: judge_both(im, p))
         rows.append(row)
     report = {"model": model, "steps": steps, "threads": torch.get_num_threads(), "rows": rows,
+              "world_objects": (overrides or {}).get("world_objects", 1),
               "bars": {"keep": KEEP_BAR, "drop": DROP_BAR, "both": BOTH_BAR}, "verdicts": verdicts(rows)}
     _write(out, report, grid)
     return report
@@ -134,7 +135,9 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
             both = f"{r['both']:.2f}" if i == 0 else ""
             lines.append(f"| {r['method']} | {e['seed']} | {e['alone']:.2f} | {e['merged']:.2f} | {e['drop']:+.2f} | "
                          f"{both} |")
-    lines += ["", f"{report['threads']} threads, {report['steps']} sampling steps.", "",
+    objects = report.get("world_objects", 1)
+    renders = "one emblem per training render" if objects == 1 else f"training renders of up to {objects} objects"
+    lines += ["", f"{report['threads']} threads, {report['steps']} sampling steps, {renders}.", "",
               *(f"- {k}: {'yes' if v else 'no'}" for k, v in report["verdicts"].items())]
     write_text(out / "merge-bench.md", "\n".join(lines) + "\n")
     save_grid(out / "merge-bench-grid.png", list(grid.values()))
@@ -144,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     overrides = {"train_steps": args.train_steps} if args.train_steps else {}
+    if args.world_objects > 1:
+        overrides["world_objects"] = args.world_objects
     report = run_bench(args.model, args.method or ["orthogonal", "dreambooth_lora"], Path(args.out),
                        steps=args.steps, overrides=overrides)
     print((Path(args.out) / "merge-bench.md").read_text())
@@ -156,6 +161,9 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--method", action="append", help="a method (repeatable; default orthogonal, dreambooth_lora)")
     parser.add_argument("--train-steps", type=int, default=None, help="override the default steps (not the bar)")
+    parser.add_argument("--world-objects", type=int, default=1, metavar="N",
+                        help="train each emblem on renders that also hold up to N-1 other objects (studio train "
+                             "--world-objects), which prompts naming both emblems need")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-out/merge")

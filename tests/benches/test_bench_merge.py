@@ -26,11 +26,13 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     """Two steps on 3 renders, 3 prompts per emblem and 2 pairs: the whole path (train two, merge by sum, judge alone,
     summed and both), not its figures, which `studio bench merge` measures."""
     small = {"train_steps": 2, "sample_steps": 2, "batch_size": 1, "world_images": 3, "num_class_images": 2,
-             "device": "cpu"}
+             "device": "cpu", "world_objects": 2}
     report = run_bench(str(tiny_dirs["sd1"]), ["orthogonal"], tmp_path, steps=2, overrides=small, per_emblem=3,
                        n_both=2)
     (row,) = report["rows"]
     assert row["method"] == "orthogonal" and len(row["emblems"]) == 2 and 0.0 <= row["both"] <= 1.0
     assert set(report["verdicts"]) == {"orthogonal keeps each emblem", "orthogonal shows both"}
-    assert "| orthogonal |" in (tmp_path / "merge-bench.md").read_text()
+    table = (tmp_path / "merge-bench.md").read_text()
+    assert "| orthogonal |" in table and "training renders of up to 2 objects" in table
+    assert report["world_objects"] == 2
     assert (tmp_path / "merge-bench-grid.png").is_file()
