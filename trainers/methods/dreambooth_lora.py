@@ -76,26 +76,19 @@ class DreamBoothLoRA(Method):
         if c.train_text_encoder:
             plan += [(name, TEXT_TARGETS) for name in TEXT_ENCODERS if getattr(components, name, None) is not None]
         for name, targets in plan:
-            model = getattr(components, name)
-            ranks = self.layer_ranks(model, split_targets(targets))
             config = LoraConfig(
                 r=c.rank,
                 lora_alpha=alpha,
                 init_lora_weights="gaussian",
                 lora_dropout=c.lora_dropout,
                 target_modules=split_targets(targets),
-                rank_pattern=ranks,  # PEFT matches each key (a regex) against the end of a module's path
-                alpha_pattern={m: alpha * r / c.rank for m, r in ranks.items()},  # the scale alpha / r stays the same
             )
+            model = getattr(components, name)
             try:
                 inject_adapter_in_model(config, model, adapter_name=ADAPTER)
             except ValueError as err:  # PEFT: no module matched
                 raise StudioError(f"{name}: {err}; check --target-modules") from None
             self.models[name] = model
-
-    def layer_ranks(self, model: nn.Module, targets: list[str]) -> dict[str, int]:
-        """Ranks that differ from `rank`, keyed by `re.escape(module path)` (none here: every layer gets `rank`)."""
-        return {}
 
     def _layers(self) -> dict[str, LoraLayer]:
         return {

@@ -29,7 +29,6 @@ are 320-1280 wide), and what the paper's argument needs, concept i's features in
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -56,32 +55,6 @@ class OrthogonalConfig(DreamBoothLoRAConfig):
         super().__post_init__()
         if self.first_column is not None and self.first_column < 0:
             raise StudioError(f"--first-column must be 0 or more, got {self.first_column}")
-
-
-WIDTH_PER_RANK = 16  # the paper's narrowest layer: rank 20 of SD 1.5's 320-wide inputs
-
-
-def input_width(module: nn.Module) -> int | None:
-    """Inputs a LoRA down-projection of `module` sees: in_features, or in * kh * kw (LoCon); None if not adaptable."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-    return None
-
-
-def layer_rank(width: int, rank: int) -> int:
-    """The rank of a layer with `width` inputs: `rank`, capped so that width / rank stays at least WIDTH_PER_RANK."""
-    return max(1, min(rank, width // WIDTH_PER_RANK))
-
-
-def layer_columns(first_column: int, rank: int, width: int) -> tuple[int, int]:
-    """[start, stop) of an adapter's basis columns in a layer: its nominal block [first, first + rank) scaled by the
-    layer's rank, so blocks disjoint at the nominal rank stay disjoint in every layer (floor(f s) + r_l is
-    floor((f + rank) s) for s = r_l / rank)."""
-    r = layer_rank(width, rank)
-    start = first_column * r // rank
-    return start, start + r
 
 
 @functools.lru_cache(maxsize=32)
@@ -114,33 +87,21 @@ class Orthogonal(DreamBoothLoRA):
             raise StudioError("orthogonal adaptation needs its basis columns; train through trainers.train, which "
                               "allocates them, or pass --first-column")
         super().attach(components)
+        stop = c.first_column + c.rank
         with torch.no_grad():
             for module, layer in self._layers().items():
-                down = layer.lora_A[ADAPTER].weight  # (r_l, d_in) or (r_l, in, kh, kw)
+                down = layer.lora_A[ADAPTER].weight  # (r, d_in) or (r, in, kh, kw)
                 width = down[0].numel()
-                start, stop = layer_columns(c.first_column, c.rank, width)
                 if stop > width:
                     raise StudioError(
-                        f"{module} has {width} inputs: its basis holds {width // (stop - start)} concepts of rank "
-                        f"{stop - start} and columns {start}-{stop - 1} do not fit; remove an orthogonal adapter "
-                        "of this base or train with a lower --rank"
+                        f"{module} has {width} inputs: its basis holds {width // c.rank} concepts of rank "
+                        f"{c.rank} and columns {c.first_column}-{stop - 1} do not fit; train with a lower --rank or "
+                        "remove an orthogonal adapter of this base"
                     )
-                rows = orthogonal_basis(width, c.basis_seed)[:, start:stop].T  # (r_l, width), orthonormal
+                rows = orthogonal_basis(width, c.basis_seed)[:, c.first_column:stop].T  # (r, width), orthonormal
                 down.copy_(rows.reshape(down.shape).to(down.dtype))
                 down.requires_grad_(False)
                 nn.init.zeros_(layer.lora_B[ADAPTER].weight)  # dW = 0: training starts at the base
-
-    def layer_ranks(self, model: nn.Module, targets: list[str]) -> dict[str, int]:
-        """Narrow layers get a lower rank (`layer_rank`): crosstalk dW_j X_i carries about r / d_in of a random
-        input's energy, a quarter at rank 16 on the embedded base's 64-wide layers."""
-        out = {}
-        for path, module in model.named_modules():
-            width = input_width(module)
-            if width is None or not any(path == t or path.endswith("." + t) for t in targets):
-                continue
-            if (r := layer_rank(width, self.config.rank)) != self.config.rank:
-                out[re.escape(path)] = r
-        return out
 
     def card_notes(self) -> str:
         c = self.config
@@ -150,10 +111,8 @@ class Orthogonal(DreamBoothLoRA):
             "input-side factor (section 4), frozen factors drawn from a shared randomized orthogonal basis per input "
             "width (section 4.2) and merging by summation (eq. 1). Its own choices: the library allocates disjoint "
             "basis columns instead of random ones, convolutions are adapted too, and the text encoders get "
-            "orthogonal LoRA instead of the paper's ED-LoRA embeddings, and a layer with fewer than "
-            f"{WIDTH_PER_RANK} inputs per rank gets a lower rank (the paper's ratio at its narrowest layer).\n\n"
-            f"Basis seed {c.basis_seed}, nominal columns {c.first_column}-{(c.first_column or 0) + c.rank - 1} "
-            "(scaled to each layer's rank); merge it with other "
+            f"orthogonal LoRA instead of the paper's ED-LoRA embeddings.\n\nBasis seed {c.basis_seed}, columns "
+            f"{c.first_column}-{(c.first_column or 0) + c.rank - 1} of each layer's basis; merge it with other "
             "orthogonal adapters of this base by `studio library merge A,B --name AB` (a plain sum).\n"
         )
 
