@@ -1,13 +1,16 @@
 """`studio bench report`: every trainer and every composer side by side on one base, as one folder of tables and plots.
 
-It runs the existing benches unit by unit and keeps each unit's result as its own JSON part in the report folder:
-the base's trigger-free accuracy (measured once: every trainer's drift reference), one part per trainer (`studio
-bench adapters --method M`), the compose bench's adapter set (`studio bench compose --prepare`), its control rows,
-one part per composer (its "alone" row only timed, the time ratio's reference in the same part; the judged controls
-are the control part's), and the base (`studio bench base`). A part is keyed by the code (the git commit, plus a
-hash of `git diff HEAD` when the tree is dirty, or "no-git") and the unit's settings: a part whose key matches is
-reused (the report says from when), any other is run again, so nothing is silently stale, and a killed run
-continues from the parts already on disk. Each part keeps its seconds and the machine's load average while it ran.
+It runs the existing benches unit by unit and keeps each unit's result as its own JSON part in the report folder, in
+this order: the compose bench's adapter set (`studio bench compose --prepare`), its control rows, one part per
+composer (its "alone" row only timed, the time ratio's reference in the same part; the judged controls are the control
+part's), the base (`studio bench base`), the base's trigger-free accuracy (measured once: every trainer's drift
+reference) and one part per trainer (`studio bench adapters --method M`). The compose units come first because they
+share one work folder (the adapters they compose); every later part stands alone. A part is keyed by the code (a hash
+of the committed code outside `NOT_CODE` plus `git diff HEAD` on it, or "no-git") and the unit's settings: a part
+whose key matches is reused (the report says from when), any other is run again, so nothing is silently stale, and a
+killed run continues from the parts already on disk. Parts copied into another clone of the same code are reused the
+same way (the compose adapters' part only with its work folder), so a long report can run in sittings. Each part keeps
+its seconds and the machine's load average while it ran.
 `--quick` uses fewer steps, prompts and seeds (each reduction is stated in the report and in every figure's
 caption); the full report uses each bench's own bar settings. Tables, figures and the coverage check are in
 `benches.report_tables`; `--compare` in `benches.report_compare`.
@@ -68,18 +71,35 @@ def default_out(quick: bool) -> Path:
     return reports_root() / ("report-quick" if quick else "report")
 
 
+# What the figures do not depend on: a commit touching only these reuses every part (publishing a report, the docs).
+NOT_CODE = ("README.md", "docs", "tests", ".ci", ".gitignore", "dev")
+
+
 def tree_id(root: Path = ROOT) -> str:
-    """The code's identity: the commit, `+` the hash of `git diff HEAD` when the tree is dirty, or "no-git"."""
+    """The code's identity: a hash of the committed code (every top-level entry but `NOT_CODE`) and of `git diff
+    HEAD` on it when the tree is dirty, or "no-git". A commit of docs alone keeps it; any code change moves it."""
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True)
         return done.stdout
 
     try:
-        commit = git("rev-parse", "HEAD").strip()
-        diff = git("diff", "HEAD")
+        listing = [line for line in git("ls-tree", "HEAD").splitlines() if line.split("\t", 1)[1] not in NOT_CODE]
+        diff = git("diff", "HEAD", "--", ".", *(f":(exclude){name}" for name in NOT_CODE))
     except (OSError, subprocess.CalledProcessError):
         return "no-git"
-    return commit + ("+" + hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else "")
+    return hashlib.sha256("\n".join([*listing, diff]).encode()).hexdigest()[:16]
+
+
+def commit_id(root: Path = ROOT) -> str:
+    """The commit the report ran at (`+dirty` with uncommitted changes), for people; parts are keyed by `tree_id`."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "no-git"
+    return commit + ("+dirty" if dirty else "")
 
 
 def part_key(tree: str, unit: str, settings: dict) -> str:
@@ -93,6 +113,7 @@ class Unit:
     name: str  # base-accuracy | trainer-M | compose-adapters | compose-controls | composer-C | base
     settings: dict  # everything the unit's figures depend on (with the code, its key)
     run: Callable[[Path], dict]  # work folder -> the unit's result (JSON-able)
+    shared: bool = False  # later units read its work folder: its part is reused only while that folder is there
 
 
 def run_unit(out: Path, unit: Unit, tree: str, log: Callable[[str], object] = print) -> dict:
@@ -103,10 +124,14 @@ def run_unit(out: Path, unit: Unit, tree: str, log: Callable[[str], object] = pr
     path = out / "parts" / f"{unit.name}.json"
     work = out / "work" / unit.name
     stored = json.loads(path.read_text()) if path.is_file() else None
-    if stored and stored.get("key") == key and stored.get("state") == "done":
+    done = bool(stored) and stored.get("key") == key and stored.get("state") == "done"
+    if done and (not unit.shared or work.is_dir()):
         log(f"{unit.name}: reused from {stored['finished']}")
         return {**stored, "reused": True}
-    if stored and stored.get("key") != key:  # other code or settings: what the folder holds is stale
+    if done:
+        log(f"{unit.name}: its part is here but not the work folder later parts read (parts copied from another "
+            "clone); running it again")
+    elif stored and stored.get("key") != key:  # other code or settings: what the folder holds is stale
         log(f"{unit.name}: {'settings' if stored.get('tree') == tree else 'code'} changed since "
             f"{stored.get('finished') or stored.get('started')}; running it again")
         shutil.rmtree(work, ignore_errors=True)
@@ -146,28 +171,14 @@ def _rel(out: Path, path: Path) -> str:
 
 
 def plan(out: Path, settings: dict, model: str, device: str, composer_options: dict | None = None) -> list[Unit]:
-    """The units of a report over every trainer and composer in the registries, in running order."""
+    """The units of a report over every trainer and composer in the registries, in running order: the compose units
+    first, as they share the compose adapters' work folder (one sitting), then parts that stand alone."""
     import composers
     from benches import adapters, base, compose
     from trainers import METHODS
 
     s, units = settings, []
     train = {"device": device, **s["train"]}
-    # The base's trigger-free accuracy, every emblem's drift reference: measured once, not once per trainer.
-    accuracy = {"model": model, "n_base": s["n_base"], "steps": s["steps"], "device": device}
-    units.append(Unit("base-accuracy", accuracy,
-                      lambda work: adapters.base_single_accuracy(model, s["n_base"], s["steps"], device)))
-    for method in METHODS:
-        def run_trainer(work: Path, method: str = method) -> dict:
-            report = adapters.run_bench(model, [method], work, steps=s["steps"], n_base=s["n_base"],
-                                        n_texture=s["n_texture"], texture=s["texture"], overrides=dict(train),
-                                        n_emblems=s["emblems"], device=device, base=stored(out, "base-accuracy"))
-            return {"rows": report.get("rows", []), "b_lora": report.get("b_lora", []),
-                    "base_accuracy": report.get("base_accuracy"), "grid": _rel(out, work / "adapters-bench-grid.png")}
-
-        units.append(Unit(f"trainer-{method}", {"model": model, "method": method, "train": train,
-                                                **{k: s[k] for k in ("steps", "n_base", "n_texture", "texture",
-                                                                     "emblems")}}, run_trainer))
     library = out / "work" / "compose-adapters" / "library"
     categories = compose.CATEGORIES
     adapter_settings = {"model": model, "train_steps": s["compose_train_steps"], "pairs": s["pairs"],
@@ -179,7 +190,7 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
                                   adapter_settings["train"])
         return {"library": str(library.relative_to(out)), "trained": trained}
 
-    units.append(Unit("compose-adapters", adapter_settings, run_prepare))
+    units.append(Unit("compose-adapters", adapter_settings, run_prepare, shared=True))
     scoring = {"adapters": adapter_settings, "seeds": s["seeds"], "steps": s["steps"], "pairs": s["pairs"]}
 
     def run_compose(work: Path, rows: list[str], controls: tuple[str, ...], timed_only: tuple[str, ...] = ()) -> dict:
@@ -215,6 +226,22 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
 
     units.append(Unit("base", {"model": model, "n": s["base_n"], "steps": s["steps"], "guidances": s["guidances"]},
                       run_base))
+
+    # The base's trigger-free accuracy, every emblem's drift reference: measured once, not once per trainer.
+    accuracy = {"model": model, "n_base": s["n_base"], "steps": s["steps"], "device": device}
+    units.append(Unit("base-accuracy", accuracy,
+                      lambda work: adapters.base_single_accuracy(model, s["n_base"], s["steps"], device)))
+    for method in METHODS:
+        def run_trainer(work: Path, method: str = method) -> dict:
+            report = adapters.run_bench(model, [method], work, steps=s["steps"], n_base=s["n_base"],
+                                        n_texture=s["n_texture"], texture=s["texture"], overrides=dict(train),
+                                        n_emblems=s["emblems"], device=device, base=stored(out, "base-accuracy"))
+            return {"rows": report.get("rows", []), "b_lora": report.get("b_lora", []),
+                    "base_accuracy": report.get("base_accuracy"), "grid": _rel(out, work / "adapters-bench-grid.png")}
+
+        units.append(Unit(f"trainer-{method}", {"model": model, "method": method, "train": train,
+                                                **{k: s[k] for k in ("steps", "n_base", "n_texture", "texture",
+                                                                     "emblems")}}, run_trainer))
     return units
 
 
@@ -244,7 +271,7 @@ def run_report(out: Path, *, quick: bool = False, model: str = DEFAULT_MODEL, de
             progress(i, len(units), unit.name)
         parts[unit.name] = run_unit(out, unit, tree, log)
     meta = {"model": model, "quick": quick, "settings": chosen, "reductions": REDUCTIONS if quick else [],
-            "machine": machine(device), "threads": torch.get_num_threads(), "tree": tree,
+            "machine": machine(device), "threads": torch.get_num_threads(), "tree": tree, "commit": commit_id(),
             "python": platform.python_version(), "composer_options": composer_options or {},
             "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "seconds_this_run": round(time.perf_counter() - began, 1),

@@ -19,8 +19,8 @@ compose bench per composer (and its controls) and the base bench, in one folder:
 `report.json` (every raw judgement) and PNG figures (concept found against trainable parameters and
 against training seconds, drift and peak training memory per trainer; composition success against
 time per image per pair kind; the base's attribute accuracy; example grids). Each unit is a part
-keyed by the commit (plus a hash of uncommitted changes) and its settings: a matching part is
-reused, any other is run again, and a killed run continues from the parts it finished. `--quick`
+keyed by the code (docs and tests aside) and its settings: a matching part is reused, any other is
+run again, and a killed run continues from the parts it finished. `--quick`
 (fewer steps, prompts and seeds, each stated in the report and in every caption) is the one to run
 first; `--compare OLD.json` lists every figure that got better or worse beyond its noise margin
 (twice the standard error of the difference, from the raw judgement counts). The web UI's Benchmarks
@@ -34,8 +34,8 @@ def section(report: dict, headline: str) -> str:
     which = ("the QUICK one (" + "; ".join(meta["reductions"][:2]) + "; ...: it shows the pipeline, not what the "
              "methods reach at their defaults; the full report replaces it)" if meta["quick"] else "the full one")
     return (f"## Benchmarks\n\n{INTRO}\n\nThe report here is {which}, made by `{command}` at commit "
-            f"{meta['tree'][:12]} on {meta['machine']}, {meta['threads']} threads "
-            f"([docs/benchmarks/report.md](docs/benchmarks/report.md)):\n\n{headline}\n\n"
+            f"{meta.get('commit', '?')[:12]} (code {meta['tree'][:12]}) on {meta['machine']}, "
+            f"{meta['threads']} threads ([docs/benchmarks/report.md](docs/benchmarks/report.md)):\n\n{headline}\n\n"
             "![Trainers: concept found vs trainable parameters](docs/benchmarks/trainers-found-vs-params.png)\n")
 
 

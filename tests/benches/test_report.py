@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from report_parts import meta, parts, write_report
 
-from benches.report import Unit, part_key, run_unit, tree_id
+from benches.report import Unit, commit_id, part_key, run_unit, tree_id
 from benches.report_compare import compare, margin_raw
 from benches.report_plots import COLOURS
 from benches.report_tables import assemble
@@ -92,25 +92,48 @@ def test_parts_are_reused_by_key_rerun_when_stale_and_resumed_after_a_kill(tmp_p
     resumed = run_unit(tmp_path, Unit("trainer-y", {}, lambda f: {"kept": (f / "partial").read_text()}), "commit-b")
     assert resumed["result"] == {"kept": "half"} and resumed["state"] == "done"
 
+    # parts copied to another clone: a unit whose work folder later units read runs again without it
+    shared = Unit("compose-adapters", {}, work, shared=True)
+    made = run_unit(tmp_path, shared, "commit-b", logs.append)
+    assert run_unit(tmp_path, shared, "commit-b", logs.append)["reused"]
+    import shutil
 
-def test_tree_id_is_the_commit_plus_the_diff_hash_or_no_git(tmp_path: Path) -> None:
-    assert tree_id(tmp_path) == "no-git"
+    shutil.rmtree(tmp_path / "work" / "compose-adapters")
+    again = run_unit(tmp_path, shared, "commit-b", logs.append)
+    assert not again["reused"] and again["result"]["value"] == made["result"]["value"] + 1
+    assert "not the work folder" in logs[-1] and (tmp_path / "work" / "compose-adapters" / "files").is_file()
+
+
+def test_tree_id_follows_the_code_not_the_docs_or_the_commit(tmp_path: Path) -> None:
+    assert tree_id(tmp_path) == "no-git" and commit_id(tmp_path) == "no-git"
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True,
                               check=True).stdout.strip()
 
+    def commit(name: str, text: str) -> None:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+        git("add", name)
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", name)
+
     git("init", "-q")
-    (tmp_path / "a.py").write_text("x = 1\n")
-    git("add", "a.py")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
-    commit = git("rev-parse", "HEAD")
-    assert tree_id(tmp_path) == commit
-    (tmp_path / "a.py").write_text("x = 2\n")
+    commit("a.py", "x = 1\n")
+    code = tree_id(tmp_path)
+    assert len(code) == 16 and commit_id(tmp_path) == git("rev-parse", "HEAD")
+    commit("README.md", "# a report published\n")  # docs and tests alone: the same code, the parts stay good
+    commit("docs/benchmarks/report.md", "| a | b |\n")
+    commit("tests/test_a.py", "def test_a(): pass\n")
+    assert tree_id(tmp_path) == code
+    (tmp_path / "README.md").write_text("# edited, not committed\n")
+    assert tree_id(tmp_path) == code and commit_id(tmp_path).endswith("+dirty")
+    (tmp_path / "a.py").write_text("x = 2\n")  # code, uncommitted: another identity
     dirty = tree_id(tmp_path)
-    assert dirty.startswith(commit + "+") and len(dirty) == len(commit) + 13
+    assert dirty != code
     (tmp_path / "a.py").write_text("x = 3\n")
-    assert tree_id(tmp_path) != dirty
+    assert tree_id(tmp_path) not in (code, dirty)
+    commit("a.py", "x = 2\n")  # committed, it is the code the dirty tree had: any code change moves it
+    assert tree_id(tmp_path) not in (code, dirty)
 
 
 def test_compare_flags_a_composer_with_its_masks_off_as_worse() -> None:
@@ -175,7 +198,7 @@ def test_a_cancelled_run_stops_between_parts(tmp_path: Path) -> None:
     cancel = threading.Event()
     cancel.set()
     seen: list[tuple[int, int, str]] = []
-    with pytest.raises(Cancelled, match="stopped before base-accuracy; 0 of"):
+    with pytest.raises(Cancelled, match="stopped before compose-adapters; 0 of"):
         run_report(tmp_path, settings=QUICK, cancel=cancel, progress=lambda *a: seen.append(a))
     assert seen == [] and not (tmp_path / "parts").exists()
 
@@ -252,10 +275,12 @@ def _readme_checks(root: Path) -> None:
     headline = committed.split("\n## Headline\n", 1)[1].split("\n## ", 1)[0]
     table = [line for line in headline.splitlines() if line.startswith("|")]
     assert table and [line for line in section.splitlines() if line.startswith("|")] == table
-    assert "`studio bench report --quick`" in section and "studio bench report --quick" in committed
+    published = json.loads((root / "docs" / "benchmarks" / "report.json").read_text())
+    command = "studio bench report" + (" --quick" if published["meta"]["quick"] else "")
+    assert f"`{command}`" in section and command in committed  # the section names the command that made it
     images = re.findall(r"\]\((docs/benchmarks/[^)]+\.png)\)", section)
     assert images and all((root / image).is_file() for image in images)
-    assert missing_rows(json.loads((root / "docs" / "benchmarks" / "report.json").read_text())) == []
+    assert missing_rows(published) == []
 
 
 def test_publish_puts_the_reports_headline_in_the_readme(tmp_path: Path) -> None:
@@ -276,5 +301,5 @@ def test_publish_puts_the_reports_headline_in_the_readme(tmp_path: Path) -> None
 def test_the_readmes_benchmarks_are_the_committed_report() -> None:
     root = Path(__file__).resolve().parents[2]
     if "\n## Benchmarks\n" not in (root / "README.md").read_text():
-        pytest.skip("no report published yet (studio bench report --quick --publish)")
+        pytest.skip("no report published yet (studio bench report --publish)")
     _readme_checks(root)
