@@ -56,10 +56,14 @@ REDUCTIONS = [  # stated in report.md and in every caption of a quick report
     "compose: one case per pair kind, 2 seeds (full: 6, 4 and 8 cases, 8 seeds)",
     "base: 10 prompts per set (full: 100)",
 ]
-# The full report's expected time, extrapolated from the quick parts (not measured): 24 adapters at their default
-# steps (about 5 minutes each, the trainer bar) about 2 hours; judging 20 steps x 8 seeds x 18 compose cases per
-# composer (CLoRA about 20x one adapter) and the base's 100 prompts per set about 2 more.
-FULL_HOURS = "estimated at 4 to 5 hours on 2 idle CPU cores (extrapolated from the quick report, not measured)"
+# The full report's time, measured (2026-12-05, code 8bbb57dac2f9, 2 threads on 2 cores, in two sittings): the
+# parts' seconds add up to 3.7 hours: the compose adapters 32 minutes, composers 6-10 minutes each but CLoRA 27, the
+# base 6, trainers 21-25 minutes each (B-LoRA 4). Each trainer part now adds its fresh-process memory run (~15 s).
+FULL_HOURS = "about 3.7 hours on 2 CPU cores (measured: the parts' seconds of the published full report)"
+# Steps of each trainer's memory run: a fresh process, so that its peak is its own. In one long process the peak RSS
+# a block adds depends on what ran before it (the allocator keeps freed pages): the first trainer of a sitting read
+# 275-430 MB and every later one 15-40 MB (the published report at code 8bbb57dac2f9).
+MEMORY_STEPS = 6
 
 
 def reports_root() -> Path:
@@ -173,8 +177,11 @@ def _rel(out: Path, path: Path) -> str:
 def plan(out: Path, settings: dict, model: str, device: str, composer_options: dict | None = None) -> list[Unit]:
     """The units of a report over every trainer and composer in the registries, in running order: the compose units
     first, as they share the compose adapters' work folder (one sitting), then parts that stand alone."""
+    import torch
+
     import composers
     from benches import adapters, base, compose
+    from benches import train as train_bench
     from trainers import METHODS
 
     s, units = settings, []
@@ -236,10 +243,14 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
             report = adapters.run_bench(model, [method], work, steps=s["steps"], n_base=s["n_base"],
                                         n_texture=s["n_texture"], texture=s["texture"], overrides=dict(train),
                                         n_emblems=s["emblems"], device=device, base=stored(out, "base-accuracy"))
+            memory = train_bench.measure(method, model, MEMORY_STEPS, torch.get_num_threads(), device)
             return {"rows": report.get("rows", []), "b_lora": report.get("b_lora", []),
-                    "base_accuracy": report.get("base_accuracy"), "grid": _rel(out, work / "adapters-bench-grid.png")}
+                    "base_accuracy": report.get("base_accuracy"), "grid": _rel(out, work / "adapters-bench-grid.png"),
+                    "memory": {"peak_memory_mb": round(memory["peak_memory_bytes"] / 2**20, 1),
+                               "kind": f"{memory['peak_memory_kind']}, {MEMORY_STEPS} steps", "steps": MEMORY_STEPS}}
 
         units.append(Unit(f"trainer-{method}", {"model": model, "method": method, "train": train,
+                                                "memory_steps": MEMORY_STEPS,
                                                 **{k: s[k] for k in ("steps", "n_base", "n_texture", "texture",
                                                                      "emblems")}}, run_trainer))
     return units

@@ -88,6 +88,11 @@ def compare(old: dict, new: dict) -> list[dict]:
         for metric in ("seconds", "peak_memory_mb", "trainable_params"):
             if o.get(metric) is not None or n.get(metric) is not None:
                 out.append(_compare_value(where, metric, o.get(metric), n.get(metric)))
+    old_memory, new_memory = old.get("trainer_memory", {}), new.get("trainer_memory", {})
+    for method in dict.fromkeys([*old_memory, *new_memory]):  # fresh-process runs (reports before them have none)
+        out.append(_compare_value(f"trainer {method}, fresh process", "peak_memory_mb",
+                                  old_memory.get(method, {}).get("peak_memory_mb"),
+                                  new_memory.get(method, {}).get("peak_memory_mb")))
     rows = ("composers", "controls")
     olds = _index([r for k in rows for r in old[k]], "composer")
     news = _index([r for k in rows for r in new[k]], "composer")

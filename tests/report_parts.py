@@ -20,7 +20,9 @@ def _frac(values: list[int]) -> float:
 
 
 def trainer_part(method: str, rng: random.Random, quality: float = 0.7) -> dict:
-    """One trainer's part: an emblem row (B-LoRA: its one-image row)."""
+    """One trainer's part: an emblem row (B-LoRA: its one-image row) and its fresh-process memory run."""
+    memory = {"peak_memory_mb": 900.0 + 100 * rng.random(), "kind": "cpu peak rss of a fresh process, 6 steps",
+              "steps": 6}
     if method == "b_lora":
         raw = {"reproduced": _judged(rng, 20, quality)}
         style = {"position": _judged(rng, 20, 0.8)}
@@ -28,7 +30,7 @@ def trainer_part(method: str, rng: random.Random, quality: float = 0.7) -> dict:
                "trainable_params": 300_000, "peak_memory_mb": 150.0,
                "both": {"reproduced": _frac(raw["reproduced"]), "raw": raw},
                "style": {"position": _frac(style["position"]), "raw": style}}
-        return {"result": {"rows": [], "b_lora": [row], "grid": ""}}
+        return {"result": {"rows": [], "b_lora": [row], "grid": "", "memory": memory}}
     raw = {k: _judged(rng, 20, quality) for k in ("emblem", "position", "background")}
     single = {k: _judged(rng, 10, 0.9) for k in ("shape", "colour", "position", "background")}
     accuracy = {k: _frac(v) for k, v in single.items()}
@@ -37,7 +39,7 @@ def trainer_part(method: str, rng: random.Random, quality: float = 0.7) -> dict:
            "trainable_params": {"dreambooth_lora": 1_325_056, "kronecker": 120_000}.get(method, 700_000),
            "peak_memory_mb": 200.0 + 10 * rng.random(), **{k: _frac(v) for k, v in raw.items()}, "raw": raw,
            "single_accuracy": {**accuracy, "raw": single}, "drift": round(0.9 - accuracy["mean"], 4)}
-    return {"result": {"rows": [row], "b_lora": [], "base_accuracy": {"mean": 0.9}, "grid": ""}}
+    return {"result": {"rows": [row], "b_lora": [], "base_accuracy": {"mean": 0.9}, "grid": "", "memory": memory}}
 
 
 def compose_part(rows: list[str], rng: random.Random, success: dict[str, float] | None = None, seeds: int = 8) -> dict:

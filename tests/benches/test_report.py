@@ -190,6 +190,28 @@ def test_training_peak_measures_memory_the_block_adds() -> None:
     assert 50 <= peak["peak_memory_mb"] <= 200, peak
 
 
+def test_peak_memory_is_the_fresh_process_run_where_a_part_has_one() -> None:
+    """The headline's and the figure's memory per method: its fresh-process run; parts from before those runs fall back
+    to the mean of the adapters' in-process peaks, and say so."""
+    from benches.report_tables import headline, memory_kind, peak_memory
+
+    report = assemble(parts(), meta())
+    sara = report["trainer_memory"]["sara"]["peak_memory_mb"]
+    assert 900 <= peak_memory(report, "sara") == sara <= 1000  # not the rows' in-process 200-210 MB
+    assert any(line.startswith("| sara |") and line.endswith(f" {sara:.0f} |") for line in headline(report))
+    assert memory_kind(report) == "cpu peak rss of a fresh process, 6 steps"
+    old = parts()
+    for name in old:
+        old[name].get("result", {}).pop("memory", None)
+    before = assemble(old, meta())
+    assert before["trainer_memory"] == {} and 200 <= peak_memory(before, "sara") <= 210
+    assert "depends on what ran before" in memory_kind(before)
+    heavier = copy.deepcopy(report)
+    heavier["trainer_memory"]["sara"]["peak_memory_mb"] *= 1.3  # beyond the 15% margin
+    worse = [(e["where"], e["metric"]) for e in compare(report, heavier) if e["verdict"] != "same"]
+    assert worse == [("trainer sara, fresh process", "peak_memory_mb")]
+
+
 def test_a_cancelled_run_stops_between_parts(tmp_path: Path) -> None:
     import threading
 
@@ -205,6 +227,7 @@ def test_a_cancelled_run_stops_between_parts(tmp_path: Path) -> None:
 
 def test_the_base_accuracy_is_measured_once_for_every_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from benches import adapters
+    from benches import train as train_bench
     from benches.report import QUICK, plan
     from trainers import METHODS
 
@@ -219,8 +242,12 @@ def test_the_base_accuracy_is_measured_once_for_every_trainer(tmp_path: Path, mo
         given.append(options.get("base"))  # type: ignore[arg-type]
         return {"rows": []}
 
+    def measure(method: str, model: str, steps: int, threads: int, device: str = "auto") -> dict:
+        return {"peak_memory_bytes": 3 * 2**30, "peak_memory_kind": "cpu peak rss of a fresh process"}
+
     monkeypatch.setattr(adapters, "base_single_accuracy", base_single_accuracy)
     monkeypatch.setattr(adapters, "run_bench", run_bench)
+    monkeypatch.setattr(train_bench, "measure", measure)
     units = [u for u in plan(tmp_path, QUICK, "studio-tiny", "cpu")
              if u.name == "base-accuracy" or u.name.startswith("trainer-")]
     assert units[0].name == "base-accuracy" and len(units) == len(METHODS) + 1  # first: the trainers read it
@@ -228,6 +255,8 @@ def test_the_base_accuracy_is_measured_once_for_every_trainer(tmp_path: Path, mo
         run_unit(tmp_path, unit, "commit-a", lambda line: None)
     assert measured == [("studio-tiny", QUICK["n_base"], QUICK["steps"], "cpu")]
     assert given == [{"mean": 0.9, "n": QUICK["n_base"]}] * len(METHODS)
+    memory = json.loads((tmp_path / "parts" / "trainer-sara.json").read_text())["result"]["memory"]
+    assert memory == {"peak_memory_mb": 3072.0, "kind": "cpu peak rss of a fresh process, 6 steps", "steps": 6}
     (tmp_path / "parts" / "base-accuracy.json").unlink()  # a trainer without it: a clear error, no guess
     with pytest.raises(StudioError, match="base-accuracy.json is not finished; run `studio bench report` again"):
         units[1].run(tmp_path / "work" / units[1].name)
