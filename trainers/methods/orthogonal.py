@@ -28,7 +28,8 @@ keys and values (text inputs, where the triggers differ) cost nothing (0.85 -> 0
 concept i's features to avoid span(A_j); on 64-192-wide image features of two similar emblems they do not. Neither
 remedy tried kept the identity: rank width / 16 on narrow layers (the paper's ratio at its narrowest layer) found
 0.25/0.65 alone and still dropped 0.40; adapting only the convolutions and cross-attention keys and values found
-0.15/0.35 alone (drops 0.10/0.15).
+0.15/0.35 alone (drops 0.10/0.15). Emblems trained on renders shared with another object (`--world-objects 2`),
+which prompts naming both need: alone 0.80/0.85, summed 0.00/0.50, both in one prompt 0.00.
 """
 
 from __future__ import annotations
