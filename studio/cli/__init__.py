@@ -20,7 +20,8 @@ from studio.errors import StudioError
 # `OMP_WAIT_POLICY=ACTIVE studio ...` restores spinning. The cost on FREE cores: a DreamBooth-LoRA training step at
 # 2 threads took 0.46 s with PASSIVE against 0.20 s spinning (1 thread: 0.25 s either way, alone or beside a second
 # training; two 2-thread trainings at once: 0.42 s each with PASSIVE, 0.66 s and 17 s stalls spinning, 1.16 s at
-# GOMP_SPINCOUNT=10000). So at --threads 2 a training alone runs 2.3x slower than it could (2026-12-05).
+# GOMP_SPINCOUNT=10000). A 20-step image with guidance, alone: 1.55 s PASSIVE, 0.65 s spinning, 0.87 s at 1 thread.
+# So at --threads 2 on free cores, training runs 2.3x and generation 2.4x slower than they could (2026-12-05).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
