@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `studio` (studio.cli): OpenMP threads sleep, not spin
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP sleeps: the UI runs jobs side by side (studio.openmp)
 
 from studio.ui import build_app, launch, main, parse_args  # noqa: E402 (after the OpenMP setting, before torch)
 

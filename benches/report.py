@@ -42,8 +42,8 @@ FULL = {"train": {}, "emblems": 3, "texture": "stripes", "n_base": 50, "n_textur
 # (2026-12-04, `studio bench report --quick --threads 2` on 2 otherwise idle cores, nothing reused): 717 s, 12.0
 # minutes; trainers 30-52 s each, the compose adapters 94 s, composers 20-36 s each but CLoRA 151 s (its test-time
 # optimisation at the paper's settings), the base 43 s. The same report took over an hour at load 5-6 when
-# OpenMP threads spun at their barriers (the CLI now lets them sleep: studio.cli). At 60 training steps no composer
-# composes (all rows 0.00): the quick report checks the machinery and the costs; composition needs the full
+# OpenMP threads spun at their barriers (the CLI lets them sleep on busy cores: studio.openmp). At 60 training steps
+# no composer composes (all rows 0.00): the quick report checks the machinery and the costs; composition needs the full
 # report's adapters.
 QUICK = {"train": {"train_steps": 60, "sample_steps": 4, "num_class_images": 4}, "emblems": 1, "texture": None,
          "n_base": 10, "n_texture": 5, "steps": 10, "compose_train_steps": 60, "seeds": 2, "pairs": 1, "base_n": 10,

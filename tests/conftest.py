@@ -18,7 +18,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["DO_NOT_TRACK"] = "1"
-# As the CLI (studio.cli): OpenMP threads sleep at barriers instead of spinning, set before torch loads. Tests that
+# As the CLI on busy cores (studio.openmp): OpenMP threads sleep at barriers, set before torch loads. Tests that
 # keep torch's default threads on cores shared with other workers otherwise wait on each other's time slices.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).parent))

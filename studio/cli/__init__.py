@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from studio.errors import StudioError
+from studio.openmp import choose_wait_policy
 
 
-# Before torch loads OpenMP: its threads sleep at a barrier instead of spinning. On cores that other work shares,
-# spinning threads wait on each other's time slices: 10-step images on studio-tiny at 2 threads took 11.5 s each
-# with the default policy and 0.40-0.48 s with PASSIVE (1 thread: 0.36-0.38 s), load 4.5-5 on 2 cores.
-# `OMP_WAIT_POLICY=ACTIVE studio ...` restores spinning. The cost on FREE cores: a DreamBooth-LoRA training step at
-# 2 threads took 0.46 s with PASSIVE against 0.20 s spinning (1 thread: 0.25 s either way, alone or beside a second
-# training; two 2-thread trainings at once: 0.42 s each with PASSIVE, 0.66 s and 17 s stalls spinning, 1.16 s at
-# GOMP_SPINCOUNT=10000). A 20-step image with guidance, alone: 1.55 s PASSIVE, 0.65 s spinning, 0.87 s at 1 thread.
-# So at --threads 2 on free cores, training runs 2.3x and generation 2.4x slower than they could (2026-12-05).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: its threads spin at barriers on free cores and sleep where other work holds them
+# (measurements in studio.openmp). `OMP_WAIT_POLICY=ACTIVE|PASSIVE studio ...` chooses.
+choose_wait_policy()
 
 
 # Literal and greppable: the order is the order of `studio --help`.

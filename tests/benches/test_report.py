@@ -281,19 +281,6 @@ def test_composer_parts_only_time_their_alone_row(tmp_path: Path, monkeypatch: p
     assert calls == dict.fromkeys(composers.COMPOSERS, (("alone",), ("alone",)))
 
 
-def test_the_cli_lets_openmp_threads_sleep_on_shared_cores() -> None:
-    import os
-    import sys
-
-    code = "import os, studio.cli; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == "PASSIVE"
-    run = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == "ACTIVE"  # a policy the user set is kept
-
-
 def _readme_checks(root: Path) -> None:
     """The README's Benchmarks table is the committed report's headline, its figure exists, the report covers the
     registries (a newly registered method needs the report run again)."""
