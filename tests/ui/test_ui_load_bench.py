@@ -3,6 +3,7 @@ their own seeds, a running request stopped by a cancel, a queue limit refusing t
 
 from __future__ import annotations
 
+import json
 import os
 
 from benches.ui_load import Server, free_port, run
@@ -18,7 +19,7 @@ def _start(queue_size: int, max_upload_mb: float) -> Server:
 
 def test_ui_load_bench_answers_every_request_cancels_and_limits(tiny_dirs: dict) -> None:
     report = run(str(tiny_dirs["sd1"]), 3, 2, "32x32", "64x64", 1, rounds=1, cancel_after_s=0.5, start=_start)
-    assert report["ok"], report
+    assert report["ok"], json.dumps(report, default=str)  # whole: pytest shortens a dict's repr
     (load,) = report["rounds"]
     assert load["answered"] == 3 and load["max_queue_size"] >= 1  # the clients were told the queue's length
     cancel = report["cancel"]
