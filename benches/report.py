@@ -61,8 +61,8 @@ REDUCTIONS = [  # stated in report.md and in every caption of a quick report
 # base 6, trainers 21-25 minutes each (B-LoRA 4). Each trainer part now adds its fresh-process memory run (~15 s).
 FULL_HOURS = "about 3.7 hours on 2 CPU cores (measured: the parts' seconds of the published full report)"
 # Steps of each trainer's memory run: a fresh process, so that its peak is its own. In one long process the peak RSS
-# a block adds depends on what ran before it (the allocator keeps freed pages): the first trainer of a sitting read
-# 275-430 MB and every later one 15-40 MB (the published report at code 8bbb57dac2f9).
+# a block adds depends on what ran before it (the allocator keeps freed pages): the first adapters of kronecker (the
+# sitting's first training) and orthogonal read 275 and 428 MB, every other adapter 14-41 MB (code 8bbb57dac2f9).
 MEMORY_STEPS = 6
 
 
@@ -240,10 +240,11 @@ def plan(out: Path, settings: dict, model: str, device: str, composer_options: d
                       lambda work: adapters.base_single_accuracy(model, s["n_base"], s["steps"], device)))
     for method in METHODS:
         def run_trainer(work: Path, method: str = method) -> dict:
+            # first: seconds, and a failure here does not cost the adapter bench's minutes
+            memory = train_bench.measure(method, model, MEMORY_STEPS, torch.get_num_threads(), device)
             report = adapters.run_bench(model, [method], work, steps=s["steps"], n_base=s["n_base"],
                                         n_texture=s["n_texture"], texture=s["texture"], overrides=dict(train),
                                         n_emblems=s["emblems"], device=device, base=stored(out, "base-accuracy"))
-            memory = train_bench.measure(method, model, MEMORY_STEPS, torch.get_num_threads(), device)
             return {"rows": report.get("rows", []), "b_lora": report.get("b_lora", []),
                     "base_accuracy": report.get("base_accuracy"), "grid": _rel(out, work / "adapters-bench-grid.png"),
                     "memory": {"peak_memory_mb": round(memory["peak_memory_bytes"] / 2**20, 1),
