@@ -40,6 +40,9 @@ EMBLEM_TRIGGERS = ("sks", "zwx", "qrv", "pkt")
 TEXTURE_TRIGGERS = ("vgl", "xzn")
 CONTROLS = ("alone", "none")
 CATEGORIES = ("two_subjects", "subject_object", "subject_style")
+# Emblems train on renders that hold one other object too (--world-objects): a subject that never saw company
+# leaks into, or vanishes beside, the other object of a subject + object prompt (module docstring).
+WORLD_OBJECTS = 2
 # The ordinary object beside emblem i in the subject + object cases (shape, colour, emblem side).
 OBJECTS = (("circle", "blue", "left"), ("square", "red", "right"), ("triangle", "green", "left"),
            ("star", "yellow", "right"))
@@ -132,7 +135,7 @@ def prepare(model: str, library: Path, steps: int | None, names: list[str] | Non
     from trainers import TrainConfig, train
 
     lib, made = Library(library), []
-    objects = (overrides or {}).get("world_objects", 1)
+    objects = (overrides or {}).get("world_objects", WORLD_OBJECTS)
     for name, (trigger, source) in adapter_names().items():
         if names is not None and name not in names:
             continue
@@ -147,6 +150,8 @@ def prepare(model: str, library: Path, steps: int | None, names: list[str] | Non
                                   "another --library, or remove it (studio library remove) to train it again")
             continue
         options = {**(overrides or {}), **({"train_steps": steps} if steps else {})}
+        if "world_emblem" in source:
+            options["world_objects"] = objects
         run_dir = str(library / ".runs" / name)  # an interrupted preparation starts that adapter over
         config = TrainConfig(trigger=trigger, name=name, model=model, seed=0, run_dir=run_dir, overwrite=True,
                              progress=False, **source, **options)
@@ -306,8 +311,8 @@ def run(args: argparse.Namespace) -> int:
     library = Path(args.library)
     categories = tuple(args.category or CATEGORIES)
     if args.prepare:
-        objects = {"world_objects": args.world_objects} if args.world_objects > 1 else None
-        prepare(args.model, library, args.train_steps, needed(categories, args.pairs), objects)
+        prepare(args.model, library, args.train_steps, needed(categories, args.pairs),
+                {"world_objects": args.world_objects})
     if args.autolora_gate_steps:  # AutoLoRA's gates, trained on the bench's adapters and shipped for the base
         from composers.autolora_train import train_gate
         from studio.generate import cached_pipeline
@@ -327,8 +332,9 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--prepare", action="store_true", help="train the fixed adapter set first (cached)")
     parser.add_argument("--train-steps", type=int, default=None, help="steps per adapter (default the method's)")
     parser.add_argument("--library", default="bench-out/compose/library", help="the bench's own adapter library")
-    parser.add_argument("--world-objects", type=int, default=1, metavar="N",
-                        help="--prepare: emblem renders hold the emblem and up to N-1 other objects (default 1)")
+    parser.add_argument("--world-objects", type=int, default=WORLD_OBJECTS, metavar="N",
+                        help="--prepare: emblem renders hold the emblem and up to N-1 other objects "
+                             f"(default {WORLD_OBJECTS})")
     parser.add_argument("--composer", action="append", help="a composer to score (repeatable; default all)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per pair")
     parser.add_argument("--pairs", type=int, default=None, help="cases per category (default all: 6, 4 and 8)")

@@ -123,25 +123,63 @@ class _Base:
 class RegionCrossAttnProcessor(_Base):
     """Cross-attention with each concept's own prompt and LoRA inside its box (Yang et al. Eq. 2-3)."""
 
+    def __init__(self, state: RegionState, name: str) -> None:
+        super().__init__(state, name)
+        self._kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
     def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         assert context is not None, "a cross-attention processor needs encoder_hidden_states"
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         q = _heads(attn, attn.to_q(hs))  # (B, heads, L, d): the base (and global adapters') query
+        if self.record(self.state.cross[0]) is None:
+            return self.attend_cells(attn, q, context)
         h0 = _attend(attn, q, _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context)), None, None)
         out0 = attn.to_out[0](h0)  # (B, L, C): the global prompt, base weights
         masks = self.state.regions.for_output(out0)  # (N, 1, L, 1), overlaps averaged
         out = out0 * (1 - masks.sum(0))  # outside every box: h0
-        for n, name in enumerate(self.state.names):
-            ctx = self.state.context(n, context)  # (B, 77, D): P^n (uncond rows: the negative prompt)
-            k, v = attn.to_k(ctx), attn.to_v(ctx)
-            dk, dv = lora_delta(attn.to_k, name, ctx), lora_delta(attn.to_v, name, ctx)
-            k = k if dk is None else k + dk  # K_n = (W_K + dW_K^n) tau_n(P^n), Eq. 2
-            v = v if dv is None else v + dv  # V_n = (W_V + dW_V^n) tau_n(P^n)
-            h = _attend(attn, q, _heads(attn, k), _heads(attn, v), None, self.record(self.state.cross[n]))
-            do = lora_delta(attn.to_out[0], name, h)
-            h = attn.to_out[0](h) if do is None else attn.to_out[0](h) + do  # (W_O + dW_O^n) softmax(..) V_n, Eq. 3
-            out = out + masks[n] * h  # inside box n: h_n, averaged where boxes overlap
+        for n in range(len(self.state.names)):
+            out = out + masks[n] * self.concept(attn, q, context, n, self.record(self.state.cross[n]))
+        return out
+
+    def keys_values(self, attn: Any, context: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K_n, V_n (B, heads, 77, d) of concept n; the same at every step of one generation, so kept while the
+        pipeline passes the same prompt tensor (outside autograd)."""
+        key = (n, self.state.uncond)
+        held = self._kv.get(key)
+        if held is not None and held[0] is context:
+            return held[1], held[2]
+        name = self.state.names[n]
+        ctx = self.state.context(n, context)  # (B, 77, D): P^n (uncond rows: the negative prompt)
+        k, v = attn.to_k(ctx), attn.to_v(ctx)
+        dk, dv = lora_delta(attn.to_k, name, ctx), lora_delta(attn.to_v, name, ctx)
+        k = _heads(attn, k if dk is None else k + dk)  # K_n = (W_K + dW_K^n) tau_n(P^n), Eq. 2
+        v = _heads(attn, v if dv is None else v + dv)  # V_n = (W_V + dW_V^n) tau_n(P^n)
+        if not torch.is_grad_enabled():
+            self._kv[key] = (context, k, v)
+        return k, v
+
+    def concept(self, attn: Any, q: torch.Tensor, context: torch.Tensor, n: int, record: list | None) -> torch.Tensor:
+        """h_n = (W_O + dW_O^n) softmax(Q K_n^T / sqrt(d)) V_n (Eq. 2-3) for the queries `q` (B, heads, L', d)."""
+        name = self.state.names[n]
+        h = _attend(attn, q, *self.keys_values(attn, context, n), None, record)
+        do = lora_delta(attn.to_out[0], name, h)
+        return attn.to_out[0](h) if do is None else attn.to_out[0](h) + do  # (B, L', C)
+
+    def attend_cells(self, attn: Any, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The same output, each attention over only the cells that use it (the paper's `Q_n = Q[M_n]`): the global
+        prompt over the cells outside every box, concept n over box n's cells."""
+        weights = self.state.regions.at(self.state.regions.size_of(q.shape[2])).flatten(1)  # (N, L), overlaps averaged
+        outside = (weights.sum(0) == 0).nonzero()[:, 0]  # (L0,)
+        out = q.new_zeros(q.shape[0], q.shape[2], attn.to_out[0].out_features)  # (B, L, C)
+        if len(outside):
+            qo = q[:, :, outside]
+            h0 = _attend(attn, qo, _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context)), None, None)
+            out[:, outside] = attn.to_out[0](h0)
+        for n in range(len(self.state.names)):
+            cells = weights[n].nonzero()[:, 0]  # (L_n,)
+            h = self.concept(attn, q[:, :, cells], context, n, None)  # (B, L_n, C)
+            out[:, cells] += weights[n, cells, None].to(h) * h
         return out
 
 

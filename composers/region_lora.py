@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from composers.handle import Handle
@@ -171,12 +172,69 @@ def hook_lora_layers(unet: torch.nn.Module, names: Sequence[str], hook: Callable
     return handle
 
 
+class StackedDeltas:
+    """`sum_n M_n(p) delta_n(x)` of one PEFT LoRA layer as one low-rank product: the concepts' down projections
+    stacked (R = sum r_n outputs), each concept's rank rows masked to its box, one stacked up projection with the
+    scalings folded in. The masks act between the two because the up projection is position-wise (a linear map or
+    a 1x1 convolution), so this equals the per-concept sum, in two calls instead of two per concept."""
+
+    def __init__(self, layer: Any, names: Sequence[str]) -> None:
+        a = [layer.lora_A[n] for n in names]
+        b = [layer.lora_B[n] for n in names]
+        self.conv = a[0] if isinstance(a[0], torch.nn.Conv2d) else None
+        with torch.no_grad():
+            self.down = torch.cat([m.weight for m in a])  # (R, in) or (R, in, k, k)
+            self.up = torch.cat([m.weight * layer.scaling[n] for m, n in zip(b, names)], dim=1)  # (out, R[, 1, 1])
+        self.owner = torch.cat([torch.full((m.weight.shape[0],), i) for i, m in enumerate(a)])  # (R,) concept
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def fits(layer: Any, names: Sequence[str]) -> bool:
+        """Whether every concept is a plain, bias-free LoRA of this layer with one down-projection geometry."""
+        a = [layer.lora_A[n] if n in layer.lora_A else None for n in names]
+        b = [layer.lora_B[n] if n in layer.lora_B else None for n in names]
+        if any(m is None for m in a + b) or any(getattr(m, "bias", None) is not None for m in a + b):
+            return False
+        if any(n in getattr(layer, "lora_variant", {}) for n in names):
+            return False
+        geometry = {(type(m), getattr(m, "kernel_size", None), getattr(m, "stride", None),
+                     getattr(m, "padding", None), getattr(m, "dilation", None), getattr(m, "groups", 1)) for m in a}
+        return len(geometry) == 1 and all(isinstance(m, torch.nn.Linear | torch.nn.Conv2d) for m in a)
+
+    def masks(self, regions: RegionMasks, z: torch.Tensor) -> torch.Tensor:
+        """Concept n's box on its rank rows: (R, H, W) for (B, R, H, W) `z`, (L, R) for (B, L, R)."""
+        size = tuple(z.shape[-2:]) if z.ndim == 4 else regions.size_of(z.shape[1])
+        key = (size, z.ndim, z.dtype, z.device)
+        if key not in self._masks:
+            with torch.inference_mode(False):  # reused by the latent guidance's backward
+                m = regions.at(size)[self.owner]  # (R, h, w)
+                self._masks[key] = (m if z.ndim == 4 else m.flatten(1).T.contiguous()).to(z)
+        return self._masks[key]
+
+    def __call__(self, x: torch.Tensor, regions: RegionMasks) -> torch.Tensor:
+        down, up = self.down.to(x), self.up.to(x)
+        if self.conv is not None:
+            c = self.conv
+            z = F.conv2d(x, down, None, c.stride, c.padding, c.dilation, c.groups)  # (B, R, H, W)
+            return F.conv2d(z * self.masks(regions, z), up)  # (B, out, H, W)
+        z = F.linear(x, down)  # (B, L, R)
+        return F.linear(z * self.masks(regions, z), up)  # (B, L, out)
+
+
 def install_region_deltas(
     unet: torch.nn.Module, names: Sequence[str], regions: RegionMasks, skip: Callable[[str], bool] = lambda n: False
 ) -> Handle:
-    """Add concept n's LoRA delta inside its box only, on every adapted UNet layer `skip` does not name."""
+    """Add concept n's LoRA delta inside its box only, on every adapted UNet layer `skip` does not name (with the
+    adapters' scales as they are now)."""
+    stacked: dict[int, StackedDeltas] = {}
+    for module in unet.modules():
+        held = [n for n in names if n in getattr(module, "lora_A", {})]
+        if isinstance(module, BaseTunerLayer) and held and StackedDeltas.fits(module, held):
+            stacked[id(module)] = StackedDeltas(module, held)
 
     def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if id(module) in stacked:
+            return output + stacked[id(module)](args[0], regions)
         masks = regions.for_output(output)
         for n, name in enumerate(names):
             delta = lora_delta(module, name, args[0])

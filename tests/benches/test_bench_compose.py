@@ -115,9 +115,9 @@ def test_prepare_never_reuses_an_emblem_trained_on_other_renders(tmp_path: Path)
     entry.mkdir()
     (entry / "adapter_config.json").write_text("{}")
     (entry / "train_config.json").write_text(json.dumps({"world_emblem": 101}))  # before --world-objects: 1
-    assert prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"]) == []  # the same renders: reused
+    assert prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"], {"world_objects": 1}) == []  # same renders
     with pytest.raises(StudioError, match="--world-objects 1, not 2"):
-        prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"], {"world_objects": 2})
+        prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"])  # the default: renders with company
     (entry / "train_config.json").write_text("{damaged")
     with pytest.raises(StudioError, match="--world-objects unknown, not 1"):
-        prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"])
+        prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"], {"world_objects": 1})

@@ -8,6 +8,7 @@ import pytest
 import torch
 from composer_helpers import add_random_adapter
 from diffusers.models.attention_processor import AttnProcessor2_0
+from peft import LoraConfig
 from tiny_models import BUILDERS
 
 import composers
@@ -16,7 +17,7 @@ from composers.activation import activate
 from composers.concepts import split_concepts, token_group
 from composers.lora_composer import reinitialise
 from composers.region_attention import RegionState
-from composers.region_lora import RegionMasks
+from composers.region_lora import RegionMasks, StackedDeltas, install_region_deltas, set_scales
 from studio.cli import main
 from studio.errors import StudioError
 from studio.generate import GenerateConfig, generate
@@ -134,7 +135,7 @@ def test_generation_is_guided_and_removal_restores_the_pipeline(kind: str) -> No
     adapters = AdapterSet.parse("qa,qb")
     plain = composers.compose(config, adapters, "lora_composer", _config(guidance=False, reinit=False), pipe=pipe,
                               output_type="np")
-    with composers.apply(pipe, adapters.resolve(), "lora_composer", _config()) as handle:
+    with composers.apply(pipe, adapters.resolve(), "lora_composer", _config(guidance=True)) as handle:
         guided = generate(config, pipe=pipe, output_type="np").images
         assert handle.state.names == ["qa", "qb"]
     assert np.isfinite(guided).all() and np.abs(guided - plain.images).max() > 1e-3  # guidance moved the latents
@@ -165,3 +166,28 @@ def test_cli_takes_boxes(tiny_dirs, tmp_path, capsys) -> None:
                            (["--composer", "lora_composer", "--box", "qa:0,0,1"], "NAME:x0,y0,x1,y1")]:
         assert main(["compose", *common, *flags, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_stacked_region_deltas_equal_each_concepts_delta_in_its_box(monkeypatch) -> None:
+    unet = BUILDERS["sd1"]().unet
+    for name in ("qa", "qb"):  # random A and B on convolutions and projections (PEFT's non-identity init)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                    target_modules=["conv1", "conv2", "to_q", "to_v", "proj_in"]), adapter_name=name)
+    set_scales(unet, {"qa": 1.0, "qb": 0.7})
+    activate(unet, {})  # the adapters act only through the hooks
+    regions = RegionMasks([(0.0, 0.0, 0.6, 1.0), (0.4, 0.2, 1.0, 0.9)])  # overlapping, so shares are averaged
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor(400)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    outs = []
+    with torch.no_grad():
+        untrack = regions.track(unet)
+        base = unet(x, t, ctx).sample
+        for stacked in (True, False):
+            monkeypatch.setattr(StackedDeltas, "fits", staticmethod(lambda layer, names, s=stacked: s))
+            handle = install_region_deltas(unet, ["qa", "qb"], regions, lambda n: n.endswith("attn2.to_v"))
+            outs.append(unet(x, t, ctx).sample)
+            handle.remove()
+        untrack()
+    assert not torch.allclose(outs[0], base, atol=1e-3)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)  # two calls equal the per-concept sum
