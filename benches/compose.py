@@ -10,8 +10,9 @@ subject fidelity, prompt fidelity, and time per image as a ratio to single-adapt
 run (a composer's set-up, such as CMLoRA's Fourier profiling, is reported apart); control rows "each adapter alone"
 and "no adapter". Spatial composers get each emblem's box from its position and size words (`case_boxes`).
 `--category` scores some categories, and `--prepare` then trains only the adapters their cases use;
-`--world-objects 2` has it train the emblems on renders that also hold another object (subject + object "both right"
-went from 0.08 to 0.50 for the adapter alone, and from 0.58 to 1.00 for LoRA-Composer, 2 cases x 6 seeds). Writes
+it trains the emblems on renders that also hold another object (`--world-objects 2`, the default; with one-object
+renders, `--world-objects 1`, subject + object "both right" fell from 0.50 to 0.08 for the adapter alone and from 1.00
+to 0.58 for LoRA-Composer, 2 cases x 6 seeds). Writes
 `compose-bench.md` (the table), `compose-bench.json` and `compose-bench-grid.png`.
 """
 

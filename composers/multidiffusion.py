@@ -11,19 +11,19 @@ latent) and `W_i` region masks. For a DDIM-like step, fusing the noise predictio
 - Path n: concept n's region prompt (default: its clause of the prompt, as LoRA-Composer's region prompts) with
   adapter n added, mask = its box; overlaps are averaged.
 
-Why it exists beside LoRA-Composer: on the embedded base the attention-level injection of LoRA-Composer (and CLoRA's
-attention-map masks) leave a subject's identity exposed to its neighbours (the convolutions, group norms and
-self-attention of one pass see the whole image), while a subject denoised in a path of its own keeps it (see
-`studio bench compose`). The cost is `1 + boxes` UNet passes per step, batched into one call: different adapters
-per sample through `install_sample_deltas` (adapters stay inactive in PEFT, each row adds its own LoRA delta).
+Beside LoRA-Composer: MultiDiffusion keeps a subject in a path of its own, so no layer of another concept's pass
+can reach it, at `1 + boxes` UNet passes a step; LoRA-Composer gets the same isolation inside one pass (region
+attention, box-masked deltas, and per-box norm statistics, `composers.region_norm`). Both take the same boxes. The
+paths are batched into one call: different adapters per sample through `install_sample_deltas` (adapters stay
+inactive in PEFT, each row adds its own LoRA delta).
 
-Measured on the embedded base (`studio bench compose --prepare --pairs 2 --seeds 6 --category two_subjects --category
-subject_object --composer merge --composer switch --composer composite --composer multidiffusion --composer
-lora_composer --composer clora`, DreamBooth-LoRA emblems at their defaults, 2 threads, quiet machine, one run): two
-subjects, composition success 1.000 (merge, switch, composite, lora_composer and clora 0.000); one subject beside an
-ordinary object, both right 1.000 (lora_composer 0.583, merge 0.083, clora 0.000); time per image 2.15x one adapter
-(lora_composer 2.11x, clora 11.55x): on a CPU the batched paths cost what separate calls would; on a GPU one image is
-launch-bound and the paths ride in the same calls.
+Measured on the embedded base (`studio bench compose --prepare --category two_subjects --category subject_object
+--seeds 8 --composer merge --composer switch --composer composite --composer lora_composer --composer
+multidiffusion`, DreamBooth-LoRA emblems trained beside another object, 2 threads, one run): two subjects,
+composition success 0.75 (lora_composer 0.96; merge, switch, composite 0.00); one subject beside an ordinary object,
+both right 0.94 (lora_composer 0.94, merge 0.62); time per image 2.33x one adapter (lora_composer 1.22x): on a CPU
+the batched paths cost what separate calls would; on a GPU one image is launch-bound and the paths ride in the same
+calls.
 """
 
 from __future__ import annotations
