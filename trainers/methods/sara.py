@@ -38,7 +38,9 @@ Quality (`studio bench adapters --method sara --no-texture`, three evaluation em
 otherwise idle machine; found of 20 prompts, then trigger-free drift from the base's 0.995 single-object accuracy,
 then training seconds): lr 1.75e-3 found 0.95, 0.95 and 1.00, drift +0.015, +0.035 and +0.025, 274-293 s; lr 2e-3
 0.90, 1.00 and 0.95, +0.015, +0.040 and +0.025; lr 1.5e-3 0.75, 0.90 and 1.00, +0.020, +0.025 and +0.025, 241-247 s.
-Drift is judged on 50 prompts of four attributes (one seed each): its standard error is 1 to 2 points.
+Drift is judged on 50 prompts of four attributes (one seed each): its standard error is 1 to 2 points. Those runs
+had OpenMP threads sleeping (the CLI's old setting); on free cores with its own policy, `studio bench adapters
+--method sara`: the same found and drift, the stripes texture found 0.95, 200-217 s an emblem and 182 s the texture.
 """
 
 from __future__ import annotations
