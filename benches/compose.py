@@ -303,7 +303,7 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: l
             f"longest set-up outside the timing (e.g. CMLoRA's profiling, once per adapter): "
             + ", ".join(f"{r} {v['install_seconds']:.1f} s" for r, v in report["rows"].items()) + ".\n")
     write_text(out / "compose-bench.md", head + body + note)
-    save_grid(out / "compose-bench-grid.png", [grid[r] for r in rows])
+    save_grid(out / "compose-bench-grid.png", [grid[r] for r in rows], labels=rows)
 
 
 def run(args: argparse.Namespace) -> int:
