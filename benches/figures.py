@@ -16,6 +16,8 @@ def save_grid(path: Path, rows: list[list[torch.Tensor]], labels: list[str] | No
 
     from studio.atomic import atomic_write
 
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"save_grid: {len(labels)} labels for {len(rows)} rows; give one label a row")
     kept = [(r, lab) for r, lab in zip(rows, labels or [""] * len(rows)) if len(r)]
     if not kept:
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -23,3 +24,5 @@ def test_grid_rows_and_labels(tmp_path: Path) -> None:
     for row in range(2):  # each row's name is drawn beside it, in black on white
         band = named[row * 18 + 2:(row + 1) * 18 + 2, :margin]
         assert (band < 100).any() and (band == 255).mean() > 0.5
+    with pytest.raises(ValueError, match="one label a row"):  # a short list would silently drop rows
+        save_grid(tmp_path / "short.png", tiles, labels=["lora_composer"])
