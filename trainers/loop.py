@@ -99,13 +99,13 @@ def _reads_every(device: torch.device, callbacks: Callbacks) -> int:
     return SYNC_EVERY if device.type == "cuda" and callbacks.on_step is None else 1
 
 
-def _accelerator(device: str) -> Any:  # -> accelerate.Accelerator
-    """The run's Accelerator on `device` (auto | cpu | cuda). CPU processes of one launch meet over gloo.
+def process_state(device: str) -> Any:  # -> accelerate.PartialState
+    """This process's accelerate state on `device` (auto | cpu | cuda): which process of a launch it is. CPU
+    processes of one launch meet over gloo.
 
     accelerate's state is process-wide and keeps the first run's device; in one process that is not part of a
     launch (the web UI, a notebook, the tests) each run's device is its own choice, so a mismatched state is reset.
     """
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -114,7 +114,14 @@ def _accelerator(device: str) -> Any:  # -> accelerate.Accelerator
     if PartialState._shared_state and not torch.distributed.is_initialized():
         if (PartialState().device.type == "cpu") != cpu:
             AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=cpu)
+    return PartialState(cpu=cpu)
+
+
+def _accelerator(device: str) -> Any:  # -> accelerate.Accelerator
+    """The run's Accelerator on `device`, on the process state `process_state` set up."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=process_state(device).device.type == "cpu")
 
 
 class Loop:
@@ -454,7 +461,8 @@ class Loop:
             self.callbacks.on_checkpoint(self.step)
 
     def load(self) -> None:
-        remove_stale_temporaries(self.run_dir)  # a run killed mid-write left its temporary file
+        if self.accelerator.is_main_process:  # not another process's file in the middle of its write
+            remove_stale_temporaries(self.run_dir)  # a run killed mid-write left its temporary file
         state = read_checkpoint(self.run_dir)
         try:
             self.method.load_state_dict(state["method"])

@@ -18,7 +18,7 @@ from studio import atomic
 from studio.errors import StudioError
 from trainers.checkpoint import remove_stale_temporaries
 from trainers.config import RESUMABLE_CHANGES, TrainConfig
-from trainers.loop import Callbacks, Cancel, train_loop
+from trainers.loop import Callbacks, Cancel, process_state, train_loop
 from trainers.method import Method, MethodConfig
 
 
@@ -58,11 +58,13 @@ def _record(method: MethodConfig, config: TrainConfig) -> dict[str, Any]:
     return {"method": method.method, "method_config": dataclasses.asdict(method), **dataclasses.asdict(config)}
 
 
-def _prepare_run_dir(method: MethodConfig, config: TrainConfig) -> tuple[Path, bool]:
-    """(run folder, resume?) after checking that a resumed run was started with the same settings."""
+def _prepare_run_dir(method: MethodConfig, config: TrainConfig, main: bool = True) -> tuple[Path, bool]:
+    """(run folder, resume?) after checking that a resumed run was started with the same settings. Every process
+    checks; only the `main` one writes (under `accelerate launch` another process's clean-up would delete the
+    main one's temporary file mid-write)."""
     resume = config.resume
     run_dir = config.default_run_dir() if resume in (None, "latest") else Path(resume)
-    if run_dir.is_dir():
+    if run_dir.is_dir() and main:
         remove_stale_temporaries(run_dir)  # a run killed inside a write, even its first checkpoint's
     saved_path, has_checkpoint = run_dir / "config.json", (run_dir / "checkpoint.pt").is_file()
     if resume is None:
@@ -71,9 +73,10 @@ def _prepare_run_dir(method: MethodConfig, config: TrainConfig) -> tuple[Path, b
                 f"{run_dir} already holds a run of {config.name!r}; continue it with --resume latest, "
                 "start over with --overwrite, or pick another --name"
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-        atomic.write_json(saved_path, _record(method, config))
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+            atomic.write_json(saved_path, _record(method, config))
         return run_dir, False
     if not has_checkpoint or not saved_path.is_file():
         raise StudioError(f"{run_dir} holds no run to resume; start it without --resume")
@@ -123,7 +126,9 @@ def train(
                 f"an adapter named {entry_name!r} already exists; pick another --name or pass --overwrite"
             )
     method.config = method_config = type(method).claim(method_config, library, config.name)
-    run_dir, resume = _prepare_run_dir(method_config, config)
+    state = process_state(config.device)  # the launch's processes, as the loop's Accelerator will see them
+    run_dir, resume = _prepare_run_dir(method_config, config, state.is_main_process)
+    state.wait_for_everyone()  # the run folder and its config.json exist for every process
     pipe = load_pipeline(config.model)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = load_data(config, resolution, min_images=method_config.min_images, max_images=method_config.max_images,
