@@ -5,7 +5,8 @@ small blue circle on the right on a white background` has one concept per clause
 trailing `on a ... background` phrase belongs to no concept). A clause holding an adapter's trigger word is that
 adapter's concept; the others are ordinary objects. Key words are the clause's words minus articles, prepositions,
 sizes and positions (`sks emblem`, `blue circle`): their tokens form the concept's token group (CLoRA's
-`important_token_indices`, LoRA-Composer's concept tokens). Token positions are derived from the words, never typed
+`important_token_indices`, LoRA-Composer's concept tokens); its position words (`left`) are kept apart (CLoRA's mask
+tokens where a clause has them). Token positions are derived from the words, never typed
 by hand (composers.md 1.8: the reference notebook's hand-typed indices were wrong).
 """
 
@@ -16,10 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-STOP_WORDS = frozenset(
-    "a an the on in of at to with and large small big tiny left right top bottom center centre middle corner "
-    "upper lower side".split()
-)
+POSITION_WORDS = frozenset("left right top bottom center centre middle corner upper lower side".split())
+STOP_WORDS = frozenset("a an the on in of at to with and large small big tiny".split()) | POSITION_WORDS
 _BACKGROUND = ("background",)
 
 
@@ -30,6 +29,7 @@ class Concept:
     words: list[int]  # indices into the prompt's whitespace words
     keys: list[int]  # the key words among them
     adapters: list[str] = field(default_factory=list)  # adapters whose trigger is in the clause (usually 0 or 1)
+    places: list[int] = field(default_factory=list)  # its position words (`left` in `... on the left`)
 
 
 def _clean(word: str) -> str:
@@ -64,7 +64,7 @@ def split_concepts(prompt: str, triggers: dict[str, list[str]]) -> list[Concept]
         if not keys:
             continue
         owners = [n for n, ts in triggers.items() if any(_clean(t) in {cleaned[i] for i in span} for t in ts)]
-        out.append(Concept(span, keys, owners))
+        out.append(Concept(span, keys, owners, [i for i in span if cleaned[i] in POSITION_WORDS]))
     return out
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from composer_helpers import add_random_adapter
 from tiny_models import BUILDERS
 
 import composers
 from composers import AdapterSet, CloraConfig
-from composers.clora import attention_masks, contrastive_loss, plan
+from composers.clora import MapAverage, attention_masks, contrastive_loss, map_level, plan
 from studio.generate import GenerateConfig, generate
 
 
@@ -40,9 +41,16 @@ def test_prompts_groups_and_mask_tokens_follow_the_words() -> None:
     assert [words(t, g) for t, g in zip(p.prompts, p.groups[0])] == ["emblem", "qa emblem", "emblem"]
     assert [words(t, g) for t, g in zip(p.prompts, p.groups[1])] == ["emblem", "emblem", "qb emblem"]
     assert words(p.prompts[2], p.groups[1][2]) == "qb emblem" and p.groups[1][2][0] > p.groups[0][2][0]
-    assert p.mask_tokens == [[], p.groups[0][1], p.groups[1][2]]
+    # a subject's mask: its clause's position word; without one, its token group
+    assert p.mask_tokens[0] == []
+    assert [words(t, m) for t, m in zip(p.prompts[1:], p.mask_tokens[1:])] == ["left", "right"]
+    bare = "a qa emblem and a qb emblem on a white background"
+    q = plan(bare, ["qa", "qb"], {"qa": "subject", "qb": "subject"}, tok)
+    assert q.mask_tokens == [[], q.groups[0][1], q.groups[1][2]]
+    assert words(q.prompts[1], q.mask_tokens[1]) == "qa emblem"
     one = plan(ONE, ["qa"], {"qa": "subject"}, tok)
     assert [words(t, g) for t, g in zip(one.prompts, one.groups[1])] == ["blue circle", "blue circle"]
+    assert words(one.prompts[1], one.mask_tokens[1]) == "left"
 
 
 def test_contrastive_loss_is_nt_xent() -> None:
@@ -72,6 +80,23 @@ def test_masks_threshold_each_token_and_give_the_rest_to_the_base_prompt() -> No
     b[0, 1, 1, 2] = 0.5
     masks = attention_masks([torch.zeros(1, 2, 2, 4), a, b], [[], [1], [2]], 0.3)[:, 0, 0]  # (P, h, w)
     assert masks.tolist() == [[[0, 1], [1, 0]], [[1, 0], [0, 0]], [[0, 0], [0, 1]]]
+
+
+def test_masks_read_the_maps_averaged_over_the_steps_so_far_and_a_new_generation_starts_anew() -> None:
+    average = MapAverage()
+    a, b, c = (torch.full((1, 2, 2, 3), v) for v in (1.0, 3.0, 8.0))
+    assert torch.equal(average([a, b], 0)[1], b)
+    second = average([b, c], 1)
+    assert torch.equal(second[0], (a + b) / 2) and torch.equal(second[1], (b + c) / 2)
+    assert torch.equal(average([c, a], 2)[0], (a + b + c) / 3)
+    assert torch.equal(average([c, a], 0)[0], c)  # the next generation's first step
+    assert torch.equal(average([c[:, :1], a[:, :1]], 1)[0], c[:, :1])  # another size: starts anew too
+
+
+def test_maps_come_from_the_papers_level_latent_over_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert map_level(BUILDERS["sd1"]().unet) == 2 and map_level(BUILDERS["sdxl"]().unet) == 2  # levels 0-2, 1-2
+    monkeypatch.setattr("composers.clora.attention_levels", lambda unet: {"a.attn2": 0, "b.attn2": 1})
+    assert map_level(torch.nn.Module()) == 1  # no latent / 4 level: the coarsest there is
 
 
 def test_one_adapter_with_full_masks_and_no_update_is_that_adapter_alone_and_removal_is_exact() -> None:
