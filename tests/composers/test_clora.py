@@ -113,3 +113,17 @@ def test_one_adapter_with_full_masks_and_no_update_is_that_adapter_alone_and_rem
     assert np.isfinite(guided.images).all() and np.abs(guided.images - same).max() > 1e-3  # updates and masks
     assert guided.params[0]["composer_config"]["prompt"] == ONE
     assert np.array_equal(generate(config, pipe=pipe, output_type="np").images, before)
+
+
+def test_two_adapters_on_sdxl_compose_apart_from_merge_and_removal_is_exact() -> None:
+    pipe = BUILDERS["sdxl"]()
+    add_random_adapter(pipe, "qa", 1, kind="subject", scale=0.5)
+    add_random_adapter(pipe, "qb", 2, kind="subject", scale=0.5)
+    config = GenerateConfig(prompt=PAIR, steps=3, size="32x32")
+    before = generate(config, pipe=pipe, output_type="np").images
+    merged = composers.compose(config, AdapterSet.parse("qa,qb"), "merge", pipe=pipe, output_type="np").images
+    with composers.apply(pipe, AdapterSet.parse("qa,qb").resolve(), "clora", CloraConfig().for_prompt(PAIR)) as h:
+        composed = generate(config, pipe=pipe, output_type="np").images
+        assert h.state.prompts[1] == PAIR.replace("qb ", "")  # the second text encoder reads the same prompts
+    assert np.isfinite(composed).all() and np.abs(composed - merged).max() > 1e-3
+    assert np.array_equal(generate(config, pipe=pipe, output_type="np").images, before)
