@@ -210,7 +210,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--prepare", action="store_true", help="train the bench's adapters first (resumable)")
     parser.add_argument("--train-steps", type=int, default=25, help="training steps per adapter")
     parser.add_argument("--library", default="bench-out/retrieve/library", help="the bench's own adapter library")
-    parser.add_argument("--retriever-steps", type=int, default=300, help="retriever training steps")
+    parser.add_argument("--retriever-steps", type=int, default=1000, help="retriever training steps")
     parser.add_argument("--seeds", type=int, default=2, help="draws of scene words per eval phrasing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the retriever's training")
     parser.add_argument("--out", default="bench-out/retrieve")

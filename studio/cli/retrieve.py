@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights-only", action="store_true", help="rank by the adapters' weights alone (no card, "
                         "trigger or tags)")
     parser.add_argument("--train", action="store_true", help="train the retriever on the library first")
-    parser.add_argument("--train-steps", type=int, default=None, help="retriever training steps (default 300)")
+    parser.add_argument("--train-steps", type=int, default=None, help="retriever training steps (default 1000)")
     parser.add_argument("--exclude", default="",
                         help="with --train: adapters left out of training (comma-separated)")
     parser.add_argument("--json", action="store_true", help="print JSON")
