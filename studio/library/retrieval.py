@@ -68,7 +68,7 @@ class RetrieverConfig:
     depth: int = field(default=2, metadata={"help": "transformer layers (paper: 2)"})
     heads: int = 4
     probes: int = field(default=1, metadata={"help": "probe vectors per layer (paper: L = 1)"})
-    # bench (28 adapters, 22 trained on), weights-only top-1: 300 steps 0.68-0.73, 1000 0.80, 2000 0.78
+    # retrieve bench (28 adapters, 22 trained on), weights-only top-1: 300 steps 0.68-0.73, 1000 0.78-0.80, 2000 0.78
     steps: int = field(default=1000, metadata={"help": "optimizer steps (paper: 20 epochs x 100 steps)"})
     batch_size: int = field(default=32, metadata={"help": "adapters per step (paper: 32)"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (paper: 1e-4 over 2,000 steps)"})
