@@ -17,12 +17,12 @@ half in, composers.md 1.2). Cost: P = adapters + 1 UNet passes per step, plus a 
 
 Ours, not the paper's, each measured on the compose bench's pairs (two emblems left and right, 6 pairs; one emblem
 beside an ordinary object, 4 cases; 4 seeds each; `two subjects` = composition success, `+ object` = both right):
-- Mask tokens: the paper's `mask_indices` are typed by the user; here a concept's mask tokens are its clause's
-  position words (`left` in `a sks emblem on the left`) when it has them, else its token group. On the embedded base
-  the trigger and noun maps hardly localise: at the 8x8 and 16x16 levels every token's mean attention on the left
-  and right halves differs by under 10%; at level 2 `right` puts 6.6x more on the right half, while the left
-  emblem's trigger leans right (0.75x). With the group's tokens every mask covered the whole image (two subjects
-  0.00).
+- Mask tokens (`place_masks`): the paper's `mask_indices` are typed by the user; here a concept's mask tokens are its
+  clause's position words (`left` in `a sks emblem on the left`) when it has them, else its token group. On the
+  embedded base the trigger and noun maps hardly localise: at the 8x8 and 16x16 levels every token's mean
+  attention on the left and right halves differs by under 10%; at level 2 `right` puts 6.6x more on the right half,
+  while the left emblem's trigger leans right (0.75x). With the group's tokens every mask covered the whole image
+  (two subjects 0.00).
 - Masks from the maps averaged over the steps so far (`mask_average`), not the step's own: per-step 4x4 maps flicker
   and let the adapter-free prompt draw inside an object (two subjects 0.08 -> 0.50 with position tokens; box masks
   typed from the layout, an upper bound, 0.42 on 2 seeds).
@@ -72,6 +72,9 @@ class CloraConfig:
     refine_at: tuple[float, ...] = field(default=(), metadata={
         "help": "refinement steps as shares of the schedule (paper's demo: 0, 0.2, 0.4; reference code: none)"})
     refine_iterations: int = field(default=20, metadata={"help": "extra updates at a refinement step (paper: 20)"})
+    place_masks: bool = field(default=True, metadata={
+        "help": "mask tokens: a clause's position words where it has them (ours; the embedded base's noun maps do not "
+                "localise); off: the concept's own tokens (the paper's)"})
     mask_average: bool = field(default=True, metadata={
         "help": "masks from the maps averaged over the steps so far (ours; the paper: each step's own maps)"})
     prompt: str = field(default="", metadata={"help": "the generation prompt (filled in by `for_prompt`)"})
@@ -95,9 +98,10 @@ class CloraPlan:
     mask_tokens: list[list[int]]  # prompt p -> its concept's position words' tokens, else its group ([] for prompt 0)
 
 
-def plan(prompt: str, adapters: list[str], kinds: dict[str, str], tokenizer: Any) -> CloraPlan:
+def plan(prompt: str, adapters: list[str], kinds: dict[str, str], tokenizer: Any, places: bool = True) -> CloraPlan:
     """The per-adapter prompts, token groups and mask tokens of `prompt` (composers.md 1.1), derived from words: a
-    subject's mask tokens are its clause's position words where it has them (module docstring), else its group."""
+    subject's mask tokens are its clause's position words where it has them and `places` (module docstring), else its
+    group (the paper's choice)."""
     triggers = adapter_triggers(adapters)
     subjects = [n for n in adapters if kinds.get(n) != "style"]
     concepts = split_concepts(prompt, {n: triggers[n] for n in subjects})
@@ -116,8 +120,8 @@ def plan(prompt: str, adapters: list[str], kinds: dict[str, str], tokenizer: Any
     masks: list[list[int]] = [[]]
     for i, n in enumerate(subjects):
         g, c = next((g, c) for g, c in enumerate(concepts) if n in c.adapters)
-        places = [kept[i + 1].index(j) for j in c.places if j in kept[i + 1]]
-        masks.append(token_group(tokenizer, prompts[i + 1], places) if places else groups[g][i + 1])
+        where = [kept[i + 1].index(j) for j in c.places if j in kept[i + 1]] if places else []
+        masks.append(token_group(tokenizer, prompts[i + 1], where) if where else groups[g][i + 1])
     return CloraPlan(prompts, subjects, groups, masks)
 
 
@@ -205,7 +209,7 @@ def apply_clora(pipe: Any, adapters: AdapterSet, config: CloraConfig) -> Handle:
     if not config.prompt:
         raise StudioError("CLoRA reads the prompt: use composers.compose, or config.for_prompt(prompt) first")
     kinds = dict(zip(adapters.names, adapters.kinds or ["unknown"] * len(adapters.names)))
-    steps = plan(config.prompt, adapters.names, kinds, pipe.tokenizer)
+    steps = plan(config.prompt, adapters.names, kinds, pipe.tokenizer, config.place_masks)
     weights = dict(zip(adapters.names, adapters.weights))
     styles = {n: w for n, w in weights.items() if kinds[n] == "style"}
     active = [styles] + [{**styles, n: weights[n]} for n in steps.subjects]  # prompt p's adapters

@@ -51,6 +51,8 @@ def test_prompts_groups_and_mask_tokens_follow_the_words() -> None:
     one = plan(ONE, ["qa"], {"qa": "subject"}, tok)
     assert [words(t, g) for t, g in zip(one.prompts, one.groups[1])] == ["blue circle", "blue circle"]
     assert words(one.prompts[1], one.mask_tokens[1]) == "left"
+    paper = plan(PAIR, ["qa", "qb"], {"qa": "subject", "qb": "subject"}, tok, places=False)
+    assert paper.mask_tokens == [[], paper.groups[0][1], paper.groups[1][2]]  # the paper's: the concept's tokens
 
 
 def test_contrastive_loss_is_nt_xent() -> None:
