@@ -24,8 +24,8 @@ beside an ordinary object, 4 cases; 4 seeds each; `two subjects` = composition s
   while the left emblem's trigger leans right (0.75x). With the group's tokens every mask covered the whole image
   (two subjects 0.00).
 - Masks from the maps averaged over the steps so far (`mask_average`), not the step's own: per-step 4x4 maps flicker
-  and let the adapter-free prompt draw inside an object (two subjects 0.08 -> 0.50 with position tokens; box masks
-  typed from the layout, an upper bound, 0.42 on 2 seeds).
+  and let the adapter-free prompt draw inside an object (two subjects 0.08 -> 0.33 with position tokens; box masks
+  typed from the layout, an upper bound, 0.42; 2 seeds each).
 - No refinement by default (`refine_at=()`, the reference code's default): with the demo's 3 x 20 extra updates two
   subjects fell from 0.33 to 0.08 and + object from 0.75 to 0.25 (2 seeds), at about three times the cost.
 Measured with these defaults (4 seeds): two subjects 0.50, + object 0.75; without the latent update
