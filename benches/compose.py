@@ -271,7 +271,7 @@ def run_bench(
               "scoring_seconds": round(time.perf_counter() - began, 1),
               "raw": {row: {cat: {k: [round(x, 4) for x in v] for k, v in f.items()} for cat, f in per.items()}
                       for row, per in judged.items()},
-              "raw_seconds": {row: [round(x, 4) for x in v] for row, v in seconds.items()}}
+              "raw_seconds": {row: [round(x, 6) for x in v] for row, v in seconds.items()}}
     _write(out, report, grid, rows)
     return report
 
