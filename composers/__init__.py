@@ -62,7 +62,8 @@ def make_config(composer: str, values: dict[str, Any] | None = None) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     extra = sorted(set(values or {}) - names)
     if extra:
-        raise StudioError(f"--{extra[0].replace('_', '-')} does not apply to --composer {composer}")
+        flag = {"cache": "no-cache", "place_masks": "concept-masks"}.get(extra[0], extra[0].replace("_", "-"))
+        raise StudioError(f"--{flag} does not apply to --composer {composer}")
     return cls(**(values or {}))
 
 
@@ -121,6 +122,7 @@ def from_options(
     c1: int | None = None,
     c2: int | None = None,
     boxes: list[str] | None = None,
+    concept_masks: bool = False,
 ) -> tuple[str, AdapterSet, Any]:
     """The CLI's and the UI's options as (prompt without its `<lora:...>` tags, adapter set, composer config)."""
     from studio.prompt_tags import split_lora_tags
@@ -135,7 +137,7 @@ def from_options(
     adapter_set.schedules = [parse_schedule(schedule)] * len(adapter_set.names)
     values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None,
               "cache": False if no_cache else None, "c1": c1, "c2": c2,
-              "boxes": parse_boxes(boxes) if boxes else None}
+              "boxes": parse_boxes(boxes) if boxes else None, "place_masks": False if concept_masks else None}
     config = make_config(composer, {k: v for k, v in values.items() if v is not None})
     return text, adapter_set, config.for_prompt(text) if hasattr(config, "for_prompt") else config
 

@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="multidiffusion, lora_composer: the region of an adapter in image fractions, origin top-left "
         "(repeatable), e.g. sks:0,0.1,0.5,0.9",
     )
+    parser.add_argument("--concept-masks", action="store_true",
+                        help="clora: masks from each subject's own words (the paper's) instead of its position words "
+                        "(for bases whose noun attention maps localise)")
     parser.add_argument("--fused", action="store_true", help="merge: bake the weighted sum into the weights")
     parser.add_argument(
         "--schedule",
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     args.prompt, adapters, composer_config = composers.from_options(
         args.prompt, args.adapters, args.composer, tau=args.tau, order=args.order, fused=args.fused,
         schedule=args.schedule, no_cache=args.no_cache, c1=args.c1, c2=args.c2, boxes=args.box,
+        concept_masks=args.concept_masks,
     )
     config = from_namespace(GenerateConfig, args)
     output_paths(args.out, config.num_images)  # a bad --out fails before any work

@@ -57,6 +57,7 @@ def run_compose(
         tau=int(fields["tau"]) if fields.get("tau") else None, order=fields.get("order") or None,
         no_cache=composer == "cmlora" and fields.get("cache") is False,
         boxes=box_lines(fields.get("boxes")) or None,
+        concept_masks=composer == "clora" and bool(fields.get("concept_masks")),
     )
     generate_config = GenerateConfig(prompt=prompt, model=fields.get("model") or DEFAULT_MODEL,
                                      seed=int(fields.get("seed") or 0), steps=int(fields.get("steps") or 20))
@@ -120,6 +121,8 @@ def build_compose_tab() -> dict[str, Any]:
                 "order": gr.Textbox("", label="Switch: order a,b,... (empty: subject, style, then the rest); "
                                     "CMLoRA: integration order (empty: measured by Fourier profiling)"),
                 "cache": gr.Checkbox(True, label="CMLoRA: reuse non-dominant adapters' deep features (faster)"),
+                "concept_masks": gr.Checkbox(False, label="CLoRA: masks from each subject's own words (the paper's) "
+                                             "instead of its position words"),
                 "boxes": gr.Textbox("", lines=2, label="Boxes (MultiDiffusion, LoRA-Composer): NAME:x0,y0,x1,y1 per "
                                     "line (fractions, origin top-left; CLoRA needs none)", elem_id="compose-boxes"),
                 "seed": gr.Number(0, label="Seed", precision=0, elem_id="compose-seed"),

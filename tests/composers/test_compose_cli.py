@@ -45,6 +45,21 @@ def test_compose_cli_writes_pngs_that_record_adapters_and_composer(tiny_dirs, tm
         ([], "no adapters given"),
         (["--adapters", "alpha", "--composer", "blend"], "unknown composer 'blend'"),
         (["--adapters", "alpha", "--composer", "merge", "--fused", "--schedule", "linear:1:0"], "fused merge"),
+        (["--adapters", "alpha", "--concept-masks"], "--concept-masks does not apply to --composer merge"),
     ]:
         assert main(["compose", *common, "--prompt", "x", *flags, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_clora_takes_the_papers_concept_masks_from_the_cli(tiny_dirs, tmp_path) -> None:
+    model = str(tiny_dirs["sd1"])
+    pipe = load_pipeline(model)
+    add_random_adapter(pipe, "qa", 1, kind="subject")
+    add_random_adapter(pipe, "qb", 2, kind="subject")
+    prompt = "a large qa emblem on the left and a large qb emblem on the right on a white background"
+    common = ["--model", model, "--steps", "2", "--size", "32x32", "--prompt", prompt, "--adapters", "qa,qb",
+              "--composer", "clora"]
+    for name, flags in (("place", []), ("concept", ["--concept-masks"])):  # plan() maps the switch to the tokens
+        out = tmp_path / f"{name}.png"
+        assert main(["compose", *common, *flags, "--out", str(out)]) == 0
+        assert read_parameters(out)["composer_config"]["place_masks"] is (name == "place")

@@ -60,3 +60,13 @@ def test_boxes_reach_lora_composer_and_the_layout_is_drawn(two_adapters: str, tm
     assert (layout[25, 75] != 255).any() and (layout[10, 75] == 255).all()  # beta's top edge at y = 0.25
     with pytest.raises(StudioError, match="NAME:x0,y0,x1,y1"):
         draw_layout("alpha:0,0,1")
+
+
+def test_clora_concept_masks_checkbox_reaches_the_composer(two_adapters: str, tmp_path: Path) -> None:
+    fields = {"model": two_adapters, "prompt": "a alpha emblem on the left and a beta star on the right",
+              "adapters": "alpha,beta", "composer": "clora", "seed": 0, "steps": 2}
+    for ticked in (False, True):
+        paths, _ = run_compose({**fields, "concept_masks": ticked}, out_dir=tmp_path / str(ticked))
+        assert read_parameters(paths[0])["composer_config"]["place_masks"] is (not ticked)
+    paths, _ = run_compose({**fields, "composer": "merge", "concept_masks": True}, out_dir=tmp_path / "merge")
+    assert read_parameters(paths[0])["composer"] == "merge"  # the checkbox belongs to CLoRA alone
