@@ -214,3 +214,19 @@ def check_inside(page: Any, selector: str) -> None:
                        .filter(r => r.left < view.left - 1 || r.right > view.right + 1).length; }"""
     )
     assert outside == 0, f"{outside} image(s) of {selector} are cut off at the side"
+
+
+def close_toasts(page: Any) -> None:
+    """Close every pop-up. Each close renumbers the rest and a toast may time out by itself, so this always closes
+    the first one left, briefly, and checks none remain at the end."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # here, so a missing playwright still skips
+
+    toasts = page.locator(".toast-close")
+    for _ in range(20):
+        if not toasts.count():
+            break
+        try:
+            toasts.first.click(timeout=2_000)
+        except PlaywrightTimeout:  # it went away on its own between the count and the click
+            pass
+    page.locator(".toast-body").first.wait_for(state="detached")

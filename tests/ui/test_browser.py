@@ -26,6 +26,7 @@ from browser_pages import (
     check_inside,
     check_numeric_axes,
     check_on_screen,
+    close_toasts,
     displayed_pixels,
     fill,
     legend_entries,
@@ -371,9 +372,7 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     page.wait_for_timeout(500)  # the toast's fade-in
     shot(page, "7-upload-error", full_page=False)  # toasts are fixed to the viewport
     page.get_by_label("Shapes World emblem").check()
-    for close in page.locator(".toast-close").all():  # the pop-ups, so that nothing covers the page below
-        close.click()
-    expect(page.locator(".toast-body")).to_have_count(0)
+    close_toasts(page)  # the pop-ups, so that nothing covers the page below
 
     # Keyboard: from the top of the page, Tab reaches each tab, Enter opens it, and Tab reaches its main button and
     # the controls around it (the history's images were chosen with Enter above).
