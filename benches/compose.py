@@ -105,15 +105,21 @@ def case_boxes(case: Case) -> dict[str, tuple[float, float, float, float]]:
     return boxes
 
 
-def composer_config(composer: str, case: Case):  # -> the composer's config for this case
-    """The composer's default config, with the case's boxes and prompt where the composer reads them."""
+def composer_config(composer: str, case: Case, layout: str = "world"):  # -> the composer's config for this case
+    """The composer's default config, with the case's boxes and prompt where the composer reads them. Boxes: the
+    scene's own (`layout="world"`), or read from the prompt's position words as `studio compose` does without
+    `--box` (`"prompt"`: `composers.layout`)."""
     import dataclasses
 
     import composers
 
     config = composers.make_config(composer)
     if "boxes" in {f.name for f in dataclasses.fields(config)}:
-        config = dataclasses.replace(config, boxes=case_boxes(case))
+        if layout == "prompt":
+            adapters = composers.AdapterSet(list(case.adapters), [1.0] * len(case.adapters)).resolve()
+            config = config.with_layout(case.prompt, adapters)
+        else:
+            config = dataclasses.replace(config, boxes=case_boxes(case))
     return config.for_prompt(case.prompt) if hasattr(config, "for_prompt") else config
 
 
@@ -185,7 +191,7 @@ def score_image(image: torch.Tensor, case: Case) -> dict[str, float]:
 def run_bench(
     model: str, library: Path, composers_: list[str], seeds: int, steps: int, out: Path, pairs: int | None = None,
     categories: tuple[str, ...] = CATEGORIES, controls: tuple[str, ...] = CONTROLS, configure: Any = None,
-    timed_only: tuple[str, ...] = (),
+    timed_only: tuple[str, ...] = (), layout: str = "world",
 ) -> dict:
     """Score every composer and the `controls` rows on every case x seed; write the table, JSON and grid.
 
@@ -221,7 +227,7 @@ def run_bench(
         pair = composers.AdapterSet(list(case.adapters), [1.0] * len(case.adapters)).resolve(lib)
 
         def config_of(c: str, case: Case = case) -> Any:
-            config = composer_config(c, case)
+            config = composer_config(c, case, layout)
             return configure(c, config) if configure is not None else config
 
         runs = {c: lambda c=c: composers.apply(pipe, pair, c, config_of(c)) for c in composers_}
@@ -265,7 +271,7 @@ def run_bench(
            "install_seconds": round(max(install[row]), 3)}
         for row in figures
     }
-    report = {"model": model, "steps": steps, "seeds": seeds,
+    report = {"model": model, "steps": steps, "seeds": seeds, "layout": layout,
               "cases": {cat: len(group) for cat, group in by_category.items()},
               "threads": torch.get_num_threads(), "single_adapter_s_per_image": round(single, 4), "rows": table,
               "scoring_seconds": round(time.perf_counter() - began, 1),
@@ -274,6 +280,9 @@ def run_bench(
               "raw_seconds": {row: [round(x, 6) for x in v] for row, v in seconds.items()}}
     _write(out, report, grid, rows)
     return report
+
+
+_LAYOUTS = {"world": "scene's places", "prompt": "prompt's position words"}
 
 
 def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: list[str]) -> None:
@@ -298,7 +307,8 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]], rows: l
                  + f" | {mean['subject_fidelity']:.3f} | {mean['prompt_fidelity']:.3f} | {v['time_ratio']:.2f}x |\n")
     counts = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in report["cases"].items())
     note = (f"\nCases: {counts}; {report['seeds']} seeds each, {report['steps']} steps, {report['threads']} "
-            f"threads; 'alone' averages each adapter of the case on its own; single adapter "
+            f"threads; boxes from the {_LAYOUTS[report.get('layout', 'world')]}; 'alone' averages each adapter of "
+            f"the case on its own; single adapter "
             f"{report['single_adapter_s_per_image']} s/image; scoring took {report['scoring_seconds']:.0f} s; "
             f"longest set-up outside the timing (e.g. CMLoRA's profiling, once per adapter): "
             + ", ".join(f"{r} {v['install_seconds']:.1f} s" for r, v in report["rows"].items()) + ".\n")
@@ -322,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         train_gate(cached_pipeline(args.model, "cpu"), list(adapter_names()), steps=args.autolora_gate_steps,
                    library=Library(library))
     report = run_bench(args.model, library, args.composer or list(composers.COMPOSERS), args.seeds, args.steps,
-                       Path(args.out), pairs=args.pairs, categories=categories)
+                       Path(args.out), pairs=args.pairs, categories=categories, layout=args.layout)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -344,5 +354,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--autolora-gate-steps", type=int, default=0,
                         help="train AutoLoRA's gates on the bench's adapters first, this many steps (0: the shipped)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--layout", choices=("world", "prompt"), default="world",
+                        help="the boxed composers' boxes: each emblem's place in the scene (default), or from the "
+                             "prompt's position words as `studio compose` takes them without --box")
     parser.add_argument("--out", default="bench-out/compose")
     parser.set_defaults(func=run)

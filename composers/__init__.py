@@ -139,6 +139,8 @@ def from_options(
               "cache": False if no_cache else None, "c1": c1, "c2": c2,
               "boxes": parse_boxes(boxes) if boxes else None, "place_masks": False if concept_masks else None}
     config = make_config(composer, {k: v for k, v in values.items() if v is not None})
+    if hasattr(config, "with_layout"):  # boxed composers: no --box, boxes from the prompt's position words
+        config = config.with_layout(text, adapter_set)
     return text, adapter_set, config.for_prompt(text) if hasattr(config, "for_prompt") else config
 
 
@@ -157,6 +159,8 @@ def compose(
 
     pipe = pipe or cached_pipeline(config.model, resolve_device(config.device))
     composer_config = make_config(composer) if composer_config is None else composer_config
+    if hasattr(composer_config, "with_layout"):  # boxed composers given no boxes: from the prompt's words
+        composer_config = composer_config.with_layout(config.prompt, adapter_set)
     if hasattr(composer_config, "for_prompt"):  # composers whose settings read the prompt (region prompts)
         composer_config = composer_config.for_prompt(config.prompt)
     with apply(pipe, adapter_set, composer, composer_config):

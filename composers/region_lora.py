@@ -97,6 +97,9 @@ class BoxedConfig:
         "help": "adapter name -> (x0, y0, x1, y1) in image fractions; adapters without a box act everywhere"})
     region_prompts: dict[str, str] = field(default_factory=dict, metadata={
         "help": "adapter name -> its region prompt; default the prompt's clause that holds its trigger"})
+    layout: bool = field(default=True, metadata={
+        "help": "with no boxes given, each subject's box from its clause's position words (`on the left`: the left "
+                "half; composers.layout)"})
 
     def __post_init__(self) -> None:
         for name, box in self.boxes.items():
@@ -105,6 +108,19 @@ class BoxedConfig:
             except (TypeError, ValueError) as err:
                 raise StudioError(f"--box {name}: {err}") from None
         self.boxes = {n: tuple(float(v) for v in b) for n, b in self.boxes.items()}
+
+    def with_layout(self, prompt: str, adapters: Any) -> Any:  # -> the same config class
+        """This config with boxes from `prompt`'s position words for `adapters`' subjects (an AdapterSet), when none
+        were given and `layout` is on (`composers.layout.prompt_layout`)."""
+        from composers.concepts import adapter_triggers
+        from composers.layout import prompt_layout
+
+        if self.boxes or not self.layout:
+            return self
+        kinds = dict(zip(adapters.names, adapters.kinds))
+        subjects = [n for n in adapters.names if kinds.get(n) != "style"]
+        boxes = prompt_layout(prompt, adapter_triggers(list(adapters.names)), subjects)
+        return replace(self, boxes=boxes) if boxes else self
 
     def for_prompt(self, prompt: str) -> Any:  # -> the same config class
         """This config with the region prompt of every boxed adapter filled in from `prompt`."""
@@ -140,7 +156,8 @@ def boxed_set(pipe: Any, adapters: Any, boxes: dict[str, Any], prompts: dict[str
     kinds = dict(zip(adapters.names, adapters.kinds or ["unknown"] * len(adapters.names)))
     boxed = [n for n in adapters.names if n in boxes and kinds[n] != "style"]
     if not boxed:
-        raise StudioError(f"{composer} needs a box for at least one subject adapter: --box NAME:x0,y0,x1,y1")
+        raise StudioError(f"{composer} needs a box for at least one subject adapter: --box NAME:x0,y0,x1,y1, or a "
+                          "place in the subject's clause of the prompt (`... on the left`)")
     weights = dict(zip(adapters.names, adapters.weights))
     free = {n: w for n, w in weights.items() if n not in boxed}
     te = [m for m in (getattr(pipe, c, None) for c in ("text_encoder", "text_encoder_2")) if m is not None]

@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME:x0,y0,x1,y1",
         help="multidiffusion, lora_composer: the region of an adapter in image fractions, origin top-left "
-        "(repeatable), e.g. sks:0,0.1,0.5,0.9",
+        "(repeatable), e.g. sks:0,0.1,0.5,0.9; without any, each subject's box comes from its clause's position "
+        "words (`sks emblem on the left`: 0,0.25,0.5,0.75)",
     )
     parser.add_argument("--concept-masks", action="store_true",
                         help="clora: masks from each subject's own words (the paper's) instead of its position words "

@@ -3,8 +3,9 @@
 Adapters come from the adapters field (`NAME[:W],...`) and from `<lora:name:w>` tags in the prompt, exactly as
 `studio compose` takes them (`composers.from_options`). The sweep draws one image per weight pair of two adapters,
 the first adapter's weights down the rows and the second's across, with the same seed everywhere. LoRA-Composer
-takes typed boxes (`NAME:x0,y0,x1,y1`, one per line, image fractions), and the layout is drawn over a blank canvas
-before composing and over the first image after.
+takes typed boxes (`NAME:x0,y0,x1,y1`, one per line, image fractions), or with none the boxes of the prompt's
+position words (`composers.layout`); the layout is drawn over a blank canvas before composing and over the first
+image after.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from studio.ui.errors import shows_errors
 
 
 SWEEP_WEIGHTS = (0.0, 0.5, 1.0)
+FRAME = (200, 200, 200)
 LAYOUT_COLOURS = ("#e6194b", "#3cb4e6", "#f0a000", "#3cb44b", "#911eb4", "#808080")
 
 
@@ -40,6 +42,7 @@ def draw_layout(boxes_text: str | None, image: Image.Image | None = None, size: 
     canvas = (image.convert("RGB").resize((size, size), Image.NEAREST) if image is not None
               else Image.new("RGB", (size, size), "white"))
     draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, size - 1, size - 1], outline=FRAME)  # the image's bounds, on a white page too
     for i, (name, (x0, y0, x1, y1)) in enumerate(boxes.items()):
         colour = LAYOUT_COLOURS[i % len(LAYOUT_COLOURS)]
         draw.rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=colour, width=3)
@@ -47,18 +50,35 @@ def draw_layout(boxes_text: str | None, image: Image.Image | None = None, size: 
     return canvas
 
 
-def run_compose(
-    fields: dict[str, Any], progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
-) -> tuple[list[str], str]:
-    """Compose; returns (PNG paths with their parameters, A1111 parameters text)."""
+def compose_options(fields: dict[str, Any]) -> tuple[str, composers.AdapterSet, Any]:
+    """The form as `composers.from_options` reads it: (prompt without tags, adapter set, composer config)."""
     composer = fields.get("composer") or "merge"
-    prompt, adapters, config = composers.from_options(
+    switch = composer == "switch"  # the form always holds tau and order; they are Switch's alone
+    return composers.from_options(
         fields["prompt"], fields.get("adapters") or "", composer,
-        tau=int(fields["tau"]) if fields.get("tau") else None, order=fields.get("order") or None,
+        tau=int(fields["tau"]) if switch and fields.get("tau") else None,
+        order=fields.get("order") or None if switch else None,
         no_cache=composer == "cmlora" and fields.get("cache") is False,
         boxes=box_lines(fields.get("boxes")) or None,
         concept_masks=composer == "clora" and bool(fields.get("concept_masks")),
     )
+
+
+def layout_lines(fields: dict[str, Any]) -> str:
+    """The boxes a composition used, typed or read from the prompt's position words, as the boxes field writes
+    them ("" for a composer without boxes)."""
+    typed = box_lines(fields.get("boxes"))
+    if typed or not hasattr(composers.make_config(fields.get("composer") or "merge"), "with_layout"):
+        return "\n".join(typed)
+    boxes = compose_options(fields)[2].boxes
+    return "\n".join(f"{n}:{','.join(f'{v:g}' for v in box)}" for n, box in boxes.items())
+
+
+def run_compose(
+    fields: dict[str, Any], progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None
+) -> tuple[list[str], str]:
+    """Compose; returns (PNG paths with their parameters, A1111 parameters text)."""
+    prompt, adapters, config = compose_options(fields)
     generate_config = GenerateConfig(prompt=prompt, model=fields.get("model") or DEFAULT_MODEL,
                                      seed=int(fields.get("seed") or 0), steps=int(fields.get("steps") or 20))
     result = composers.compose(generate_config, adapters, fields.get("composer") or "merge", config,
@@ -124,7 +144,8 @@ def build_compose_tab() -> dict[str, Any]:
                 "concept_masks": gr.Checkbox(False, label="CLoRA: masks from each subject's own words (the paper's) "
                                              "instead of its position words"),
                 "boxes": gr.Textbox("", lines=2, label="Boxes (MultiDiffusion, LoRA-Composer): NAME:x0,y0,x1,y1 per "
-                                    "line (fractions, origin top-left; CLoRA needs none)", elem_id="compose-boxes"),
+                                    "line (fractions, origin top-left; empty: from the prompt's places, such as "
+                                    "'on the left'; CLoRA needs none)", elem_id="compose-boxes"),
                 "seed": gr.Number(0, label="Seed", precision=0, elem_id="compose-seed"),
                 "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="compose-steps"),
             }
@@ -154,12 +175,13 @@ def build_compose_tab() -> dict[str, Any]:
     def on_compose(values: dict, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
         fields = values_of(values)
         paths, text = run_compose(fields, progress=lambda s, t: progress((s, t), desc="denoising"))
-        drawn = draw_layout(fields.get("boxes"), Image.open(paths[0])) if box_lines(fields.get("boxes")) else None
+        layout = layout_lines(fields)  # typed, or from the prompt's position words
+        drawn = draw_layout(layout, Image.open(paths[0])) if layout else None
         return [display_copy(p) for p in paths], text, paths, drawn
 
     @shows_errors
     def on_preview(values: dict) -> Image.Image:
-        return draw_layout(values_of(values).get("boxes"))
+        return draw_layout(layout_lines(values_of(values)))
 
     @shows_errors
     def on_by_prompt(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[list, str, list, str]:  # noqa: B008

@@ -107,6 +107,27 @@ def test_timed_only_rows_are_generated_and_timed_but_not_judged(tiny_dirs: dict,
     assert "| alone | timed only | timed only | timed only | 1.00x |" in table
 
 
+def test_prompt_layout_reads_the_boxes_from_the_position_words(tiny_dirs: dict, tmp_path: Path, monkeypatch) -> None:
+    from benches import compose
+
+    library = tmp_path / "bench-lib"
+    monkeypatch.setenv("STUDIO_LIBRARY", str(library))
+    pipe = cached_pipeline(str(tiny_dirs["sd1"]), "cpu")
+    for i, name in enumerate(needed(("two_subjects", "subject_object"), 1)):
+        add_random_adapter(pipe, name, seed=i, trigger=adapter_names()[name][0], kind="subject")
+    pair = next(c for c in cases() if c.category == "two_subjects")
+    left, right = pair.adapters
+    assert compose.composer_config("lora_composer", pair, "prompt").boxes == {
+        left: (0.0, 0.25, 0.5, 0.75), right: (0.5, 0.25, 1.0, 0.75)}
+    assert compose.composer_config("lora_composer", pair).boxes == case_boxes(pair)  # the scene's
+    one = next(c for c in cases() if c.category == "subject_object")  # the emblem's place, not the circle's
+    assert compose.composer_config("multidiffusion", one, "prompt").boxes == {one.adapters[0]: (0.0, 0.25, 0.5, 0.75)}
+    report = compose.run_bench(str(tiny_dirs["sd1"]), library, ["lora_composer"], 1, 2, tmp_path / "out", pairs=1,
+                               categories=("two_subjects",), controls=(), layout="prompt")
+    assert report["layout"] == "prompt" and "lora_composer" in report["raw"]
+    assert "boxes from the prompt's position words" in (tmp_path / "out" / "compose-bench.md").read_text()
+
+
 def test_prepare_never_reuses_an_emblem_trained_on_other_renders(tmp_path: Path) -> None:
     from benches.compose import prepare
     from studio.errors import StudioError

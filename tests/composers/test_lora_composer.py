@@ -146,6 +146,8 @@ def test_generation_is_guided_and_removal_restores_the_pipeline(kind: str) -> No
 
 
 def test_cli_takes_boxes(tiny_dirs, tmp_path, capsys) -> None:
+    from PIL import Image
+
     from studio.models import load_pipeline
     from studio.pnginfo import read_parameters
 
@@ -155,13 +157,18 @@ def test_cli_takes_boxes(tiny_dirs, tmp_path, capsys) -> None:
     add_random_adapter(pipe, "qb", 2, kind="subject")
     out = tmp_path / "lc.png"
     common = ["--model", model, "--steps", "2", "--size", "32x32", "--prompt", PROMPT, "--adapters", "qa,qb"]
-    assert main(["compose", *common, "--composer", "lora_composer", "--box", "qa:0,0,0.5,1", "--box",
-                 "qb:0.5,0,1,1", "--out", str(out)]) == 0
+    assert main(["compose", *common, "--composer", "lora_composer", "--box", "qa:0,0.25,0.5,0.75", "--box",
+                 "qb:0.5,0.25,1,0.75", "--out", str(out)]) == 0
     params = read_parameters(out)
-    assert params["composer"] == "lora_composer" and params["composer_config"]["boxes"]["qb"] == [0.5, 0, 1, 1]
+    assert params["composer"] == "lora_composer" and params["composer_config"]["boxes"]["qb"] == [0.5, 0.25, 1, 0.75]
     assert params["composer_config"]["region_prompts"]["qb"].startswith("a large qb emblem on the right")
+    words = tmp_path / "words.png"  # no --box: the same boxes from "on the left" and "on the right"
+    assert main(["compose", *common, "--composer", "lora_composer", "--out", str(words)]) == 0
+    assert read_parameters(words)["composer_config"]["boxes"] == params["composer_config"]["boxes"]
+    assert np.array_equal(np.asarray(Image.open(words)), np.asarray(Image.open(out)))
     capsys.readouterr()
-    for flags, message in [(["--composer", "lora_composer"], "needs a box"),
+    unplaced = ["--prompt", "a large qa emblem and a large qb emblem"]
+    for flags, message in [(["--composer", "lora_composer", *unplaced], "or a place in the subject's clause"),
                            (["--composer", "lora_composer", "--box", "qc:0,0,1,1"], "qc"),
                            (["--composer", "lora_composer", "--box", "qa:0,0,1"], "NAME:x0,y0,x1,y1")]:
         assert main(["compose", *common, *flags, "--out", str(out)]) == 2

@@ -109,8 +109,9 @@ def test_generation_and_removal_restore_the_pipeline() -> None:
     assert np.array_equal(generate(config, pipe=pipe, output_type="np").images, before)
 
 
-def test_cli_needs_a_box(tiny_dirs, tmp_path, capsys) -> None:
+def test_cli_needs_a_box_or_a_place_in_the_prompt(tiny_dirs, tmp_path, capsys) -> None:
     from studio.models import load_pipeline
+    from studio.pnginfo import read_parameters
 
     model = str(tiny_dirs["sd1"])
     pipe = load_pipeline(model)
@@ -119,6 +120,8 @@ def test_cli_needs_a_box(tiny_dirs, tmp_path, capsys) -> None:
     common = ["compose", "--model", model, "--steps", "2", "--size", "32x32", "--prompt", PROMPT, "--adapters", "qa",
               "--composer", "multidiffusion", "--out", str(out)]
     assert main([*common, "--box", "qa:0,0,0.5,1"]) == 0 and out.is_file()
+    assert main(common) == 0  # no --box: "on the left" places it
+    assert read_parameters(out)["composer_config"]["boxes"] == {"qa": [0, 0.25, 0.5, 0.75]}
     capsys.readouterr()
-    assert main(common) == 2
+    assert main([*common, "--prompt", "a large qa emblem on a white background"]) == 2
     assert "needs a box" in capsys.readouterr().err

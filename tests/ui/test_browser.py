@@ -322,6 +322,18 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     expect(info).to_have_value(re.compile("emblem-a"))
     expect(info).to_have_value(re.compile("emblem-b"))
     shot(page, "4b-compose")
+
+    # LoRA-Composer with no typed boxes: "on the left" places the emblem, and the layout is drawn before composing.
+    fill(page, "compose-prompt", "a large sks emblem on the left and a small blue circle on the right")
+    fill(page, "compose-adapters", "emblem-a")
+    page.locator("#compose-composer").get_by_label("lora_composer").check()
+    page.locator("#compose-preview").click()
+    page.wait_for_function("() => document.querySelector('#compose-layout img')?.naturalWidth > 0")
+    drawn = displayed_pixels(page, "#compose-layout img").astype(int)  # (256, 256, 3): the middle of the left half
+    box = (drawn[..., 0] > 150) & (drawn[..., 1] < 100)  # the box's outline colour (the frame is grey)
+    assert box[128, :3].any() and box[128, 126:131].any()  # its left and right edges
+    assert not box[:60].any() and not box[:, 135:].any()  # nothing above y = 0.25 or in the right half
+    shot(page, "4c-compose-layout")
     page.get_by_role("tab", name="Library").click()
 
     # Picking a preview selects its adapter and shows its model card as text; deleting asks first.

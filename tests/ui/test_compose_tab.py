@@ -11,7 +11,7 @@ from composer_helpers import add_random_adapter
 from studio.errors import StudioError
 from studio.generate import cached_pipeline
 from studio.pnginfo import read_parameters
-from studio.ui.compose_tab import SWEEP_WEIGHTS, run_compose, run_sweep
+from studio.ui.compose_tab import SWEEP_WEIGHTS, draw_layout, layout_lines, run_compose, run_sweep
 
 
 @pytest.fixture()
@@ -46,8 +46,6 @@ def test_sweep_grid_corner_is_the_base_and_cells_differ(two_adapters: str) -> No
 
 
 def test_boxes_reach_lora_composer_and_the_layout_is_drawn(two_adapters: str, tmp_path: Path) -> None:
-    from studio.ui.compose_tab import draw_layout
-
     boxes = "alpha:0,0,0.5,1\nbeta:0.5,0.25,1,0.75"
     fields = {"model": two_adapters, "prompt": "a alpha emblem on the left and a beta star on the right",
               "adapters": "alpha,beta", "composer": "lora_composer", "boxes": boxes, "seed": 0, "steps": 2}
@@ -60,6 +58,20 @@ def test_boxes_reach_lora_composer_and_the_layout_is_drawn(two_adapters: str, tm
     assert (layout[25, 75] != 255).any() and (layout[10, 75] == 255).all()  # beta's top edge at y = 0.25
     with pytest.raises(StudioError, match="NAME:x0,y0,x1,y1"):
         draw_layout("alpha:0,0,1")
+
+
+def test_layout_without_typed_boxes_comes_from_the_prompts_places(two_adapters: str, tmp_path: Path) -> None:
+    fields = {"model": two_adapters, "prompt": "a alpha emblem on the left and a beta star on the top right",
+              "adapters": "alpha,beta", "composer": "lora_composer", "tau": 5, "order": "beta,alpha"}  # Switch's
+    assert layout_lines(fields) == "alpha:0,0.25,0.5,0.75\nbeta:0.5,0,1,0.5"
+    assert layout_lines({**fields, "boxes": "alpha:0,0,1,1"}) == "alpha:0,0,1,1"  # typed boxes win
+    assert layout_lines({**fields, "composer": "merge"}) == ""  # no boxes for a composer that takes none
+    for composer in ("merge", "lora_composer"):  # the form's Switch fields go to Switch alone
+        paths, _ = run_compose({**fields, "composer": composer, "steps": 1}, out_dir=tmp_path / composer)
+        assert read_parameters(paths[0])["composer"] == composer
+    drawn = np.asarray(draw_layout(layout_lines(fields), size=100)).astype(int)
+    assert (drawn[50, 1] != 255).any() and (drawn[10, 1] == 255).all()  # alpha's left edge, from y = 0.25 on
+    assert (drawn[1, 75] != 255).any() and (drawn[75, 75] == 255).all()  # beta's top edge; its box ends at y = 0.5
 
 
 def test_clora_concept_masks_checkbox_reaches_the_composer(two_adapters: str, tmp_path: Path) -> None:
