@@ -10,6 +10,7 @@ image after.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,11 +54,12 @@ def draw_layout(boxes_text: str | None, image: Image.Image | None = None, size: 
 def compose_options(fields: dict[str, Any]) -> tuple[str, composers.AdapterSet, Any]:
     """The form as `composers.from_options` reads it: (prompt without tags, adapter set, composer config)."""
     composer = fields.get("composer") or "merge"
-    switch = composer == "switch"  # the form always holds tau and order; they are Switch's alone
+    # the form always holds tau (Switch's) and order (Switch's and CMLoRA's): each goes to the composers that take it
+    takes = {f.name for f in dataclasses.fields(composers.make_config(composer))}
     return composers.from_options(
         fields["prompt"], fields.get("adapters") or "", composer,
-        tau=int(fields["tau"]) if switch and fields.get("tau") else None,
-        order=fields.get("order") or None if switch else None,
+        tau=int(fields["tau"]) if "tau" in takes and fields.get("tau") else None,
+        order=(fields.get("order") or None) if "order" in takes else None,
         no_cache=composer == "cmlora" and fields.get("cache") is False,
         boxes=box_lines(fields.get("boxes")) or None,
         concept_masks=composer == "clora" and bool(fields.get("concept_masks")),

@@ -66,9 +66,11 @@ def test_layout_without_typed_boxes_comes_from_the_prompts_places(two_adapters: 
     assert layout_lines(fields) == "alpha:0,0.25,0.5,0.75\nbeta:0.5,0,1,0.5"
     assert layout_lines({**fields, "boxes": "alpha:0,0,1,1"}) == "alpha:0,0,1,1"  # typed boxes win
     assert layout_lines({**fields, "composer": "merge"}) == ""  # no boxes for a composer that takes none
-    for composer in ("merge", "lora_composer"):  # the form's Switch fields go to Switch alone
+    for composer in ("merge", "lora_composer", "cmlora"):  # tau goes to Switch alone, order to Switch and CMLoRA
         paths, _ = run_compose({**fields, "composer": composer, "steps": 1}, out_dir=tmp_path / composer)
-        assert read_parameters(paths[0])["composer"] == composer
+        params = read_parameters(paths[0])
+        assert params["composer"] == composer and "tau" not in params["composer_config"]
+        assert params["composer_config"].get("order") == (["beta", "alpha"] if composer == "cmlora" else None)
     drawn = np.asarray(draw_layout(layout_lines(fields), size=100)).astype(int)
     assert (drawn[50, 1] != 255).any() and (drawn[10, 1] == 255).all()  # alpha's left edge, from y = 0.25 on
     assert (drawn[1, 75] != 255).any() and (drawn[75, 75] == 255).all()  # beta's top edge; its box ends at y = 0.5
