@@ -217,7 +217,7 @@ def evaluate(image: object, scene: Scene | str, emblem: int | None = None, textu
             free = [j for j in range(len(comps)) if j not in match.values()]
             if free:
                 match[i] = free[0]
-    objects, judged, correct, subject = [], 0, 0, []
+    objects, judged, correct, subject, emblem_fills = [], 0, 0, [], []
     tex_sum, tex_n = torch.zeros(len(TEXTURES)), 0
     for i, o in enumerate(scene.objects):
         rec: dict[str, object] = {"asked": o.phrase(), "present": i in match}
@@ -260,11 +260,17 @@ def evaluate(image: object, scene: Scene | str, emblem: int | None = None, textu
         seed = emblem if emblem is not None else o.emblem  # the asked emblem overrides the scene's
         if o.shape == EMBLEM and seed is not None:
             if rec["present"]:
+                bg_rgb, tex = _BGS[list(BACKGROUNDS).index(bg_name)], TEXTURES.index(texture or "solid")
                 cands = [seed, *distractors(seed)]
-                sc = emblem_scores(img, comps[match[i]], _BGS[list(BACKGROUNDS).index(bg_name)], cands)
+                sc = emblem_scores(img, comps[match[i]], bg_rgb, cands)
+                if tex:  # the subject is itself in any fill: each candidate's better of solid and the asked texture
+                    sc = torch.maximum(sc, emblem_scores(img, comps[match[i]], bg_rgb, cands, tex))
                 rec["emblem_score"] = round(sc[0].item(), 4)
                 rec["emblem_first"] = bool(int(sc.argmax()) == 0)
                 rec["emblem"] = bool(int(sc.argmax()) == 0 and sc[0].item() >= EMBLEM_THRESHOLD)
+                if texture is not None:  # its fill: the asked emblem in every texture, like with like
+                    every = list(range(len(TEXTURES)))
+                    emblem_fills.append(emblem_scores(img, comps[match[i]], bg_rgb, [seed] * len(every), every))
             else:
                 rec["emblem"], rec["emblem_score"], rec["emblem_first"] = False, None, False
             subject.append(rec["emblem"])
@@ -282,12 +288,17 @@ def evaluate(image: object, scene: Scene | str, emblem: int | None = None, textu
     }
     style = None
     if texture is not None:
-        scores = tex_sum / max(tex_n, 1)
         k = TEXTURES.index(texture)
+        scores = tex_sum / max(tex_n, 1)
         style = bool(tex_n > 0 and int(scores.argmax()) == k and scores[k].item() >= TEXTURE_THRESHOLD)
+        if emblem_fills:  # emblems: each must show the asked fill first, at the emblem's own threshold
+            fills = torch.stack(emblem_fills).mean(dim=0)  # (len(TEXTURES),)
+            worn = all(int(f.argmax()) == k and f[k].item() >= EMBLEM_THRESHOLD for f in emblem_fills)
+            style = worn and (style or tex_n == 0)
+            scores = scores if tex_n else fills
         result["texture"] = {
             "asked": texture,
-            "found": TEXTURES[int(scores.argmax())] if tex_n else None,
+            "found": TEXTURES[int(scores.argmax())] if tex_n or emblem_fills else None,
             "score": round(scores[k].item(), 4),
             "correct": style,
         }

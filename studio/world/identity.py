@@ -85,12 +85,16 @@ def shipped_vae():  # -> diffusers.AutoencoderKL | None
     return load_vae(VAE_DIR) if (VAE_DIR / "config.json").is_file() else None
 
 
-def emblem_scores(img: torch.Tensor, mask: torch.Tensor, bg: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+def emblem_scores(
+    img: torch.Tensor, mask: torch.Tensor, bg: torch.Tensor, seeds: list[int], textures: int | list[int] = 0
+) -> torch.Tensor:
     """Scores (len(seeds),) of each candidate emblem rendered in the component's place: 1 - MAE / scale.
 
-    The mean absolute RGB error (both images blurred, so VAE softening costs little), taken separately over the
-    emblem's core (inner shape and dot) and its rim, the worse of the two, is scaled so that an error of
-    `EMBLEM_MAE_SCALE` scores 0 and a perfect match scores 1.
+    `textures` (an index into TEXTURES, or one per candidate) fills the candidates as the renderer fills a textured
+    emblem's three parts, so a textured emblem is judged like with like. The mean absolute RGB error (both images
+    blurred, so VAE softening costs little), taken separately over the emblem's core (inner shape and dot) and its
+    rim, the worse of the two, is scaled so that an error of `EMBLEM_MAE_SCALE` scores 0 and a perfect match
+    scores 1.
     """
     areas, offsets = shape_stats()
     areas = areas.clone()
@@ -106,7 +110,7 @@ def emblem_scores(img: torch.Tensor, mask: torch.Tensor, bg: torch.Tensor, seeds
         torch.ones(n, 3),
         torch.zeros(n, 3, dtype=torch.long),
         torch.zeros(n, 3, 3),
-        torch.zeros(n, 3, dtype=torch.long),
+        torch.tensor([textures] * n if isinstance(textures, int) else textures).view(n, 1).expand(n, 3).clone(),
         torch.ones(n, 3, dtype=torch.bool),
         bg.expand(n, 3).clone(),
     )

@@ -44,6 +44,20 @@ def test_score_image_judges_the_asked_emblems() -> None:
     assert score_image(swapped, case)["composition_success"] == 0.0
 
 
+def test_subject_style_succeeds_on_the_emblem_in_the_asked_texture() -> None:
+    from dataclasses import replace
+
+    from benches.compose import _scene
+    from studio.world.renderer import render
+
+    case = next(c for c in cases() if c.category == "subject_style")
+    scene = _scene(case)
+    styled = replace(scene, objects=(replace(scene.objects[0], texture=case.texture),))
+    assert score_image(render(styled, 0), case)["composition_success"] == 1.0
+    solid = score_image(render(scene, 0), case)  # the subject without the style
+    assert solid["composition_success"] == 0.0 and solid["subject_fidelity"] == 1.0
+
+
 def test_boxes_hold_their_emblems_and_both_right_needs_the_other_object() -> None:
     from benches.compose import _scene
     from studio.world.renderer import render

@@ -76,3 +76,26 @@ def test_bench_emblems_found_through_the_vae() -> None:
         assert sum(found) >= 18, (e, found)
         other = seeds[(k + 1) % len(seeds)]
         assert not any(evaluate(img, sc, emblem=other)["subject_fidelity"] for img, sc in zip(imgs[:5], scenes[:5]))
+
+
+def test_textured_emblem_decision() -> None:
+    """An emblem filled with a texture, through the shipped VAE: found, in the asked texture; the same emblem solid or
+    in another texture is still the subject but not in the asked style; another emblem in it is not the subject."""
+    from dataclasses import replace
+
+    from studio.world.grammar import Scene, SceneObject
+    from studio.world.vae import load_vae, round_trip
+
+    e = 101
+    asked = Scene((SceneObject("emblem", size="large", position="center", emblem=e),), "white")
+    vae = load_vae()
+    for texture in ("stripes", "checker"):
+        fills = [texture, None, "dots", "stripes" if texture == "checker" else "checker"]
+        scenes = [replace(asked, objects=(replace(asked.objects[0], texture=t),)) for t in fills]
+        other = replace(asked, objects=(replace(asked.objects[0], emblem=distractors(e)[0], texture=texture),))
+        images = round_trip(render([*scenes, other], [3] * 5), vae)
+        judged = [evaluate(img, asked, texture=texture) for img in images]
+        assert judged[0]["composition_success"] and judged[0]["texture"]["found"] == texture, judged[0]["texture"]
+        assert [j["style_fidelity"] for j in judged[:4]] == [1.0, 0.0, 0.0, 0.0], [j["texture"] for j in judged]
+        assert judged[1]["texture"]["found"] == "solid" and judged[1]["subject_fidelity"] == 1.0
+        assert judged[4]["subject_fidelity"] == 0.0 and not judged[4]["composition_success"]
