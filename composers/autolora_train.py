@@ -10,6 +10,10 @@ the second term (a hinge) keeps LoRA 2's prompt from reproducing LoRA 1's image.
 flow matching; here it is the base's epsilon-prediction DDPM loss. Paper: AdamW lr 1e-4, 8,000 steps; here a few
 hundred on the embedded base. Images: a Shapes World adapter's own training data (`train_config.json`: emblem or
 texture, captions with its trigger, as the trainers write them).
+
+Measured on the embedded base (compose bench, subject + style, 8 pairs x 8 seeds, 2 CPU threads): gates trained 300
+steps (264 s) on 18 other LoRA-type adapters of `studio bench retrieve --prepare` lowered composition success to 0.08,
+against 0.30 with the initial gates and 0.20 for the plain merge; no gate is shipped for studio-tiny.
 """
 
 from __future__ import annotations
