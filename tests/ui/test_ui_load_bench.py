@@ -25,7 +25,9 @@ def test_ui_load_bench_answers_every_request_cancels_and_limits(tiny_dirs: dict)
     cancel = report["cancel"]
     assert cancel["running_when_cancelled"] and cancel["long_request_outcome"] == "cancelled"
     assert not cancel["waiting_request_ran"]
-    assert cancel["short_request_done_after_cancel_s"] < cancel["long_request_would_need_s"] / 2
+    # stopped: the short request came back in about its own time and the server idled after it
+    assert cancel["short_request_done_after_cancel_s"] < 2 * cancel["short_request_alone_s"] + 0.5
+    assert cancel["server_cpu_s_in_the_0.7s_after"] < 0.35
     assert report["queue_limit"]["refused"] >= 1 and "Queue is full" in report["queue_limit"]["messages"][0]
     assert report["uploads"]["over_limit_status"] == 413 and "maximum allowed size" in report["uploads"][
         "over_limit_message"]
