@@ -11,6 +11,7 @@ composer asks for a box), so a prompt without position words is composed as befo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from composers.concepts import _clean, split_concepts
 from composers.regions import Box
@@ -55,3 +56,24 @@ def prompt_layout(
             if box is not None and name in wanted and name not in out:
                 out[name] = box
     return out
+
+
+PLACING = ("lora_composer", "multidiffusion", "clora")  # the composers that keep a subject to its own part
+
+
+def placement_tip(prompt: str, adapters: Any, composer: str) -> str | None:
+    """A hint for a composer that applies every adapter everywhere when the prompt places a subject adapter (an
+    AdapterSet): a second object then takes the subject's look, or one subject of two vanishes. None otherwise."""
+    from composers.concepts import adapter_triggers
+
+    if composer in PLACING or composer == "autolora" or not adapters.names:
+        return None
+    kinds = dict(zip(adapters.names, adapters.kinds))
+    subjects = [n for n in adapters.names if kinds.get(n) != "style"]
+    placed = prompt_layout(prompt, adapter_triggers(list(adapters.names)), subjects)
+    if not placed:
+        return None
+    return (f"tip: the prompt places {', '.join(placed)}; --composer lora_composer keeps each subject in its place "
+            "(boxes from the prompt's position words); with --composer "
+            f"{composer} every adapter acts on the whole image, and a subject beside another object tends to lose "
+            "its look or vanish")

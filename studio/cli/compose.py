@@ -7,6 +7,7 @@ records the adapters, the composer and its settings.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from studio.cli.options import add_dataclass_arguments, from_namespace
 
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import composers
+    from composers.layout import placement_tip
     from studio.generate import GenerateConfig, cached_pipeline, memory_plan, output_paths, resolve_device, save_result
 
     args.prompt, adapters, composer_config = composers.from_options(
@@ -77,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule, no_cache=args.no_cache, c1=args.c1, c2=args.c2, boxes=args.box,
         concept_masks=args.concept_masks,
     )
+    tip = placement_tip(args.prompt, adapters, args.composer)
+    if tip:
+        print(tip, file=sys.stderr)
     config = from_namespace(GenerateConfig, args)
     output_paths(args.out, config.num_images)  # a bad --out fails before any work
     pipe = cached_pipeline(config.model, resolve_device(config.device))  # load (and fail) before the progress bar

@@ -8,7 +8,7 @@ from tiny_models import BUILDERS
 
 import composers
 from composers import AdapterSet, LoraComposerConfig
-from composers.layout import place_box, prompt_layout
+from composers.layout import place_box, placement_tip, prompt_layout
 from composers.multidiffusion import MultiDiffusionConfig
 
 
@@ -56,3 +56,16 @@ def test_boxed_composers_take_the_layout_only_without_typed_boxes() -> None:
     _, _, config = composers.from_options(prompt, "qa,qs", "lora_composer")
     assert config.boxes == {"qa": (0.5, 0.25, 1.0, 0.75)}
     assert config.region_prompts["qa"].startswith("a qa emblem on the right")
+
+
+def test_a_composer_that_acts_everywhere_gets_a_tip_when_the_prompt_places_a_subject() -> None:
+    pipe = BUILDERS["sd1"]()
+    add_random_adapter(pipe, "qa", 1, kind="subject")
+    add_random_adapter(pipe, "qs", 2, kind="style")
+    adapters = AdapterSet.parse("qa,qs").resolve()
+    placed = "a qa emblem on the left and a small blue circle on the right"
+    tip = placement_tip(placed, adapters, "merge")
+    assert tip is not None and "places qa;" in tip and "--composer lora_composer" in tip
+    assert placement_tip(placed, adapters, "lora_composer") is None
+    assert placement_tip("a qa emblem and a blue circle", adapters, "merge") is None  # nothing placed
+    assert placement_tip("a circle on the left in qs style", AdapterSet.parse("qs").resolve(), "merge") is None

@@ -162,8 +162,12 @@ def test_cli_takes_boxes(tiny_dirs, tmp_path, capsys) -> None:
     params = read_parameters(out)
     assert params["composer"] == "lora_composer" and params["composer_config"]["boxes"]["qb"] == [0.5, 0.25, 1, 0.75]
     assert params["composer_config"]["region_prompts"]["qb"].startswith("a large qb emblem on the right")
+    capsys.readouterr()
     words = tmp_path / "words.png"  # no --box: the same boxes from "on the left" and "on the right"
     assert main(["compose", *common, "--composer", "lora_composer", "--out", str(words)]) == 0
+    assert "tip:" not in capsys.readouterr().err
+    assert main(["compose", *common, "--out", str(tmp_path / "merged.png")]) == 0  # merge: every adapter everywhere
+    assert "tip: the prompt places qa, qb; --composer lora_composer" in capsys.readouterr().err
     assert read_parameters(words)["composer_config"]["boxes"] == params["composer_config"]["boxes"]
     assert np.array_equal(np.asarray(Image.open(words)), np.asarray(Image.open(out)))
     capsys.readouterr()
