@@ -58,19 +58,25 @@ def prompt_layout(
     return out
 
 
-PLACING = ("lora_composer", "multidiffusion", "clora")  # the composers that keep a subject to its own part
+def subject_layout(prompt: str, adapters: Any) -> dict[str, Box]:
+    """`prompt_layout` for an AdapterSet: its subjects (every adapter not of kind style), triggers from the library."""
+    from composers.concepts import adapter_triggers
+
+    kinds = dict(zip(adapters.names, adapters.kinds))
+    subjects = [n for n in adapters.names if kinds.get(n) != "style"]
+    return prompt_layout(prompt, adapter_triggers(list(adapters.names)), subjects)
+
+
+# the composers that keep a subject to its own part, and AutoLoRA, which picks its own adapters
+NO_TIP = ("lora_composer", "multidiffusion", "clora", "autolora")
 
 
 def placement_tip(prompt: str, adapters: Any, composer: str) -> str | None:
     """A hint for a composer that applies every adapter everywhere when the prompt places a subject adapter (an
     AdapterSet): a second object then takes the subject's look, or one subject of two vanishes. None otherwise."""
-    from composers.concepts import adapter_triggers
-
-    if composer in PLACING or composer == "autolora" or not adapters.names:
+    if composer in NO_TIP or not adapters.names:
         return None
-    kinds = dict(zip(adapters.names, adapters.kinds))
-    subjects = [n for n in adapters.names if kinds.get(n) != "style"]
-    placed = prompt_layout(prompt, adapter_triggers(list(adapters.names)), subjects)
+    placed = subject_layout(prompt, adapters)
     if not placed:
         return None
     return (f"tip: the prompt places {', '.join(placed)}; --composer lora_composer keeps each subject in its place "

@@ -98,8 +98,8 @@ class BoxedConfig:
     region_prompts: dict[str, str] = field(default_factory=dict, metadata={
         "help": "adapter name -> its region prompt; default the prompt's clause that holds its trigger"})
     layout: bool = field(default=True, metadata={
-        "help": "with no boxes given, each subject's box from its clause's position words (`on the left`: the left "
-                "half; composers.layout)"})
+        "help": "with no boxes given, each subject's box from its clause's position words (`on the left`: the middle "
+                "of the left half; composers.layout)"})
 
     def __post_init__(self) -> None:
         for name, box in self.boxes.items():
@@ -112,14 +112,11 @@ class BoxedConfig:
     def with_layout(self, prompt: str, adapters: Any) -> Any:  # -> the same config class
         """This config with boxes from `prompt`'s position words for `adapters`' subjects (an AdapterSet), when none
         were given and `layout` is on (`composers.layout.prompt_layout`)."""
-        from composers.concepts import adapter_triggers
-        from composers.layout import prompt_layout
+        from composers.layout import subject_layout
 
         if self.boxes or not self.layout:
             return self
-        kinds = dict(zip(adapters.names, adapters.kinds))
-        subjects = [n for n in adapters.names if kinds.get(n) != "style"]
-        boxes = prompt_layout(prompt, adapter_triggers(list(adapters.names)), subjects)
+        boxes = subject_layout(prompt, adapters)
         return replace(self, boxes=boxes) if boxes else self
 
     def for_prompt(self, prompt: str) -> Any:  # -> the same config class
