@@ -30,6 +30,17 @@ remedy tried kept the identity: rank width / 16 on narrow layers (the paper's ra
 0.25/0.65 alone and still dropped 0.40; adapting only the convolutions and cross-attention keys and values found
 0.15/0.35 alone (drops 0.10/0.15). Emblems trained on renders shared with another object (`--world-objects 2`),
 which prompts naming both need: alone 0.80/0.85, summed 0.00/0.50, both in one prompt 0.00.
+
+The way forward measured (not yet in the library format): the paper's ED-LoRA part, the trigger tokens' embedding
+rows trained (lr 5e-3, no weight decay) beside the UNet's orthogonal LoRA, in place of the text encoders' LoRA. The
+rows are the embedding layer's own orthogonal split: its input is a one-hot token, so a concept owning its trigger's
+columns of the identity basis leaves every other prompt's embedding exact. Same two emblems, 20 prompts each, alone
+-> summed: rows and no text-encoder LoRA 0.85/0.90 -> 0.75/0.70 (drops 0.10/0.20); no rows and no text-encoder LoRA
+0.80/0.75 -> 0.50/0.25; rows beside the text-encoder LoRA 0.75/1.00 -> 0.30/0.90; rows with the UNet at a tenth of
+the rate (1e-4, towards the paper's 1e-5) 0.15/0.00 alone. Against the defaults' 0.70/0.85 -> 0.35/0.60 (another
+run) the text encoders' LoRA is the larger share of the crosstalk and the trigger rows carry what it did; the sum
+still drops more than the bar's 5 points. Landing it needs an embedding LoRA (PEFT's `lora_embedding_A/B` on
+`token_embedding`) in the library's loader, merge and formats.
 """
 
 from __future__ import annotations
