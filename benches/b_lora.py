@@ -41,8 +41,12 @@ BOTH_BAR = 0.80  # both entries: the training image's object and texture
 SECONDS_BAR = 300.0
 # Candidate (content, style) pairs of the embedded base's sweep: pairs inside each up block (the paper's W4/W5 are
 # the two first transformer blocks of the lowest-resolution up block), across neighbouring resolutions, and the
-# middle block against the highest-resolution decoder block.
+# middle block against the highest-resolution decoder block, and the encoder's blocks (the default pair is the middle
+# block against the highest-resolution encoder block: trainers/methods/b_lora.py).
 CANDIDATES = (
+    ("mid_block.attentions.0", "down_blocks.0.attentions.0"),
+    ("mid_block.attentions.0", "up_blocks.2.attentions.1"),
+    ("down_blocks.2.attentions.0", "down_blocks.0.attentions.0"),
     ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1"),
     ("up_blocks.1.attentions.0", "up_blocks.1.attentions.1"),
     ("up_blocks.2.attentions.0", "up_blocks.2.attentions.1"),

@@ -59,7 +59,8 @@ def test_sd1_layout_takes_the_embedded_pair_at_the_same_resolution() -> None:
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, sample_size=8,
     )  # fmt: skip
-    shifted = tuple(b.replace(b[:11], f"up_blocks.{int(b[10]) + 1}") for b in EMBEDDED_BLOCKS)
+    shifted = tuple(f"up_blocks.{int(b[10]) + 1}{b[11:]}" if b.startswith("up_blocks.") else b  # down, mid: same
+                    for b in EMBEDDED_BLOCKS)
     assert default_blocks(sd1) == shifted and set(shifted) <= set(attention_blocks(sd1))
 
 

@@ -17,37 +17,50 @@ Blocks (content, style):
   (section 4.2, prompt-injection analysis; `blora_utils.BLOCKS`).
 - The embedded base (every resolution has attention: down 16/8/4, mid 4, up 4/8/16 latent pixels, two attention
   blocks per up block): measured, see MEASURED below.
-- SD1.x / SD2.x (attention at latent/1, /2, /4 only): no measurement here (no SD1 weights can be had offline); the
-  embedded base's pair at the same resolution (up blocks counted from the output end: SD1 has one more up
-  block, so the index is one more). Pass
-  `--content-block` / `--style-block` to choose others.
+- SD1.x / SD2.x (attention at latent/1, /2, /4 and in the mid block): no measurement here (no SD1 weights can be
+  had offline); the embedded base's pair by role: the mid block (the coarsest) for content, `down_blocks.0` (the
+  latent's own size) for style (were an up block chosen, it would be counted from the output end: SD1 has one more
+  up block, so its index is one more). Pass `--content-block` / `--style-block` to choose others.
 
 MEASURED on the embedded base (`studio bench adapters --method b_lora --sweep`, `benches/b_lora.py`): one B-LoRA per
 candidate pair trained on the single render of the `stripes` object (a large orange circle, center, white), 600
 steps of one image, lr 3e-3, rank 16; then each block's entry ALONE, 20 sampling steps: T = stripes found on new
 scenes `... in vgl style`, P = their asked shape and colour kept; O = the orange circle drawn for `a large vgl on the
 {place} on a {bg} background`, L = its stripes there. Separation = (T_style - T0) + (O_content - O0) -
-(L_content - L0) - (P0 - P_style) against the base without adapters (T0 0, P0 1.00, L0 0; O0 0.35 on 10 prompts,
-0.25 on the first 6). Two CPU cores shared with other work, so few prompts (n):
+(L_content - L0) - (P0 - P_style) against the base without adapters (T0 0, P0 1.00, L0 0; O0 0.35 on 10 prompts).
+Four pairs side by side in one run on 2 idle cores, 10 prompts each (n = 10):
+
+| content block | style block | style alone T / P | content alone O / L | separation | n |
+|---|---|---|---|---|---|
+| mid_block.attentions.0 | down_blocks.0.attentions.0 | 0.40 / 1.00 | 0.50 / 0.00 | +0.55 | 10 |
+| mid_block.attentions.0 | up_blocks.2.attentions.1 | 0.20 / 1.00 | 0.65 / 0.00 | +0.50 | 10 |
+| down_blocks.2.attentions.0 | down_blocks.0.attentions.0 | 0.40 / 1.00 | 0.40 / 0.00 | +0.45 | 10 |
+| up_blocks.2.attentions.1 | up_blocks.2.attentions.0 | 0.00 / 1.00 | 0.40 / 0.00 | +0.05 | 10 |
+
+Separate sweeps (most on two CPU cores shared with other work, so fewer prompts):
 
 | content block | style block | style alone T / P | content alone O / L | separation | n |
 |---|---|---|---|---|---|
 | up_blocks.2.attentions.0 | up_blocks.2.attentions.1 | 0.17 / 1.00 | 0.33 / 0.00 | +0.25 | 6 |
 | up_blocks.0.attentions.1 | up_blocks.1.attentions.0 | 0.17 / 0.78 | 0.50 / 0.00 | +0.20 | 6 |
 | up_blocks.0.attentions.0 | up_blocks.0.attentions.1 | 0.30 / 0.43 | 0.50 / 0.00 | -0.12 | 10 |
+| up_blocks.1.attentions.1 | up_blocks.2.attentions.1 | 0.00 / 1.00 | 0.55 / 0.30 | -0.10 | 10 |
 | up_blocks.1.attentions.0 | up_blocks.1.attentions.1 | 0.00 / 0.89 | 0.75 / 0.67 | -0.28 | 6 |
 | up_blocks.1.attentions.0 | up_blocks.2.attentions.0 | 0.00 / 1.00 | 0.75 / 0.70 | -0.30 | 10 |
 
-(Roles per pair: the assignment that separates better.) The pair of the highest-resolution up block separates best
-and is the default; the separation is weak everywhere: no single block carries the texture onto other objects
-(T <= 0.30), and the blocks that carry the object (O 0.75, up_blocks.1) carry its texture with it (L ~0.7). The
-paper's position (the first two blocks of the lowest-resolution up block, up_blocks.0 here) mixes the two. Not
-measured: mid_block, the down blocks, and up_blocks.1.attentions.1 with up_blocks.2.attentions.1.
+(Roles per pair: the assignment that separates better.) The lowest-resolution block (mid, 4 latent pixels) as content
+and the highest-resolution down block (16) as style separate best and are the default: that down block moves the
+texture onto other objects most (T 0.40) with their shapes and colours kept, and the mid block the object. The
+up blocks that carry the object (O 0.75, up_blocks.1) carry its texture with it (L ~0.7). The paper's position (the
+first two blocks of the lowest-resolution up block, up_blocks.0 here) mixes the two. The separation is weak
+everywhere: no block carries the texture onto other objects in more than 40% of scenes.
 
-With this pair `studio bench adapters --method b_lora --threads 1` (defaults: 700 steps of the one image; machine
-shared, load ~12 on 2 cores) trained in 103 s and 70 s; both entries together gave the stripes object and texture in
-70% of 20 seeds (the dots heart 10%), but the style entry alone put its texture on 0% / 5% of new scenes and the
-content entry alone kept the object's colour in 5-10%: the Shapes World bar is not met on the embedded base.
+With this pair, `studio bench adapters --method b_lora` (defaults: 700 steps of the one image; 2 idle cores) trained
+in 47 s and 45 s. The style entry alone put its texture on 35% (stripes) and 25% (dots) of new scenes, keeping their
+shape, colour and place in 96-100%; both entries together gave the object and its texture in 65% and 60% of 20
+seeds; the content entry with another texture's word drew that texture in none. The up_blocks.2 pair it replaces
+gave 0% / 5%, 70% / 10% and none (a run on a shared machine). The Shapes World bar (80%, 70%, 80%) is not met on the
+embedded base.
 """
 
 from __future__ import annotations
@@ -64,7 +77,7 @@ from trainers.methods.dreambooth_lora import DreamBoothLoRA
 
 ATTENTION_TARGETS = "to_q,to_k,to_v,to_out.0"  # of attn1 and attn2 in every transformer layer of a block
 SDXL_BLOCKS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1")  # W4, W5: Frenkel et al. 2024, section 4.2
-EMBEDDED_BLOCKS = ("up_blocks.2.attentions.0", "up_blocks.2.attentions.1")  # measured: module docstring
+EMBEDDED_BLOCKS = ("mid_block.attentions.0", "down_blocks.0.attentions.0")  # measured: module docstring
 EMBEDDED_UP_BLOCKS = 3
 PARTS = ("content", "style")
 _BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+$")
