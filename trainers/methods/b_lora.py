@@ -19,8 +19,8 @@ Blocks (content, style):
   blocks per up block): measured, see MEASURED below.
 - SD1.x / SD2.x (attention at latent/1, /2, /4 and in the mid block): no measurement here (no SD1 weights can be
   had offline); the embedded base's pair by role: the mid block (the coarsest) for content, `down_blocks.0` (the
-  latent's own size) for style (were an up block chosen, it would be counted from the output end: SD1 has one more
-  up block, so its index is one more). Pass `--content-block` / `--style-block` to choose others.
+  latent's own size) for style; both names mean the same blocks there. Pass `--content-block` / `--style-block` to
+  choose others.
 
 MEASURED on the embedded base (`studio bench adapters --method b_lora --sweep`, `benches/b_lora.py`): one B-LoRA per
 candidate pair trained on the single render of the `stripes` object (a large orange circle, center, white), 600
@@ -78,7 +78,6 @@ from trainers.methods.dreambooth_lora import DreamBoothLoRA
 ATTENTION_TARGETS = "to_q,to_k,to_v,to_out.0"  # of attn1 and attn2 in every transformer layer of a block
 SDXL_BLOCKS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1")  # W4, W5: Frenkel et al. 2024, section 4.2
 EMBEDDED_BLOCKS = ("mid_block.attentions.0", "down_blocks.0.attentions.0")  # measured: module docstring
-EMBEDDED_UP_BLOCKS = 3
 PARTS = ("content", "style")
 _BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+$")
 
@@ -119,16 +118,9 @@ def attention_blocks(unet: Any) -> list[str]:
 
 
 def default_blocks(unet: Any) -> tuple[str, str]:
-    """(content, style) blocks of an architecture: SDXL's from the paper, the embedded base's measured, SD1/SD2's
-    the embedded pair at the same resolution."""
-    if unet.config.get("addition_embed_type") == "text_time":
-        return SDXL_BLOCKS
-    # Otherwise the embedded base's measured pair at the same resolution: up blocks counted from the output end (the
-    # last up block works at the latent's own size; the embedded base has 3 up blocks, SD1/SD2 have 4).
-    shift = len(unet.up_blocks) - EMBEDDED_UP_BLOCKS
-    content, style = (re.sub(r"up_blocks\.(\d+)", lambda m: f"up_blocks.{int(m.group(1)) + shift}", b)
-                      for b in EMBEDDED_BLOCKS)
-    return content, style
+    """(content, style) blocks of an architecture: SDXL's from the paper, otherwise the embedded base's measured
+    pair, whose names (the mid block, `down_blocks.0`) mean the same blocks on SD1/SD2."""
+    return SDXL_BLOCKS if unet.config.get("addition_embed_type") == "text_time" else EMBEDDED_BLOCKS
 
 
 class BLoRA(DreamBoothLoRA):
