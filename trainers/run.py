@@ -51,6 +51,8 @@ def resolve_method(method: str | MethodConfig, config: TrainConfig) -> MethodCon
         changes["rank"] = config.rank
     if config.lr is not None:
         changes["lr"] = config.lr
+    if any(f.name == "trigger" for f in dataclasses.fields(method)) and getattr(method, "trigger") is None:
+        changes["trigger"] = config.trigger  # a method that trains the trigger's own embedding (orthogonal's rows)
     return dataclasses.replace(method, **changes) if changes else method
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from studio.errors import StudioError
-from studio.library.meta import COMPONENTS, AdapterMeta, BaseInfo, modules_of, split_key
+from studio.library.meta import COMPONENTS, AdapterMeta, BaseInfo, is_embedding, modules_of, split_key
 
 
 _CHECKPOINT_CACHE: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -107,7 +107,7 @@ def expected_shapes(meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> d
     for full in modules_of(state_dict):
         if meta.peft_type == "LORA":
             a, b = state_dict[f"{full}.lora_A.weight"], state_dict[f"{full}.lora_B.weight"]
-            out[full] = (b.shape[0], *a.shape[1:])
+            out[full] = (a.shape[1], b.shape[0]) if is_embedding(full) else (b.shape[0], *a.shape[1:])
         else:
             w1 = state_dict.get(f"{full}.lokr_w1")
             if w1 is None:

@@ -22,7 +22,7 @@ from studio.configs import finite
 from studio.errors import StudioError
 from studio.library import sparse
 from studio.library.compat import align_names, check_compatible
-from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, peft_config
+from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, peft_config, peft_key
 from studio.library.store import Library
 
 
@@ -52,7 +52,7 @@ def inject(pipe: Any, adapter_name: str, state_dict: dict[str, torch.Tensor], me
                     f"adapter type; unload it first (unload_adapters) or merge the adapters"
                 )
         prefix = f"{component}."
-        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        sub = {peft_key(k[len(prefix) :]): v for k, v in state_dict.items() if k.startswith(prefix)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT warns when a model already carries another adapter
             inject_adapter_in_model(peft_config(config), model, adapter_name=adapter_name)

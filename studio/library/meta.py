@@ -5,6 +5,11 @@ Canonical tensor keys are diffusers-PEFT keys: `<component>.<module>.lora_A.weig
 with component one of `unet`, `text_encoder`, `text_encoder_2`; a sparse delta (SaRA, `studio.library.sparse`) has
 `<component>.<module>.weight.indices` / `.weight.values` (and `bias.*`), no ranks nor alphas. Alpha is kept per
 module as given (PEFT semantics: scale = alpha / r), never folded into the weights.
+
+A LoRA on a text encoder's token table (`token_embedding`: ED-LoRA trigger rows, trainers/methods/orthogonal.py) uses
+the same keys and reads the table as a linear map from one-hot tokens: lora_A (r, vocab), lora_B (dim, r), so
+dW = B A (dim, vocab) is the change of the table's transpose, and merging by concatenated ranks works unchanged. PEFT
+names these `lora_embedding_A` / `lora_embedding_B` (same shapes); `peft_key` and `canonical_key` translate.
 """
 
 from __future__ import annotations
@@ -71,6 +76,30 @@ class AdapterMeta:
             raise StudioError(f"peft_type {self.peft_type!r} is not supported; use {', '.join(PEFT_TYPES)}")
         if self.kind not in KINDS:
             raise StudioError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+
+EMBEDDINGS = ("token_embedding",)  # module names of the text encoders' token tables
+
+
+def is_embedding(module: str) -> bool:
+    """Whether `<component>.<module>` is a token table (its LoRA reads one-hot tokens; see the module docstring)."""
+    return module.rsplit(".", 1)[-1] in EMBEDDINGS
+
+
+def peft_key(key: str) -> str:
+    """A canonical key as PEFT's layer holds it (`lora_embedding_A` on a token table); other keys are unchanged."""
+    for param, peft_param in (("lora_A.weight", "lora_embedding_A"), ("lora_B.weight", "lora_embedding_B")):
+        if key.endswith(f".{param}") and is_embedding(key[: -len(param) - 1]):
+            return f"{key[: -len(param)]}{peft_param}"
+    return key
+
+
+def canonical_key(key: str) -> str:
+    """The inverse of `peft_key`."""
+    for param, peft_param in (("lora_A.weight", "lora_embedding_A"), ("lora_B.weight", "lora_embedding_B")):
+        if key.endswith(f".{peft_param}"):
+            return f"{key[: -len(peft_param)]}{param}"
+    return key
 
 
 def split_key(key: str) -> tuple[str, str, str]:

@@ -4,6 +4,8 @@ Every orthogonal adapter of a base freezes its down-projections to `rank` column
 from `basis_seed`; two adapters merge by a plain sum only when their columns are disjoint. An adapter's columns are
 in its method config: `first_column` and `rank` for a trained one, `columns` (a list of [start, stop) pairs) for a
 merge of several. The library allocates free blocks to new runs and refuses to sum adapters that share columns.
+Their trigger rows (a token-table LoRA with one-hot down-projections) are the table's own basis columns: two adapters
+whose rows move the same token do not sum free of interference either.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from studio.errors import StudioError
+from studio.library.meta import is_embedding
 
 
 METHOD = "orthogonal"
@@ -88,3 +93,20 @@ def check_disjoint(adapters: list[tuple[str, dict[str, Any]]]) -> list[tuple[int
                     )
             seen.append((name, block))
     return sorted(block for _, block in seen)
+
+
+def check_rows(adapters: list[tuple[str, dict[str, torch.Tensor]]]) -> None:
+    """A clear error when two adapters' (name, canonical tensors) trigger rows move the same token of one table."""
+    owner: dict[tuple[str, int], str] = {}
+    for name, state_dict in adapters:
+        for key, down in state_dict.items():
+            module = key.removesuffix(".lora_A.weight")
+            if module == key or not is_embedding(module):
+                continue
+            for token in (down != 0).any(0).nonzero().flatten().tolist():  # down (r, vocab): its one-hot columns
+                other = owner.setdefault((module, token), name)
+                if other != name:
+                    raise StudioError(
+                        f"{name!r} and {other!r} both train token {token} of {module} (the same trigger word), so "
+                        "their sum interferes; retrain one of them with another --trigger"
+                    )

@@ -24,9 +24,9 @@ from studio.configs import finite
 from studio.errors import DiskFull, StudioError
 from studio.library import sparse
 from studio.library.formats import read_any, write_any
-from studio.library.meta import KINDS, AdapterMeta, modules_of
+from studio.library.meta import KINDS, AdapterMeta, is_embedding, modules_of
 from studio.library.orthogonal import METHOD as ORTHOGONAL
-from studio.library.orthogonal import check_disjoint
+from studio.library.orthogonal import check_disjoint, check_rows
 from studio.library.store import Entry, Library, check_name, slugify
 
 
@@ -103,6 +103,8 @@ def param_deltas(meta: AdapterMeta, state_dict: dict[str, torch.Tensor]) -> dict
     for module in modules_of(state_dict):
         delta = delta_weight(meta, state_dict, module)  # (out, in * kh * kw)
         kernel = _kernel(meta, state_dict, module)
+        if is_embedding(module):  # (dim, vocab): the table's own shape is (vocab, dim)
+            delta = delta.T
         out[f"{module}.weight"] = delta.reshape(delta.shape[0], -1, *kernel) if kernel else delta
     return out
 
@@ -178,6 +180,8 @@ def merge(
     if len(entries) > 1 and all(e.meta.method == ORTHOGONAL for e in entries) and combination == "cat":
         columns = check_disjoint([(e.name, e.meta.method_config) for e in entries])  # the sum is interference-free
     tensors = [e.state_dict() for e in entries]
+    if columns is not None:
+        check_rows([(e.name, sd) for e, sd in zip(entries, tensors)])
     if any(e.meta.peft_type == sparse.PEFT_TYPE for e in entries):
         if combination != "cat":
             raise StudioError("a sparse (SaRA) adapter merges only by the exact sum of deltas: use --combination cat")

@@ -46,15 +46,17 @@ still drops more than the bar's 5 points. Landing it needs an embedding LoRA (PE
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from studio.errors import StudioError
 from studio.library.meta import AdapterMeta
-from trainers.method import MethodConfig
+from trainers.method import TEXT_ENCODERS, MethodConfig
 from trainers.methods.dreambooth_lora import ADAPTER, DreamBoothLoRA, DreamBoothLoRAConfig
 
 
@@ -67,11 +69,21 @@ class OrthogonalConfig(DreamBoothLoRAConfig):
                                                          "every adapter meant to merge uses the same)"})
     first_column: int | None = field(default=None, metadata={
         "help": "first of this adapter's `rank` basis columns; default: the library allocates free ones"})
+    train_text_encoder: bool = field(default=False, metadata={
+        "help": "also train orthogonal LoRA on the text encoders' attention (off: the trigger rows carry the text "
+                "side, and the encoders' LoRA was the larger share of a sum's crosstalk)"})
+    trigger_rows: bool = field(default=True, metadata={
+        "help": "train the trigger's own rows of the token table (the paper's ED-LoRA text side)"})
+    embedding_lr: float = field(default=5e-3, metadata={
+        "help": "learning rate of the trigger rows (the paper: 1e-3 for its text embeddings), no weight decay"})
+    trigger: str | None = field(default=None, metadata={"help": "whose rows train; default: the run's --trigger"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.first_column is not None and self.first_column < 0:
             raise StudioError(f"--first-column must be 0 or more, got {self.first_column}")
+        if self.embedding_lr <= 0:
+            raise StudioError(f"--embedding-lr must be positive, got {self.embedding_lr}")
 
 
 @functools.lru_cache(maxsize=32)
@@ -119,6 +131,40 @@ class Orthogonal(DreamBoothLoRA):
                 down.copy_(rows.reshape(down.shape).to(down.dtype))
                 down.requires_grad_(False)
                 nn.init.zeros_(layer.lora_B[ADAPTER].weight)  # dW = 0: training starts at the base
+        self.rows = self._attach_rows(components) if c.trigger_rows else {}
+
+    def _attach_rows(self, components: Any) -> dict[str, nn.Module]:
+        """ED-LoRA's text side (Gu et al., Mix-of-Show, section 3.1, used by the paper's section 4.2) on the embedded
+        table: a LoRA on each text encoder's `token_embedding` whose frozen down-projection is the one-hot rows of the
+        trigger's token ids, so the trained up-projection B (dim, r) is exactly the trigger rows' change. In the
+        paper's terms this is the token table's own orthogonal split: its input is one-hot, the identity basis, and a
+        concept owning its trigger's columns leaves every other token's embedding exact."""
+        c = self.config
+        if not c.trigger:
+            raise StudioError("orthogonal adaptation trains its trigger's rows and needs the trigger; train through "
+                              "trainers.train (it passes --trigger) or pass --no-trigger-rows")
+        rows: dict[str, nn.Module] = {}
+        for name, tokenizer in zip(TEXT_ENCODERS, ("tokenizer", "tokenizer_2")):
+            model, tok = getattr(components, name, None), getattr(components, tokenizer, None)
+            if model is None or tok is None:
+                continue
+            ids = sorted(set(tok(c.trigger, add_special_tokens=False).input_ids))
+            config = LoraConfig(r=len(ids), lora_alpha=len(ids), target_modules=["token_embedding"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PEFT notes the text-encoder LoRA already under this adapter name
+                inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+            for path, layer in model.named_modules():
+                if path.endswith("token_embedding") and ADAPTER in getattr(layer, "lora_embedding_A", {}):
+                    down, up = layer.lora_embedding_A[ADAPTER], layer.lora_embedding_B[ADAPTER]  # (r, vocab), (dim, r)
+                    with torch.no_grad():
+                        down.zero_()
+                        down[torch.arange(len(ids)), torch.tensor(ids)] = 1.0  # one-hot rows of the trigger's ids
+                        up.zero_()  # the table is exact at the start
+                    down.requires_grad_(False)
+                    up.requires_grad_(True)
+                    rows[f"{name}.{path}"] = layer
+            self.models.setdefault(name, model)
+        return rows
 
     def card_notes(self) -> str:
         c = self.config
@@ -134,7 +180,26 @@ class Orthogonal(DreamBoothLoRA):
         )
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
-        return {k: p for k, p in super().trainable_tensors().items() if k.endswith("lora_B.weight")}
+        out = {k: p for k, p in super().trainable_tensors().items() if k.endswith("lora_B.weight")}
+        for module, layer in getattr(self, "rows", {}).items():
+            out[f"{module}.lora_B.weight"] = layer.lora_embedding_B[ADAPTER]  # (dim, r): the trigger rows' change
+        return out
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        rows = {id(layer.lora_embedding_B[ADAPTER]) for layer in getattr(self, "rows", {}).values()}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in rows]}
+                  for g in super().trainable_parameters()]
+        groups = [g for g in groups if g["params"]]
+        if rows:  # textual-inversion practice: no weight decay pulling the rows back to the base embedding
+            params = [layer.lora_embedding_B[ADAPTER] for layer in self.rows.values()]
+            groups.append({"params": params, "lr": self.config.embedding_lr, "weight_decay": 0.0})
+        return groups
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        out = super().delta_weights()
+        for module, layer in getattr(self, "rows", {}).items():
+            out[module] = layer.get_delta_weight(ADAPTER).detach().float()  # (vocab, dim), the table's shape
+        return out
 
     def export(self) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
         layers = self._layers()
@@ -142,6 +207,10 @@ class Orthogonal(DreamBoothLoRA):
         for module, layer in layers.items():
             tensors[f"{module}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
             tensors[f"{module}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+        for module, layer in getattr(self, "rows", {}).items():  # canonical keys: the table as a one-hot linear map
+            tensors[f"{module}.lora_A.weight"] = layer.lora_embedding_A[ADAPTER].detach().float().cpu().clone()
+            tensors[f"{module}.lora_B.weight"] = layer.lora_embedding_B[ADAPTER].detach().float().cpu().clone()
+            layers[module] = layer
         ranks = {m: int(layer.r[ADAPTER]) for m, layer in layers.items()}
         alphas = {m: float(layer.lora_alpha[ADAPTER]) for m, layer in layers.items()}
         return tensors, self.meta(peft_type="LORA", ranks=ranks, alphas=alphas)

@@ -17,7 +17,7 @@ from studio.library.formats.kohya import read_kohya, write_kohya
 from studio.library.formats.lycoris import read_lycoris, write_lycoris
 from studio.library.formats.peft import read_peft, write_peft
 from studio.library.formats.sd_scripts import Imported
-from studio.library.meta import FORMATS
+from studio.library.meta import FORMATS, is_embedding, modules_of
 
 
 _PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -77,6 +77,10 @@ def write_any(name: str, state_dict: dict, meta: Any, format: str, out: Path) ->
     writers = {"kohya": write_kohya, "diffusers": write_diffusers, "peft": write_peft, "lycoris": write_lycoris}
     if format not in writers:
         raise StudioError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    tables = [m for m in modules_of(state_dict) if is_embedding(m)]
+    if tables and format != "peft":
+        raise StudioError(f"{name!r} trains token-table rows ({tables[0]}), which {format} files cannot hold; export "
+                          "it with --format peft, or --format diff (full-weight differences)")
     return writers[format](name, state_dict, meta, Path(out))
 
 

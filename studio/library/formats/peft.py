@@ -23,7 +23,15 @@ from studio.errors import StudioError
 from studio.library.adapter import load_safetensors, validate_state_dict
 from studio.library.formats.lokr_layout import layout_problem
 from studio.library.formats.sd_scripts import Imported
-from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, ranks_alphas_from_configs
+from studio.library.meta import (
+    COMPONENTS,
+    AdapterMeta,
+    canonical_key,
+    component_configs,
+    modules_of,
+    peft_key,
+    ranks_alphas_from_configs,
+)
 
 
 _LOKR_CONFIG_KEYS = ("decompose_both", "decompose_factor", "use_effective_conv2d")
@@ -47,7 +55,7 @@ def _read_one(folder: Path, component: str | None) -> tuple[str, dict[str, torch
     tensors, _ = load_safetensors(folder / "adapter_model.safetensors")
     sub = {}
     for key, tensor in tensors.items():
-        key = key.removeprefix("base_model.model.")
+        key = canonical_key(key.removeprefix("base_model.model."))
         if not key.endswith((".lora_A.weight", ".lora_B.weight")) and ".lokr_" not in key:
             raise StudioError(f"{folder}: tensor {key!r} is not a LoRA/LoKr tensor (only those are supported)")
         sub[key] = tensor
@@ -120,7 +128,7 @@ def write_peft(name: str, state_dict: dict[str, torch.Tensor], meta: AdapterMeta
         for component, config in components.items():
             prefix = f"{component}."
             tensors = {
-                f"base_model.model.{k[len(prefix) :]}": v.contiguous()
+                f"base_model.model.{peft_key(k[len(prefix) :])}": v.contiguous()
                 for k, v in state_dict.items()
                 if k.startswith(prefix)
             }
