@@ -122,6 +122,7 @@ def from_options(
     c1: int | None = None,
     c2: int | None = None,
     boxes: list[str] | None = None,
+    regions: list[str] | None = None,
     concept_masks: bool = False,
 ) -> tuple[str, AdapterSet, Any]:
     """The CLI's and the UI's options as (prompt without its `<lora:...>` tags, adapter set, composer config)."""
@@ -137,7 +138,8 @@ def from_options(
     adapter_set.schedules = [parse_schedule(schedule)] * len(adapter_set.names)
     values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None,
               "cache": False if no_cache else None, "c1": c1, "c2": c2,
-              "boxes": parse_boxes(boxes) if boxes else None, "place_masks": False if concept_masks else None}
+              "boxes": parse_boxes(boxes) if boxes else None, "place_masks": False if concept_masks else None,
+              "regions": parse_boxes(regions, flag="--region", separator="rpartition") if regions else None}
     config = make_config(composer, {k: v for k, v in values.items() if v is not None})
     if hasattr(config, "with_layout"):  # boxed composers: no --box, boxes from the prompt's position words
         config = config.with_layout(text, adapter_set)

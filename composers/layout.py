@@ -58,6 +58,23 @@ def prompt_layout(
     return out
 
 
+def shared_regions(prompt: str, triggers: dict[str, list[str]], subjects: Sequence[str] | None = None
+                   ) -> dict[str, dict[str, Box]]:
+    """Adapter name -> {region prompt: box} for an adapter whose triggers sit in two or more placed clauses: one
+    adapter holding several concepts (a merge of orthogonal adapters, a plain sum), each placed by its own clause."""
+    from composers.concepts import region_prompt
+
+    words = prompt.split()
+    wanted = set(triggers if subjects is None else subjects)
+    found: dict[str, dict[str, Box]] = {}
+    for concept in split_concepts(prompt, triggers):
+        box = place_box(words[i] for i in concept.places)
+        for name in concept.adapters:
+            if box is not None and name in wanted:
+                found.setdefault(name, {})[region_prompt(prompt, concept)] = box
+    return {n: regions for n, regions in found.items() if len(regions) > 1}
+
+
 def subject_layout(prompt: str, adapters: Any) -> dict[str, Box]:
     """`prompt_layout` for an AdapterSet: its subjects (every adapter not of kind style), triggers from the library."""
     from composers.concepts import adapter_triggers

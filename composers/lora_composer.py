@@ -87,19 +87,21 @@ class LoraComposerConfig(BoxedConfig):
         super().__post_init__()
 
 
-def parse_boxes(items: list[str]) -> dict[str, Box]:
-    """`NAME:x0,y0,x1,y1` items (image fractions, origin top-left) -> {name: box}."""
+def parse_boxes(items: list[str], *, flag: str = "--box", separator: str = "partition") -> dict[str, Box]:
+    """`NAME:x0,y0,x1,y1` items (image fractions, origin top-left) -> {name: box}; `--region` items split at their
+    last colon (`PROMPT:x0,y0,x1,y1`, a prompt may hold colons)."""
     boxes = {}
     for item in items:
-        name, _, numbers = item.partition(":")
+        name, _, numbers = getattr(item, separator)(":")
         try:
             box = tuple(float(v) for v in numbers.split(","))
         except ValueError:
             box = ()
-        if not name or len(box) != 4:
-            raise StudioError(f"--box {item!r}: write NAME:x0,y0,x1,y1 in image fractions, e.g. corgi:0,0,0.5,1")
-        if name in boxes:
-            raise StudioError(f"--box {name} is given twice; give each adapter one box")
+        what = "NAME" if flag == "--box" else "PROMPT"
+        if not name.strip() or len(box) != 4:
+            raise StudioError(f"{flag} {item!r}: write {what}:x0,y0,x1,y1 in image fractions, e.g. corgi:0,0,0.5,1")
+        if name.strip() in boxes:
+            raise StudioError(f"{flag} {name} is given twice; give each one box")
         boxes[name.strip()] = box
     return boxes
 

@@ -10,6 +10,11 @@ latent) and `W_i` region masks. For a DDIM-like step, fusing the noise predictio
 - Path 0: the global prompt with the unboxed adapters (style / background adapters), mask 1 outside every box.
 - Path n: concept n's region prompt (default: its clause of the prompt, as LoRA-Composer's region prompts) with
   adapter n added, mask = its box; overlaps are averaged.
+- A prompt region (`regions`, section 4.2's region prompts with no adapter of their own): its prompt with the
+  adapters that act everywhere, mask = its box. One adapter that holds several concepts (a merge of orthogonal
+  adapters: one trigger per concept) is placed this way, each concept by its own clause of the prompt: the
+  regionally controllable sampling that orthogonal adaptation's multi-concept results use (Po et al., CVPR 2024,
+  section 4.2, after Mix-of-Show).
 
 Beside LoRA-Composer: MultiDiffusion keeps a subject in a path of its own, so no layer of another concept's pass
 can reach it, at `1 + boxes` UNet passes a step; LoRA-Composer gets the same isolation inside one pass (region
@@ -29,7 +34,7 @@ calls.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,12 +44,43 @@ from composers.adapter_set import AdapterSet
 from composers.handle import Handle
 from composers.region_lora import BoxedConfig, boxed_set, install_sample_deltas, set_scales
 from composers.regions import Box, box_mask
+from studio.errors import StudioError
+from studio.prompts import encode_prompt
 
 
 @dataclass
 class MultiDiffusionConfig(BoxedConfig):
     batched: bool = field(default=True, metadata={
         "help": "run every path in one UNet call (False: one call per path, less memory)"})
+    regions: dict[str, Box] = field(default_factory=dict, metadata={
+        "help": "region prompt -> (x0, y0, x1, y1): paths of their own, denoised with the adapters that act "
+                "everywhere (MultiDiffusion's region prompts); with no boxes given, filled from the prompt's placed "
+                "clauses for an adapter that holds several concepts (a merge of orthogonal adapters)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for text, box in self.regions.items():
+            box_mask(tuple(float(v) for v in box), (2, 2))  # the same checks as a box
+            if not text.strip():
+                raise StudioError("a region needs a prompt: --region 'PROMPT:x0,y0,x1,y1'")
+        self.regions = {t: tuple(float(v) for v in b) for t, b in self.regions.items()}
+
+    def with_layout(self, prompt: str, adapters: Any) -> MultiDiffusionConfig:
+        """Boxes from the prompt as every boxed composer takes them; an adapter whose triggers sit in several placed
+        clauses (one adapter, several concepts) acts everywhere instead, and each of its clauses gets a region."""
+        from composers.concepts import adapter_triggers
+        from composers.layout import shared_regions
+
+        if self.boxes or self.regions or not self.layout:
+            return self
+        kinds = dict(zip(adapters.names, adapters.kinds or ["unknown"] * len(adapters.names)))
+        subjects = [n for n in adapters.names if kinds.get(n) != "style"]
+        shared = shared_regions(prompt, adapter_triggers(list(adapters.names)), subjects)
+        config = super().with_layout(prompt, adapters)
+        if not shared:
+            return config
+        boxes = {n: b for n, b in config.boxes.items() if n not in shared}
+        return replace(config, boxes=boxes, regions={t: b for r in shared.values() for t, b in r.items()})
 
 
 def path_masks(boxes: list[Box], size: tuple[int, int]) -> torch.Tensor:
@@ -68,15 +104,19 @@ def cat_paths(values: list[Any], batch: int) -> Any:
 
 def apply_multidiffusion(pipe: Any, adapters: AdapterSet, config: MultiDiffusionConfig) -> Handle:
     config = config.for_prompt("")  # region prompts not filled from a prompt: the trigger words alone
-    concepts = boxed_set(pipe, adapters, config.boxes, config.region_prompts, "multidiffusion")
-    boxed, free, weights, region = concepts.boxed, concepts.free, concepts.weights, concepts.region_embeds
+    concepts = boxed_set(pipe, adapters, config.boxes, config.region_prompts, "multidiffusion",
+                         required=not config.regions)
+    boxed, free, weights = concepts.boxed, concepts.free, concepts.weights
+    with torch.no_grad():  # the text encoders hold the adapters that act everywhere, as for the global prompt
+        region = concepts.region_embeds + [encode_prompt(pipe, text, None, guidance=False) for text in config.regions]
+    boxes = [config.boxes[n] for n in boxed] + list(config.regions.values())
     unet = pipe.unet
     handle = Handle("multidiffusion", [lambda: activate(unet, weights)])
     for model in concepts.text_encoders:  # the global and negative prompts went through path 0's text encoder
         handle.add(lambda model=model: activate(model, weights))
     activate(unet, free)  # boxed adapters act only through their rows' deltas
     set_scales(unet, {n: weights[n] for n in boxed})
-    paths = 1 + len(boxed)
+    paths = 1 + len(region)  # the global path, one per boxed adapter, one per prompt region
     rows: dict[str, slice] = {}
     handle.add(install_sample_deltas(unet, boxed, rows).remove)
 
@@ -115,7 +155,7 @@ def apply_multidiffusion(pipe: Any, adapters: AdapterSet, config: MultiDiffusion
             outs = []
             for i, path in enumerate(per_path):
                 rows.clear()
-                if i:
+                if 0 < i <= len(boxed):
                     rows[boxed[i - 1]] = slice(None)
                 try:
                     out = original(sample, timestep, **path)  # the last path's output carries the fused sample
@@ -123,7 +163,7 @@ def apply_multidiffusion(pipe: Any, adapters: AdapterSet, config: MultiDiffusion
                     rows.clear()
                 outs.append(sample_of(out))
             eps = torch.stack(outs)  # (P, 2B, C, H, W)
-        masks = path_masks([config.boxes[n] for n in boxed], tuple(sample.shape[-2:])).to(eps)  # (P, 1, 1, h, w)
+        masks = path_masks(boxes, tuple(sample.shape[-2:])).to(eps)  # (P, 1, 1, h, w)
         fused = (masks * eps).sum(0)  # sum_i M_i eps_i, M normalised to sum 1 (Eq. 5)
         return with_sample(out, fused)
 

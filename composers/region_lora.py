@@ -140,7 +140,8 @@ class BoxedSet:
     text_encoders: list[torch.nn.Module]
 
 
-def boxed_set(pipe: Any, adapters: Any, boxes: dict[str, Any], prompts: dict[str, str], composer: str) -> BoxedSet:
+def boxed_set(pipe: Any, adapters: Any, boxes: dict[str, Any], prompts: dict[str, str], composer: str, *,
+              required: bool = True) -> BoxedSet:
     """Check the boxes against the adapters, encode each boxed adapter's region prompt through its own text-encoder
     adapter (tau_n of Yang et al. Eq. 2), and leave the text encoders with the unboxed adapters only, so the global
     and negative prompts are the base's (plus background adapters)."""
@@ -152,7 +153,7 @@ def boxed_set(pipe: Any, adapters: Any, boxes: dict[str, Any], prompts: dict[str
         raise StudioError(f"--box names {unknown[0]!r}, which is not among the adapters {','.join(adapters.names)}")
     kinds = dict(zip(adapters.names, adapters.kinds or ["unknown"] * len(adapters.names)))
     boxed = [n for n in adapters.names if n in boxes and kinds[n] != "style"]
-    if not boxed:
+    if not boxed and required:
         raise StudioError(f"{composer} needs a box for at least one subject adapter: --box NAME:x0,y0,x1,y1, or a "
                           "place in the subject's clause of the prompt (`... on the left`)")
     weights = dict(zip(adapters.names, adapters.weights))

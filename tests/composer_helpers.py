@@ -8,7 +8,8 @@ from studio.library import AdapterMeta, Library
 
 
 def add_random_adapter(
-    pipe, name: str, seed: int, *, kind: str = "unknown", rank: int = 2, scale: float = 0.3, trigger: str | None = None
+    pipe, name: str, seed: int, *, kind: str = "unknown", rank: int = 2, scale: float = 0.3,
+    trigger: str | None = None, triggers: list[str] | None = None,
 ) -> None:
     """A LoRA on every UNet attention projection and the first text-encoder layer, random A and B."""
     g = torch.Generator().manual_seed(seed)
@@ -23,5 +24,5 @@ def add_random_adapter(
         state_dict[f"{key}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=g) * scale
         state_dict[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=g) * scale
         ranks[key], alphas[key] = rank, float(rank)
-    meta = AdapterMeta(kind=kind, ranks=ranks, alphas=alphas, trigger_words=[trigger or name])
+    meta = AdapterMeta(kind=kind, ranks=ranks, alphas=alphas, trigger_words=triggers or [trigger or name])
     Library().add(name, state_dict, meta)

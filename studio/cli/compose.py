@@ -53,6 +53,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(repeatable), e.g. sks:0,0.1,0.5,0.9; without any, each subject's box comes from its clause's position "
         "words (`sks emblem on the left`: 0,0.25,0.5,0.75)",
     )
+    parser.add_argument(
+        "--region",
+        action="append",
+        default=None,
+        metavar="PROMPT:x0,y0,x1,y1",
+        help="multidiffusion: a region prompt and its box (repeatable), denoised with the adapters that act "
+        "everywhere; without any, an adapter holding several concepts (a merge of orthogonal adapters) gets one "
+        "region per placed clause of the prompt",
+    )
     parser.add_argument("--concept-masks", action="store_true",
                         help="clora: masks from each subject's own words (the paper's) instead of its position words "
                         "(for bases whose noun attention maps localise)")
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     args.prompt, adapters, composer_config = composers.from_options(
         args.prompt, args.adapters, args.composer, tau=args.tau, order=args.order, fused=args.fused,
         schedule=args.schedule, no_cache=args.no_cache, c1=args.c1, c2=args.c2, boxes=args.box,
-        concept_masks=args.concept_masks,
+        concept_masks=args.concept_masks, regions=args.region,
     )
     tip = placement_tip(args.prompt, adapters, args.composer)
     if tip:

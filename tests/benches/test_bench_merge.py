@@ -16,10 +16,12 @@ def test_both_prompts_name_each_emblem_by_its_trigger_in_its_place() -> None:
 
 
 def test_verdicts_apply_each_bar() -> None:
-    ortho = {"method": "orthogonal", "emblems": [{"drop": 0.0}, {"drop": 0.1}], "both": 0.6}
+    ortho = {"method": "orthogonal", "emblems": [{"drop": 0.0}, {"drop": 0.1}], "both": 0.0, "both_regional": 0.6}
     lora = {"method": "dreambooth_lora", "emblems": [{"drop": 0.3}, {"drop": 0.0}], "both": 0.0}
-    assert verdicts([ortho, lora]) == {"orthogonal keeps each emblem": False, "orthogonal shows both": True,
+    assert verdicts([ortho, lora]) == {"orthogonal keeps each emblem": False,
+                                       "orthogonal shows both (regional sampling)": True,
                                        "dreambooth_lora sum loses an emblem": True}
+    assert not verdicts([{**ortho, "both": 0.9, "both_regional": 0.4}])["orthogonal shows both (regional sampling)"]
 
 
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
@@ -31,8 +33,9 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
                        n_both=2)
     (row,) = report["rows"]
     assert row["method"] == "orthogonal" and len(row["emblems"]) == 2 and 0.0 <= row["both"] <= 1.0
-    assert set(report["verdicts"]) == {"orthogonal keeps each emblem", "orthogonal shows both"}
+    assert 0.0 <= row["both_regional"] <= 1.0
+    assert set(report["verdicts"]) == {"orthogonal keeps each emblem", "orthogonal shows both (regional sampling)"}
     table = (tmp_path / "merge-bench.md").read_text()
-    assert "| orthogonal |" in table and "training renders of up to 2 objects" in table
+    assert "| orthogonal |" in table and "both, regional" in table and "training renders of up to 2 objects" in table
     assert report["world_objects"] == 2
     assert (tmp_path / "merge-bench-grid.png").is_file()

@@ -15,6 +15,7 @@ from composers.activation import activate
 from composers.multidiffusion import path_masks
 from composers.region_lora import install_sample_deltas, set_scales
 from studio.cli import main
+from studio.errors import StudioError
 from studio.generate import GenerateConfig, generate
 from studio.library import load_adapters, unload_adapters
 from studio.prompts import encode_prompt
@@ -88,6 +89,33 @@ def test_each_box_holds_its_own_path_and_the_rest_the_global_prompt(batched: boo
     torch.testing.assert_close(fused[..., :4], paths[1][..., :4], atol=1e-5, rtol=1e-4)  # left box: qa's path
     torch.testing.assert_close(fused[..., 4:], paths[2][..., 4:], atol=1e-5, rtol=1e-4)  # right box: qb's path
     assert (paths[1] - paths[0]).abs().max() > 1e-3
+
+
+def test_one_adapter_holding_two_concepts_gets_a_region_per_placed_clause() -> None:
+    pipe = BUILDERS["sd1"]()
+    add_random_adapter(pipe, "qs", 3, kind="subject", scale=0.2, triggers=["qa", "qb"])  # as a merged orthogonal sum
+    adapters = AdapterSet.parse("qs").resolve()
+    config = MultiDiffusionConfig().with_layout(PROMPT, adapters)
+    left, right = (f"a large {q} emblem on the {p} on a white background"
+                   for q, p in (("qa", "left"), ("qb", "right")))
+    assert config.boxes == {} and config.regions == {left: (0.0, 0.25, 0.5, 0.75), right: (0.5, 0.25, 1.0, 0.75)}
+    z, t = _unet_inputs(pipe)
+    glob = encode_prompt(pipe, PROMPT, None, guidance=False).prompt_embeds.expand(2, -1, -1)  # (2, 77, D)
+    with torch.no_grad(), composers.apply(pipe, adapters, "multidiffusion", config):
+        fused = pipe.unet(z, t, encoder_hidden_states=glob).sample
+    load_adapters(pipe, ["qs"], [1.0])
+    with torch.no_grad():  # every path with the adapter on, each with its own prompt
+        paths = [pipe.unet(z, t, encoder_hidden_states=ctx.expand(2, -1, -1)).sample for ctx in (
+            glob[:1], *(encode_prompt(pipe, text, None, guidance=False).prompt_embeds for text in (left, right)))]
+    unload_adapters(pipe)
+    torch.testing.assert_close(fused[..., 2:6, :4], paths[1][..., 2:6, :4], atol=1e-5, rtol=1e-4)  # qa's clause
+    torch.testing.assert_close(fused[..., 2:6, 4:], paths[2][..., 2:6, 4:], atol=1e-5, rtol=1e-4)  # qb's clause
+    torch.testing.assert_close(fused[..., :2, :], paths[0][..., :2, :], atol=1e-5, rtol=1e-4)  # outside: the global
+    assert (paths[1] - paths[0]).abs().max() > 1e-3 and (paths[2] - paths[1]).abs().max() > 1e-3
+    with pytest.raises(StudioError, match="--region 'a qa emblem:0,0,1': write PROMPT:x0,y0,x1,y1"):
+        composers.from_options(PROMPT, "qs", "multidiffusion", regions=["a qa emblem:0,0,1"])
+    _, _, given = composers.from_options(PROMPT, "qs", "multidiffusion", regions=["a qa: emblem:0,0,0.5,1"])
+    assert given.regions == {"a qa: emblem": (0.0, 0.0, 0.5, 1.0)}  # split at the last colon; given, not laid out
 
 
 def test_outside_the_boxes_is_the_global_path_and_overlaps_average() -> None:
