@@ -14,33 +14,34 @@ An independent implementation: no public code exists for the paper. What follows
 
 Ours, not the paper's: the columns are allocated by the library (disjoint blocks of `rank` columns, recorded in the
 adapter's method config and checked on merge) instead of drawn at random (the paper's expected overlap r^2/d_in is
-1.25 columns at d_in 320, r 20); convolutions are adapted too (LoCon layout: the basis spans in * kh * kw inputs); the
-paper trains ED-LoRA text embeddings beside the weights, here the text encoders' attention gets orthogonal LoRA as
-DreamBooth-LoRA's does. Capacity: a layer with d_in inputs holds d_in // rank concepts (the embedded base's 64-wide
-layers: 4 at rank 16); the library refuses a concept past it.
+1.25 columns at d_in 320, r 20); convolutions are adapted too (LoCon layout: the basis spans in * kh * kw inputs).
+Capacity: a layer with d_in inputs holds d_in // rank concepts (the embedded base's 64-wide layers: 4 at rank 16); the
+library refuses a concept past it.
 
-Measured (`studio bench merge`, two evaluation emblems at the defaults, 20 prompts each, 20 steps, 2 threads): found
-alone 0.70 and 0.85, in the plain sum 0.35 and 0.60; DreamBooth-LoRA in the same run 0.90/0.85 alone and 0.75/0.65
-summed; both emblems in one prompt 0.00 for either sum. Orthogonal down-projections do not stop crosstalk here.
-Loading one emblem's adapter with parts of the other's: its 576-wide ResNet convolutions and its cross-attention
-keys and values (text inputs, where the triggers differ) cost nothing (0.85 -> 0.85, 0.95), its feed-forward layers
-0.20, self-attention, projections and text encoder 0.05-0.10 each, all together 0.40. The paper's argument needs
-concept i's features to avoid span(A_j); on 64-192-wide image features of two similar emblems they do not. Neither
-remedy tried kept the identity: rank width / 16 on narrow layers (the paper's ratio at its narrowest layer) found
-0.25/0.65 alone and still dropped 0.40; adapting only the convolutions and cross-attention keys and values found
-0.15/0.35 alone (drops 0.10/0.15). Emblems trained on renders shared with another object (`--world-objects 2`),
-which prompts naming both need: alone 0.80/0.85, summed 0.00/0.50, both in one prompt 0.00.
+The text side is the paper's ED-LoRA part (section 4.2, after Mix-of-Show): the trigger's own rows of the token table
+train (lr 5e-3, no weight decay), and the text encoders get no LoRA (`--train-text-encoder` adds it). The rows are a
+LoRA on `token_embedding` whose frozen down-projection is the one-hot rows of the trigger's token ids: the table's
+input is a one-hot token, so its basis is the identity and a concept owning its trigger's columns leaves every other
+token's embedding exact. The library refuses to sum two adapters whose rows move the same token (the same trigger).
+Ours: the rows are the trigger's existing token ids, where Mix-of-Show adds new tokens (one per layer), so a trigger
+that is a common word piece moves that piece in other prompts too (a made-up trigger like `sks` does not).
 
-The way forward measured (not yet in the library format): the paper's ED-LoRA part, the trigger tokens' embedding
-rows trained (lr 5e-3, no weight decay) beside the UNet's orthogonal LoRA, in place of the text encoders' LoRA. The
-rows are the embedding layer's own orthogonal split: its input is a one-hot token, so a concept owning its trigger's
-columns of the identity basis leaves every other prompt's embedding exact. Same two emblems, 20 prompts each, alone
--> summed: rows and no text-encoder LoRA 0.85/0.90 -> 0.75/0.70 (drops 0.10/0.20); no rows and no text-encoder LoRA
-0.80/0.75 -> 0.50/0.25; rows beside the text-encoder LoRA 0.75/1.00 -> 0.30/0.90; rows with the UNet at a tenth of
-the rate (1e-4, towards the paper's 1e-5) 0.15/0.00 alone. Against the defaults' 0.70/0.85 -> 0.35/0.60 (another
-run) the text encoders' LoRA is the larger share of the crosstalk and the trigger rows carry what it did; the sum
-still drops more than the bar's 5 points. Landing it needs an embedding LoRA (PEFT's `lora_embedding_A/B` on
-`token_embedding`) in the library's loader, merge and formats.
+Measured (`studio bench merge`, two evaluation emblems at the defaults, 20 prompts each, 20 steps, 2 threads, one
+run): found alone 0.85 and 0.90, in the plain sum 0.75 and 0.70 (drops 0.10 and 0.20); DreamBooth-LoRA beside it 0.90
+and 0.85 alone, 0.75 and 0.65 summed. Both emblems in one prompt, plainly sampled: 0.00 for either sum; with regional
+sampling (`--composer multidiffusion`, the paper's multi-concept setting): 0.62 with the orthogonal sum, 0.50 with
+DreamBooth-LoRA's. Before the trigger rows (orthogonal LoRA on the text encoders' attention, as DreamBooth-LoRA's):
+0.70 and 0.85 alone, 0.35 and 0.60 summed; with neither rows nor a text-encoder LoRA 0.80/0.75 -> 0.50/0.25; rows
+beside the text-encoder LoRA 0.75/1.00 -> 0.30/0.90; rows with the UNet at a tenth of the rate (1e-4, towards the
+paper's 1e-5) 0.15/0.00 alone; rows with LoRA on the cross-attention keys and values only 0.30/0.00 alone. So the
+text encoders' LoRA was the larger share of the crosstalk, and the rows carry what it did. What remains is in the
+UNet: loading one emblem's adapter with parts of the other's (before the rows), its 576-wide ResNet convolutions and
+its cross-attention keys and values (text inputs, where the triggers differ) cost nothing (0.85 -> 0.85, 0.95), its
+feed-forward layers 0.20, self-attention and projections 0.05-0.10 each. The paper's argument needs concept i's
+features to avoid span(A_j); on 64-192-wide image features of two similar emblems they do not. Neither remedy tried
+kept the identity: rank width / 16 on narrow layers (the paper's ratio at its narrowest layer) found 0.25/0.65 alone
+and still dropped 0.40; adapting only the convolutions and cross-attention keys and values found 0.15/0.35 alone
+(drops 0.10/0.15).
 """
 
 from __future__ import annotations
@@ -168,15 +169,20 @@ class Orthogonal(DreamBoothLoRA):
 
     def card_notes(self) -> str:
         c = self.config
+        text = ("the trigger's own rows of the token table (the paper's ED-LoRA text embeddings, on the trigger's "
+                f"token ids, `{c.trigger}`)" if c.trigger_rows else "no trigger rows")
+        if c.train_text_encoder:
+            text += " and orthogonal LoRA on the text encoders' attention"
         return (
             "## Method\n\nOrthogonal adaptation (Po, Yang, Aberman, Wetzstein, CVPR 2024). This is an independent "
             "implementation: no code was published with the paper. It follows the paper's residual with a frozen "
             "input-side factor (section 4), frozen factors drawn from a shared randomized orthogonal basis per input "
             "width (section 4.2) and merging by summation (eq. 1). Its own choices: the library allocates disjoint "
-            "basis columns instead of random ones, convolutions are adapted too, and the text encoders get "
-            f"orthogonal LoRA instead of the paper's ED-LoRA embeddings.\n\nBasis seed {c.basis_seed}, columns "
-            f"{c.first_column}-{(c.first_column or 0) + c.rank - 1} of each layer's basis; merge it with other "
-            "orthogonal adapters of this base by `studio library merge A,B --name AB` (a plain sum).\n"
+            f"basis columns instead of random ones, and convolutions are adapted too. Text side: {text}.\n\n"
+            f"Basis seed {c.basis_seed}, columns {c.first_column}-{(c.first_column or 0) + c.rank - 1} of each "
+            "layer's basis; merge it with other orthogonal adapters of this base (other triggers) by `studio library "
+            "merge A,B --name AB` (a plain sum), and place each concept of the sum with `studio compose --composer "
+            "multidiffusion` and a prompt that puts each trigger's clause in its place.\n"
         )
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
