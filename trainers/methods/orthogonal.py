@@ -33,7 +33,9 @@ sampling (`--composer multidiffusion`, the paper's multi-concept setting): 0.62 
 DreamBooth-LoRA's. Before the trigger rows (orthogonal LoRA on the text encoders' attention, as DreamBooth-LoRA's):
 0.70 and 0.85 alone, 0.35 and 0.60 summed; with neither rows nor a text-encoder LoRA 0.80/0.75 -> 0.50/0.25; rows
 beside the text-encoder LoRA 0.75/1.00 -> 0.30/0.90; rows with the UNet at a tenth of the rate (1e-4, towards the
-paper's 1e-5) 0.15/0.00 alone; rows with LoRA on the cross-attention keys and values only 0.30/0.00 alone. So the
+paper's 1e-5) 0.15/0.00 alone; rows with LoRA on the cross-attention keys and values only 0.30/0.00 alone; rows
+with the convolutions and cross-attention keys and values 0.55/0.45 -> 0.45/0.45; rows without the feed-forward
+layers 0.80/0.90 -> 0.55/0.50 (worse: the other layers then carry the concept and its crosstalk). So the
 text encoders' LoRA was the larger share of the crosstalk, and the rows carry what it did. What remains is in the
 UNet: loading one emblem's adapter with parts of the other's (before the rows), its 576-wide ResNet convolutions and
 its cross-attention keys and values (text inputs, where the triggers differ) cost nothing (0.85 -> 0.85, 0.95), its
