@@ -35,7 +35,9 @@ DreamBooth-LoRA's. Before the trigger rows (orthogonal LoRA on the text encoders
 beside the text-encoder LoRA 0.75/1.00 -> 0.30/0.90; rows with the UNet at a tenth of the rate (1e-4, towards the
 paper's 1e-5) 0.15/0.00 alone; rows with LoRA on the cross-attention keys and values only 0.30/0.00 alone; rows
 with the convolutions and cross-attention keys and values 0.55/0.45 -> 0.45/0.45; rows without the feed-forward
-layers 0.80/0.90 -> 0.55/0.50 (worse: the other layers then carry the concept and its crosstalk). So the
+layers 0.80/0.90 -> 0.55/0.50 (worse: the other layers then carry the concept and its crosstalk); rows at rank 4
+0.35/0.40 -> 0.20/0.50 and at rank 8 0.40/0.80 -> 0.65/0.90 (no drop, a weaker emblem alone; 20 prompts carry a
+standard error near 0.1, so the default stays 16 until a longer run decides). So the
 text encoders' LoRA was the larger share of the crosstalk, and the rows carry what it did. What remains is in the
 UNet: loading one emblem's adapter with parts of the other's (before the rows), its 576-wide ResNet convolutions and
 its cross-attention keys and values (text inputs, where the triggers differ) cost nothing (0.85 -> 0.85, 0.95), its
