@@ -139,7 +139,7 @@ def from_options(
     values = {"tau": tau, "order": order.split(",") if order else None, "fused": fused or None,
               "cache": False if no_cache else None, "c1": c1, "c2": c2,
               "boxes": parse_boxes(boxes) if boxes else None, "place_masks": False if concept_masks else None,
-              "regions": parse_boxes(regions, flag="--region", separator="rpartition") if regions else None}
+              "regions": parse_boxes(regions, flag="--region") if regions else None}
     config = make_config(composer, {k: v for k, v in values.items() if v is not None})
     if hasattr(config, "with_layout"):  # boxed composers: no --box, boxes from the prompt's position words
         config = config.with_layout(text, adapter_set)

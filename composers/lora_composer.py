@@ -87,17 +87,17 @@ class LoraComposerConfig(BoxedConfig):
         super().__post_init__()
 
 
-def parse_boxes(items: list[str], *, flag: str = "--box", separator: str = "partition") -> dict[str, Box]:
-    """`NAME:x0,y0,x1,y1` items (image fractions, origin top-left) -> {name: box}; `--region` items split at their
-    last colon (`PROMPT:x0,y0,x1,y1`, a prompt may hold colons)."""
+def parse_boxes(items: list[str], *, flag: str = "--box") -> dict[str, Box]:
+    """`NAME:x0,y0,x1,y1` items (image fractions, origin top-left) -> {name: box}, split at the last colon (adapter
+    names have none; a `--region` PROMPT may)."""
+    what = "NAME" if flag == "--box" else "PROMPT"
     boxes = {}
     for item in items:
-        name, _, numbers = getattr(item, separator)(":")
+        name, _, numbers = item.rpartition(":")
         try:
             box = tuple(float(v) for v in numbers.split(","))
         except ValueError:
             box = ()
-        what = "NAME" if flag == "--box" else "PROMPT"
         if not name.strip() or len(box) != 4:
             raise StudioError(f"{flag} {item!r}: write {what}:x0,y0,x1,y1 in image fractions, e.g. corgi:0,0,0.5,1")
         if name.strip() in boxes:

@@ -60,9 +60,12 @@ class MultiDiffusionConfig(BoxedConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for text, box in self.regions.items():
-            box_mask(tuple(float(v) for v in box), (2, 2))  # the same checks as a box
             if not text.strip():
                 raise StudioError("a region needs a prompt: --region 'PROMPT:x0,y0,x1,y1'")
+            try:
+                box_mask(tuple(float(v) for v in box), (2, 2))  # the same checks as a box
+            except (TypeError, ValueError) as err:
+                raise StudioError(f"--region {text!r}: {err}") from None
         self.regions = {t: tuple(float(v) for v in b) for t, b in self.regions.items()}
 
     def with_layout(self, prompt: str, adapters: Any) -> MultiDiffusionConfig:

@@ -95,9 +95,9 @@ def peft_key(key: str) -> str:
 
 
 def canonical_key(key: str) -> str:
-    """The inverse of `peft_key`."""
+    """The inverse of `peft_key` (an embedding LoRA on another table stays as it is, and is refused as unsupported)."""
     for param, peft_param in (("lora_A.weight", "lora_embedding_A"), ("lora_B.weight", "lora_embedding_B")):
-        if key.endswith(f".{peft_param}"):
+        if key.endswith(f".{peft_param}") and is_embedding(key[: -len(peft_param) - 1]):
             return f"{key[: -len(peft_param)]}{param}"
     return key
 

@@ -56,7 +56,10 @@ def method_fields(method: str) -> list[str]:
     """The options of a method's config shown in its own group (`studio train --help` lists the same)."""
     import dataclasses
 
-    return [f.name for f in dataclasses.fields(METHODS[method].config_cls) if f.name not in SHARED]
+    common = {f.name for f in dataclasses.fields(TrainConfig)}  # a method field of the same name (orthogonal's
+    # trigger) is filled from the run's own, as `studio train` does
+    return [f.name for f in dataclasses.fields(METHODS[method].config_cls) if f.name not in SHARED and f.name not in
+            common]
 
 
 def option_key(method: str, name: str) -> str:

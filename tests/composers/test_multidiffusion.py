@@ -114,6 +114,8 @@ def test_one_adapter_holding_two_concepts_gets_a_region_per_placed_clause() -> N
     assert (paths[1] - paths[0]).abs().max() > 1e-3 and (paths[2] - paths[1]).abs().max() > 1e-3
     with pytest.raises(StudioError, match="--region 'a qa emblem:0,0,1': write PROMPT:x0,y0,x1,y1"):
         composers.from_options(PROMPT, "qs", "multidiffusion", regions=["a qa emblem:0,0,1"])
+    with pytest.raises(StudioError, match="--region 'a qa emblem': box .* must be"):
+        composers.from_options(PROMPT, "qs", "multidiffusion", regions=["a qa emblem:0.5,0,0.5,1"])
     _, _, given = composers.from_options(PROMPT, "qs", "multidiffusion", regions=["a qa: emblem:0,0,0.5,1"])
     assert given.regions == {"a qa: emblem": (0.0, 0.0, 0.5, 1.0)}  # split at the last colon; given, not laid out
 

@@ -169,3 +169,16 @@ def test_a_folder_with_the_studio_fields_inside_adapter_config_still_reads(tmp_p
     back = Library().get("older")
     _same(entry.state_dict(), back.state_dict())
     assert back.meta.alphas == entry.meta.alphas and back.meta.ranks == entry.meta.ranks
+
+
+def test_token_table_keys_translate_to_peft_and_back_and_other_embeddings_stay_refused() -> None:
+    from studio.library.meta import canonical_key, peft_key
+
+    table = "text_encoder.text_model.embeddings.token_embedding"
+    for param, peft_param in (("lora_A.weight", "lora_embedding_A"), ("lora_B.weight", "lora_embedding_B")):
+        assert peft_key(f"{table}.{param}") == f"{table}.{peft_param}"
+        assert canonical_key(f"{table}.{peft_param}") == f"{table}.{param}"
+    linear = "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"
+    assert peft_key(linear) == linear == canonical_key(linear)
+    other = "text_model.embed_tokens.lora_embedding_A"  # not a table the studio knows: left for the reader to refuse
+    assert canonical_key(other) == other

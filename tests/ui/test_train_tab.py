@@ -55,6 +55,7 @@ def test_each_method_has_its_settings_and_only_the_chosen_ones_count() -> None:
 
     assert "factor" in method_fields("kronecker") and "alpha" in method_fields("dreambooth_lora")
     assert "lr" not in method_fields("kronecker")  # shown once, in the main rows
+    assert "trigger_rows" in method_fields("orthogonal") and "trigger" not in method_fields("orthogonal")
     groups = {option_key("kronecker", "factor"): 4, option_key("kronecker", "target_modules"): "to_q,to_v",
               option_key("dreambooth_lora", "alpha"): "8", option_key("dreambooth_lora", "train_text_encoder"): False}
     method, _ = configs_from_mapping(train_options(_form(method="kronecker", **groups))[0])

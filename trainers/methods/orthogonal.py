@@ -105,6 +105,10 @@ class Orthogonal(DreamBoothLoRA):
     config_cls = OrthogonalConfig
     config: OrthogonalConfig
 
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        super().__init__(config)
+        self.rows: dict[str, nn.Module] = {}  # `<component>.<path>` -> the token table's LoRA layer, after attach
+
     @classmethod
     def claim(cls, config: MethodConfig, library: Any, name: str) -> MethodConfig:
         """The config with this adapter's basis columns allocated by the library (kept when already given)."""
@@ -191,12 +195,12 @@ class Orthogonal(DreamBoothLoRA):
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         out = {k: p for k, p in super().trainable_tensors().items() if k.endswith("lora_B.weight")}
-        for module, layer in getattr(self, "rows", {}).items():
+        for module, layer in self.rows.items():
             out[f"{module}.lora_B.weight"] = layer.lora_embedding_B[ADAPTER]  # (dim, r): the trigger rows' change
         return out
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
-        rows = {id(layer.lora_embedding_B[ADAPTER]) for layer in getattr(self, "rows", {}).values()}
+        rows = {id(layer.lora_embedding_B[ADAPTER]) for layer in self.rows.values()}
         groups = [{**g, "params": [p for p in g["params"] if id(p) not in rows]}
                   for g in super().trainable_parameters()]
         groups = [g for g in groups if g["params"]]
@@ -207,7 +211,7 @@ class Orthogonal(DreamBoothLoRA):
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
         out = super().delta_weights()
-        for module, layer in getattr(self, "rows", {}).items():
+        for module, layer in self.rows.items():
             out[module] = layer.get_delta_weight(ADAPTER).detach().float()  # (vocab, dim), the table's shape
         return out
 
@@ -217,7 +221,7 @@ class Orthogonal(DreamBoothLoRA):
         for module, layer in layers.items():
             tensors[f"{module}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
             tensors[f"{module}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
-        for module, layer in getattr(self, "rows", {}).items():  # canonical keys: the table as a one-hot linear map
+        for module, layer in self.rows.items():  # canonical keys: the table as a one-hot linear map
             tensors[f"{module}.lora_A.weight"] = layer.lora_embedding_A[ADAPTER].detach().float().cpu().clone()
             tensors[f"{module}.lora_B.weight"] = layer.lora_embedding_B[ADAPTER].detach().float().cpu().clone()
             layers[module] = layer
