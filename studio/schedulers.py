@@ -1,4 +1,5 @@
-"""Sampler names of the CLI and UI, mapped onto diffusers schedulers built from the model's own config.
+"""Sampler names of the CLI and UI, mapped onto diffusers schedulers built from the model's own config; and the
+regression target of anything trained on the model (adapters, AutoLoRA's gates) from that config.
 
 Building from the pipeline's scheduler config keeps the model's beta schedule, `prediction_type`
 (epsilon or v-prediction) and offsets; only the sampling algorithm changes.
@@ -6,6 +7,9 @@ Building from the pipeline's scheduler config keeps the model's beta schedule, `
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -50,3 +54,15 @@ def scheduler_name(scheduler: SchedulerMixin) -> str:
         if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in overrides.items()):
             return name
     return type(scheduler).__name__
+
+
+def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, from `scheduler.config.prediction_type`."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0
+    if kind == "sample":
+        return latents
+    raise StudioError(f"the model's scheduler predicts {kind!r}; training supports epsilon, v_prediction and sample")

@@ -33,11 +33,12 @@ from torch import nn
 from studio import atomic
 from studio.distributed import wait_for_everyone
 from studio.errors import DiskFull, StudioError
+from studio.schedulers import training_target
 from trainers.checkpoint import CHECKPOINT, read_checkpoint, remove_stale_temporaries, write_checkpoint
 from trainers.config import TrainConfig
 from trainers.data import TrainData
 from trainers.method import Method
-from trainers.objective import diffusion_loss, min_snr_weights, training_target
+from trainers.objective import diffusion_loss, min_snr_weights
 
 
 SYNC_EVERY = 25  # optimizer steps between host reads of the loss on a GPU

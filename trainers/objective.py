@@ -1,7 +1,7 @@
-"""The diffusion objective the loop minimises: the regression target, the (prior-preserving) loss, Min-SNR weights.
+"""The diffusion objective the loop minimises: the (prior-preserving) loss and Min-SNR weights.
 
 Latent diffusion (Rombach et al., arXiv:2112.10752, Eq. 2) with DDPM's forward process (Ho et al., arXiv:2006.11239,
-Eq. 4); the target is eps, v (Salimans & Ho, arXiv:2202.00512, section 4) or z_0 as the scheduler config says.
+Eq. 4); the regression target (eps, v or z_0, as the scheduler config says) is `studio.schedulers.training_target`.
 """
 
 from __future__ import annotations
@@ -9,20 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from studio.errors import StudioError
-
-
-def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict, from `scheduler.config.prediction_type`."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0
-    if kind == "sample":
-        return latents
-    raise StudioError(f"the model's scheduler predicts {kind!r}; training supports epsilon, v_prediction and sample")
 
 
 def diffusion_loss(

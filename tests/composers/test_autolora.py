@@ -90,15 +90,20 @@ def test_compose_by_prompt_retrieves_the_adapters_and_their_triggers() -> None:
     assert text == "a red star with stripes, b"  # triggers not in the prompt yet are appended (a's, "a", is in it)
 
 
-def test_gate_training_moves_the_gates_and_ships_them(tmp_path) -> None:
-    from composers.autolora_train import train_gate
-
+def _gate_pipe():  # a tiny SD1 pipeline with two non-identity world adapters, "a" (an emblem) and "b" (a texture)
     pipe = BUILDERS["sd1"]()
     lib = Library()
     for name, seed, source in (("a", 1, {"world_emblem": 7}), ("b", 2, {"world_texture": "dots"})):
         add_random_adapter(pipe, name, seed, scale=0.6)
         entry = lib.get(name)
         lib.add(name, entry.state_dict(), entry.meta, train_config=source, overwrite=True)
+    return pipe
+
+
+def test_gate_training_moves_the_gates_and_ships_them(tmp_path) -> None:
+    from composers.autolora_train import train_gate
+
+    pipe = _gate_pipe()
     out = tmp_path / "gate.safetensors"
     summary = train_gate(pipe, ["a", "b"], steps=2, lr=1e-2, out=out, progress=False)
     assert out.is_file() and summary["layers"] > 0 and len(summary["last_losses"]) == 2
@@ -110,3 +115,21 @@ def test_gate_training_moves_the_gates_and_ships_them(tmp_path) -> None:
     with composers.apply(pipe, pair, "autolora", AutoLoRAConfig(gate=str(out))) as handle:
         assert handle.state["trained_layers"] == handle.state["layers"] == summary["layers"]
     assert not any("lora" in type(m).__name__.lower() for m in pipe.unet.modules())  # adapters unloaded
+
+
+def test_gate_training_regresses_the_bases_own_target(tmp_path, monkeypatch) -> None:
+    """The gates learn the base's prediction type (v here, as studio-tiny's), not always the noise."""
+    from composers import autolora_train
+
+    pipe = _gate_pipe()
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    seen, real = [], autolora_train.training_target
+
+    def shifted(scheduler, latents, noise, t):  # the real target, 10 away: the loss must show it
+        seen.append(scheduler.config.prediction_type)
+        return real(scheduler, latents, noise, t) + 10.0
+
+    monkeypatch.setattr(autolora_train, "training_target", shifted)
+    summary = autolora_train.train_gate(pipe, ["a", "b"], steps=1, out=tmp_path / "g.safetensors", progress=False)
+    assert seen == ["v_prediction"]
+    assert summary["first_losses"][0] > 50  # (pred - target - 10)^2 on both terms: the loss reads this target
