@@ -39,6 +39,10 @@ EMBLEM_SEEDS = (101, 202, 303, 404)  # fixed subjects (not training seeds of any
 TEXTURE_NAMES = ("stripes", "checker")  # fixed styles
 EMBLEM_TRIGGERS = ("sks", "zwx", "qrv", "pkt")
 TEXTURE_TRIGGERS = ("vgl", "xzn")
+# AutoLoRA's gates learn on other concepts than the scored ones (`--autolora-gate-steps`): a gate shipped for the base
+# meets adapters it never saw, and so does the bench's.
+GATE_EMBLEMS = {"gate-emblem-505": ("bnx", 505), "gate-emblem-606": ("fmq", 606)}
+GATE_TEXTURES = {"gate-texture-dots": ("dpy", "dots"), "gate-texture-waves": ("hkw", "waves")}
 CONTROLS = ("alone", "none")
 CATEGORIES = ("two_subjects", "subject_object", "subject_style")
 # Emblems train on renders that hold one other object too (--world-objects): a subject that never saw company
@@ -63,6 +67,13 @@ def adapter_names() -> dict[str, tuple[str, dict]]:
     """Library name -> (trigger, TrainConfig source fields) of the bench's fixed adapter set."""
     out = {f"bench-emblem-{s}": (t, {"world_emblem": s}) for s, t in zip(EMBLEM_SEEDS, EMBLEM_TRIGGERS)}
     out.update({f"bench-texture-{n}": (t, {"world_texture": n}) for n, t in zip(TEXTURE_NAMES, TEXTURE_TRIGGERS)})
+    return out
+
+
+def gate_adapter_names() -> dict[str, tuple[str, dict]]:
+    """The same for the adapters AutoLoRA's gates train on: concepts the scored cases never use."""
+    out = {name: (t, {"world_emblem": s}) for name, (t, s) in GATE_EMBLEMS.items()}
+    out.update({name: (t, {"world_texture": n}) for name, (t, n) in GATE_TEXTURES.items()})
     return out
 
 
@@ -135,15 +146,16 @@ def needed(categories: tuple[str, ...] = CATEGORIES, pairs: int | None = None) -
 
 
 def prepare(model: str, library: Path, steps: int | None, names: list[str] | None = None,
-            overrides: dict | None = None) -> list[str]:
-    """Train (or find cached) the fixed adapter set, or its `names`, in `library` (`overrides`: TrainConfig fields
-    beyond the steps, e.g. fewer class images); returns the names trained now."""
+            overrides: dict | None = None, adapters: dict[str, tuple[str, dict]] | None = None) -> list[str]:
+    """Train (or find cached) the fixed adapter set (`adapters`, default `adapter_names()`), or its `names`, in
+    `library` (`overrides`: TrainConfig fields beyond the steps, e.g. fewer class images); returns the names trained
+    now."""
     from studio.library import Library
     from trainers import TrainConfig, train
 
     lib, made = Library(library), []
     objects = (overrides or {}).get("world_objects", WORLD_OBJECTS)
-    for name, (trigger, source) in adapter_names().items():
+    for name, (trigger, source) in (adapters or adapter_names()).items():
         if names is not None and name not in names:
             continue
         if name in lib:
@@ -324,12 +336,14 @@ def run(args: argparse.Namespace) -> int:
     if args.prepare:
         prepare(args.model, library, args.train_steps, needed(categories, args.pairs),
                 {"world_objects": args.world_objects})
-    if args.autolora_gate_steps:  # AutoLoRA's gates, trained on the bench's adapters and shipped for the base
+    if args.autolora_gate_steps:  # AutoLoRA's gates, trained on other concepts' adapters and shipped for the base
         from composers.autolora_train import train_gate
         from studio.generate import cached_pipeline
         from studio.library import Library
 
-        train_gate(cached_pipeline(args.model, "cpu"), list(adapter_names()), steps=args.autolora_gate_steps,
+        gate_set = gate_adapter_names()
+        prepare(args.model, library, args.train_steps, None, {"world_objects": args.world_objects}, gate_set)
+        train_gate(cached_pipeline(args.model, "cpu"), list(gate_set), steps=args.autolora_gate_steps,
                    library=Library(library))
     report = run_bench(args.model, library, args.composer or list(composers.COMPOSERS), args.seeds, args.steps,
                        Path(args.out), pairs=args.pairs, categories=categories, layout=args.layout)
@@ -352,7 +366,9 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--category", action="append", choices=CATEGORIES, help="a category to score (repeatable; "
                         "default all); --prepare then trains only what its cases use")
     parser.add_argument("--autolora-gate-steps", type=int, default=0,
-                        help="train AutoLoRA's gates on the bench's adapters first, this many steps (0: the shipped)")
+                        help="train AutoLoRA's gates first, this many steps, on 2 emblem and 2 texture adapters of "
+                             "concepts no case uses (trained and cached like --prepare's), and ship them for the "
+                             "base (0: use the shipped gates)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--layout", choices=("world", "prompt"), default="world",
                         help="the boxed composers' boxes: each emblem's place in the scene (default), or from the "

@@ -11,7 +11,7 @@ from composer_helpers import add_random_adapter
 from PIL import Image
 
 import composers
-from benches.compose import adapter_names, case_boxes, cases, needed, score_image
+from benches.compose import adapter_names, case_boxes, cases, gate_adapter_names, needed, score_image
 from studio.cli import main
 from studio.generate import cached_pipeline
 
@@ -25,6 +25,19 @@ def test_cases_cover_both_categories_with_distinct_triggers() -> None:
     assert len(set(triggers)) == len(triggers) == 6
     for case in all_cases:
         assert all(t not in case.caption.split() for t in triggers) and case.prompt != case.caption
+
+
+def test_autolora_gates_learn_on_concepts_and_triggers_no_case_uses() -> None:
+    from studio.world.emblems import emblem
+
+    scored, gate = adapter_names(), gate_adapter_names()
+    assert len(gate) >= 4 and not set(scored) & set(gate)
+    assert not {t for t, _ in scored.values()} & {t for t, _ in gate.values()}
+    sources = [json.dumps(src, sort_keys=True) for _, src in [*scored.values(), *gate.values()]]
+    assert len(set(sources)) == len(sources)  # no concept is both scored and learned from
+    glyphs = [emblem(src["world_emblem"]).glyph() for _, src in [*scored.values(), *gate.values()]
+              if "world_emblem" in src]
+    assert len(set(glyphs)) == len(glyphs)  # nor one look under two seeds
 
 
 def test_a_category_needs_only_its_adapters() -> None:
