@@ -169,3 +169,24 @@ def test_prepare_never_reuses_an_emblem_trained_on_other_renders(tmp_path: Path)
     (entry / "train_config.json").write_text("{damaged")
     with pytest.raises(StudioError, match="--world-objects unknown, not 1"):
         prepare("studio-tiny", tmp_path, 2, ["bench-emblem-101"], {"world_objects": 1})
+
+
+def test_gate_steps_train_the_gate_set_and_never_the_scored_adapters(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from benches import compose
+    from composers import autolora_train
+
+    calls: dict[str, list] = {"prepare": [], "gate": []}
+    monkeypatch.setattr(compose, "prepare", lambda *a, **k: calls["prepare"].append(a) or [])
+    monkeypatch.setattr(autolora_train, "train_gate", lambda pipe, names, **k: calls["gate"].append((names, k)))
+    monkeypatch.setattr(compose, "run_bench", lambda *a, **k: {})
+    monkeypatch.setattr("studio.generate.cached_pipeline", lambda *a, **k: None)
+    args = argparse.Namespace(model="studio-tiny", library=str(tmp_path), category=["subject_style"], prepare=False,
+                              train_steps=None, pairs=None, world_objects=2, autolora_gate_steps=7, composer=["merge"],
+                              seeds=1, steps=2, out=str(tmp_path / "out"), layout="world")
+    assert compose.run(args) == 0
+    (names, options), = calls["gate"]
+    assert names == list(gate_adapter_names()) and options["steps"] == 7
+    (prepared,) = calls["prepare"]
+    assert set(prepared[-1]) == set(gate_adapter_names())  # what the gates learn from is trained first
