@@ -13,6 +13,10 @@ Measured (`studio bench retrieve --prepare`, 25 steps per adapter, retriever see
 concepts, 6 held out (3 new emblems, 3 second adapters by another method), 200 prompts. With the retriever's 1000
 steps (312 s): weights only top-1 0.775 / top-3 0.895 (held-out concepts 0.479 / 0.688, new concepts 0.167 / 0.417);
 with metadata 0.970 / 1.000. With 300 steps, on the same library: 0.675 / 0.850 (another machine: 0.730 / 0.900).
+What limits the new concepts is the text side: the world CLIP itself matches the eval phrasings (100 prompts, one
+draw of scene words) to exact renders of the 25 concepts (4 each, mean image-text similarity) at top-1 0.23 / top-3
+0.39, so a look the retriever never saw in training cannot be read from images either (rendering each adapter and
+ranking its images did worse).
 """
 
 from __future__ import annotations
