@@ -8,8 +8,8 @@ set's weight x alpha / r):
 
 (the paper's fusion; its released `LoraMerger`). w_b, w_l, w_c, beta and w_o are vectors over the layer's output
 channels, shared by the adapters of the layer; LN_0 and LN_1 are LayerNorms over those channels. The adapters' list
-ends with the paper's Global LoRA: the rank-q SVD of the sum of the deltas (`torch.svd_lowrank` in DiffSynth's
-`FluxLoRAFuser`, q = 4), gated like the others.
+ends with the paper's Global LoRA: the rank-q truncated SVD of the sum of the deltas (exact here; DiffSynth's
+`FluxLoRAFuser` approximates it with `torch.svd_lowrank`, q = 4), gated like the others.
 
 Ours, not the paper's:
 - beta(t) = beta + W_t phi(t), phi(t) = cos(pi k t / 1000) for k = 1..4, W_t (d_out, 4): the gate is per timestep
@@ -147,8 +147,11 @@ def _global_factors(layer: BaseTunerLayer, names: list[str], rank: int) -> tuple
         return None
     total = sum(layer.get_delta_weight(n).float() for n in names)  # (out, in[, kh, kw])
     base = layer.get_base_layer()
-    u, s, v = torch.svd_lowrank(total.flatten(1), q=min(rank, *total.flatten(1).shape))  # (out, q), (q,), (in, q)
-    q = s.numel()
+    # The exact truncated SVD: DiffSynth's torch.svd_lowrank draws random projections from the global RNG, so the
+    # Global LoRA, and every image, depended on what ran before.
+    u, s, vh = torch.linalg.svd(total.flatten(1), full_matrices=False)  # (out, k), (k,), (k, in)
+    q = min(rank, s.numel())
+    u, s, v = u[:, :q], s[:q], vh[:q].T  # (out, q), (q,), (in, q)
     dtype = base.weight.dtype
     if isinstance(base, nn.Conv2d):
         down = nn.Conv2d(base.in_channels, q, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)

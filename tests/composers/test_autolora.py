@@ -90,6 +90,20 @@ def test_compose_by_prompt_retrieves_the_adapters_and_their_triggers() -> None:
     assert text == "a red star with stripes, b"  # triggers not in the prompt yet are appended (a's, "a", is in it)
 
 
+def test_the_global_lora_is_the_same_whatever_ran_before() -> None:
+    """Its SVD is exact: a randomized one drew from the global RNG, and the images changed with the run's history."""
+    pipe = _pipe()
+    pair = AdapterSet(["a", "b"], [1.0, 0.7])
+    sample, t, ctx = _inputs(pipe)
+    outs = []
+    with torch.no_grad():
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            with composers.apply(pipe, pair, "autolora", AutoLoRAConfig(global_rank=2)):
+                outs.append(pipe.unet(sample, t, ctx).sample)
+    assert torch.equal(outs[0], outs[1])
+
+
 def _gate_pipe():  # a tiny SD1 pipeline with two non-identity world adapters, "a" (an emblem) and "b" (a texture)
     pipe = BUILDERS["sd1"]()
     lib = Library()
