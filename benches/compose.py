@@ -368,7 +368,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--autolora-gate-steps", type=int, default=0,
                         help="train AutoLoRA's gates first, this many steps, on 2 emblem and 2 texture adapters of "
                              "concepts no case uses (trained and cached like --prepare's), and ship them for the "
-                             "base (0: use the shipped gates)")
+                             "base (0: the base's shipped gates, if any)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--layout", choices=("world", "prompt"), default="world",
                         help="the boxed composers' boxes: each emblem's place in the scene (default), or from the "

@@ -19,9 +19,8 @@ Ours, not the paper's:
 - Text encoders keep every adapter at its weight (FLUX's LoRAs, the paper's, adapt the DiT only).
 
 Gates are trained once per base (`composers.autolora_train`) and kept as safetensors next to the base's assets,
-`assets/autolora-gate/<base>.safetensors` (studio-tiny's ships: +15.6 points of subject + style composition success
-over the uniform merge, see `composers.autolora_train`); a layer without a trained gate uses the merge-equivalent
-init.
+`assets/autolora-gate/<base>.safetensors`; a layer without a trained gate uses the merge-equivalent init (none ships
+for studio-tiny: trained gates did worse than the init there, see `composers.autolora_train`).
 """
 
 from __future__ import annotations

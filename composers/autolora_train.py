@@ -12,12 +12,13 @@ for SD1.x). Paper: AdamW lr 1e-4, 8,000 steps; here a few hundred on the embedde
 adapter's own training data (`train_config.json`: emblem or texture, captions with its trigger, as the trainers write
 them).
 
-Shipped for studio-tiny (`assets/autolora-gate/studio-tiny.*`): 300 steps (254 s, 2 CPU threads) on the compose
-bench's gate set, 2 emblem and 2 texture DreamBooth-LoRAs of concepts no scored case uses
-(`studio bench compose --autolora-gate-steps 300` trains the same). Compose bench, subject + style, 8 pairs x 8 seeds,
-one run: composition success 0.359 against 0.203 for the uniform merge of the same adapters (+15.6 points) and 0.297
-with the untrained gates. The gates first measured, trained against the noise although studio-tiny predicts v (on 18
-weak adapters of `studio bench retrieve --prepare`), gave 0.08; gates trained on the composed target (the world's render of the emblem in the texture, both adapters gated) gave 0.25.
+Measured on studio-tiny (compose bench, subject + style, 8 pairs, 2 CPU threads): gates trained 300 steps (254 s) on
+the bench's gate set (`studio bench compose --autolora-gate-steps 300`: 2 emblem and 2 texture DreamBooth-LoRAs of
+concepts no scored case uses), 16 seeds, one run each: composition success 0.273, against 0.320 with the untrained
+gates and 0.203 for the uniform merge. So no gate ships for studio-tiny. (With the Global LoRA's randomized SVD, since
+made exact, the same gate read 0.359 at 8 seeds and 0.312 / 0.258 at 16.) Gates trained on the composed target (the
+world's render of the emblem in the texture, both adapters gated) read 0.25 at 8 seeds; the gates first measured,
+trained against the noise although studio-tiny predicts v, 0.08.
 """
 
 from __future__ import annotations
