@@ -147,3 +147,33 @@ def test_gate_training_regresses_the_bases_own_target(tmp_path, monkeypatch) -> 
     summary = autolora_train.train_gate(pipe, ["a", "b"], steps=1, out=tmp_path / "g.safetensors", progress=False)
     assert seen == ["v_prediction"]
     assert summary["first_losses"][0] > 50  # (pred - target - 10)^2 on both terms: the loss reads this target
+
+
+def test_the_global_lora_from_stacked_factors_is_the_dense_svd() -> None:
+    """The factor route (QR of the stacked B and A, SVD of the small core) gives the dense SVD's singular values and
+    rank-q products, for linear and convolution LoRAs at different ranks and scales."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+
+    from composers.autolora import _stacked_lora, _truncated_svd
+
+    model = nn.Sequential(nn.Linear(24, 40), nn.Conv2d(6, 10, 3, padding=1))
+    for name, rank in (("a", 3), ("b", 5)):
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0", "1"]), model, name)
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = torch.randn(p.shape, generator=g)  # non-identity: B is zero at init
+    for layer in (model[0], model[1]):
+        layer.set_adapter(["a", "b"])
+        layer.scaling["b"] = 0.7 * layer.scaling["b"]  # a set weight on one of them
+        assert _stacked_lora(layer, ["a", "b"]) is not None
+        dense = (layer.get_delta_weight("a") + layer.get_delta_weight("b")).flatten(1)  # (out, in * kh * kw)
+        u, s, v = _truncated_svd(layer, ["a", "b"])
+        s_dense = torch.linalg.svdvals(dense)
+        assert torch.allclose(s, s_dense[: s.numel()], rtol=1e-4, atol=1e-4)
+        assert s_dense[s.numel():].abs().max() < 1e-3  # the sum's rank is the sum of the ranks
+        for q in (2, 8):
+            ud, sd, vhd = torch.linalg.svd(dense, full_matrices=False)
+            expected = ud[:, :q] * sd[:q] @ vhd[:q]
+            assert torch.allclose(u[:, :q] * s[:q] @ v[:, :q].T, expected, rtol=1e-4, atol=1e-3)
