@@ -319,7 +319,8 @@ def retrieve(prompt: str, k: int = 3, *, weights_only: bool = False, metadata: b
         raise StudioError(f"no retriever for the library {library.root}; train one with `studio retrieve --train`")
     index = refresh_index(library, retriever)
     if not index:
-        raise StudioError(f"the library {library.root} has no adapters to retrieve")
+        raise StudioError(f"the library {library.root} has no adapters to retrieve: train one (`studio train`), "
+                         "import one (`studio library import PATH`), or point STUDIO_LIBRARY at your library")
     names = sorted(index)
     have = [n for n in names if index[n]["weights"] is not None] if retriever else []
     w = {}

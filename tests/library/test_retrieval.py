@@ -151,6 +151,8 @@ def test_retrieval_without_a_retriever(library) -> None:
         retrieve("  ", library=library)
     with pytest.raises(StudioError, match="at least 2"):
         train_retriever(Library(library.root.parent / "empty"), progress=False)
+    with pytest.raises(StudioError, match="no adapters to retrieve: train one"):
+        retrieve("a red star", library=Library(library.root.parent / "empty"))
 
 
 def test_cli_trains_ranks_and_refuses_bad_input(capsys) -> None:
