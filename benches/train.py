@@ -21,6 +21,12 @@ import time
 from studio.models import DEFAULT_MODEL
 
 
+# One batch of the class-image renderer (`trainers.prior.BATCH`): each step draws its prior batch from them whatever
+# their count, so the per-step time is that of the trainer's default 50 and the peak memory differs only by the 40
+# images it does not hold (3 x R x R floats each, 2 MB at 128 px); the bench does not wait for 40 renders it never
+# times (on the suite's tiny model they were half of this bench's time).
+CLASS_IMAGES = 10
+
 _CHILD = """
 import json, resource, sys, time, torch
 from trainers import Callbacks, TrainConfig, train
@@ -28,7 +34,8 @@ args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 marks = []
 config = TrainConfig(trigger="sks", name="bench-" + args["method"], world_emblem=3, model=args["model"],
-                     train_steps=args["steps"], sample_every=0, save_every=0, seed=0, device=args["device"])
+                     train_steps=args["steps"], sample_every=0, save_every=0, seed=0, device=args["device"],
+                     num_class_images=args["class_images"])
 on_step = lambda step, loss: marks.append(time.perf_counter())
 result = train(args["method"], config, callbacks=Callbacks(on_step=on_step))
 tensors = result.method.trainable_tensors()
@@ -40,13 +47,15 @@ print(json.dumps({"marks": marks, "params": n, "param_bytes": nbytes, "gpu_peak_
 """
 
 
-def measure(method: str, model: str, steps: int, threads: int, device: str = "auto") -> dict[str, object]:
+def measure(method: str, model: str, steps: int, threads: int, device: str = "auto",
+            class_images: int = CLASS_IMAGES) -> dict[str, object]:
     """Train `method` for `steps` steps in a fresh process and return its figures."""
     from studio.errors import StudioError
 
     with tempfile.TemporaryDirectory() as library:
         env = {**os.environ, "STUDIO_LIBRARY": library}
-        args = json.dumps({"method": method, "model": model, "steps": steps, "threads": threads, "device": device})
+        args = json.dumps({"method": method, "model": model, "steps": steps, "threads": threads, "device": device,
+                           "class_images": class_images})
         done = subprocess.run([sys.executable, "-c", _CHILD, args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise StudioError(f"training {method} failed: {done.stderr.strip().splitlines()[-1]}")
@@ -74,13 +83,14 @@ def run(args: argparse.Namespace) -> int:
 
     methods = args.method or list(METHODS)
     start = time.perf_counter()
-    rows = [measure(m, args.model, args.steps, args.threads, args.device) for m in methods]
+    rows = [measure(m, args.model, args.steps, args.threads, args.device, args.num_class_images) for m in methods]
     first = rows[0]
     for row in rows:
         row["params_ratio"] = round(row["trainable_params"] / first["trainable_params"], 4)
         if row["s_per_step_median"] and first["s_per_step_median"]:
             row["time_ratio"] = round(row["s_per_step_median"] / first["s_per_step_median"], 3)
-    report = {"model": args.model, "steps": args.steps, "threads": args.threads, "rows": rows,
+    report = {"model": args.model, "steps": args.steps, "threads": args.threads,
+              "num_class_images": args.num_class_images, "rows": rows,
               "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(report, indent=2))
     return 0
@@ -92,6 +102,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", action="append", help="a method to measure (repeatable; default all)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per method (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-class-images", type=int, default=CLASS_IMAGES,
+                        help="class images for the emblem's prior preservation (per-step figures do not depend on it)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: a GPU when there is one")
     parser.set_defaults(func=run)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 from studio.cli import main
 
 
 def test_bench_train_reports_each_method(tiny_dirs: dict, capsys) -> None:
     code = main(["bench", "train", "--model", str(tiny_dirs["sd1"]), "--steps", "3", "--threads", "1",
-                 "--device", "cpu", "--method", "dreambooth_lora", "--method", "kronecker"])
+                 "--device", "cpu", "--method", "dreambooth_lora", "--method", "kronecker", "--num-class-images", "4"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    # the emblem's prior preservation rendered the 4 asked class images once, and the second method reused them
+    rendered = list((Path(os.environ["STUDIO_CACHE"]) / "class-images").glob("*/*.png"))
+    assert report["num_class_images"] == 4 and len(rendered) == 4
     lora, kron = report["rows"]
     assert [lora["method"], kron["method"]] == ["dreambooth_lora", "kronecker"]
     for row in (lora, kron):
