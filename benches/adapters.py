@@ -43,6 +43,7 @@ REFERENCE = "dreambooth_lora"  # parameter ratios are against this method at its
 TRIGGERS = ("sks", "zwx", "qrv")
 TEXTURE_TRIGGER = "vgl"
 ACCURACY_KEYS = ("shape", "colour", "position", "background")  # `studio bench base`'s single-object bar
+EMBLEM_PROMPTS = 20  # `emblem_prompts`: 5 places x 4 backgrounds
 
 
 
@@ -120,7 +121,7 @@ def single_accuracy(generate_fn: GenerateFn, n: int) -> dict[str, float]:
 
 def method_rows(method: str, model: str, library: Path, generate_fn: GenerateFn, pipe: object, overrides: dict,
                 base_accuracy: dict, n_base: int, n_texture: int, texture: str, emblems: list[int],
-                grid: dict[str, list[torch.Tensor]]) -> list[dict]:
+                grid: dict[str, list[torch.Tensor]], n_emblem: int = EMBLEM_PROMPTS) -> list[dict]:
     """Train and judge the bench's adapters of one method."""
     from tqdm import tqdm
 
@@ -134,7 +135,8 @@ def method_rows(method: str, model: str, library: Path, generate_fn: GenerateFn,
         source = {"world_emblem": what} if kind == "emblem" else {"world_texture": what}
         row = {"method": method, "kind": kind, "concept": str(what),
                **train_adapter(method, name, trigger, source, model, library, overrides)}
-        prompts = emblem_prompts(what, trigger) if kind == "emblem" else texture_prompts(what, trigger, n_texture)
+        prompts = emblem_prompts(what, trigger)[:n_emblem] if kind == "emblem" else \
+            texture_prompts(what, trigger, n_texture)
         load_adapters(pipe, [name], [1.0], library=Library(library))
         try:
             images = generate_fn([p.text for p in prompts], [p.seed for p in prompts])
@@ -187,11 +189,12 @@ def base_single_accuracy(model: str, n_base: int, steps: int, device: str = "cpu
 
 def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_base: int = 50, n_texture: int = 20,
               texture: str | None = "stripes", overrides: dict | None = None, n_emblems: int = 3,
-              device: str = "cpu", base: dict | None = None) -> dict:
+              device: str = "cpu", base: dict | None = None, n_emblem: int | None = None) -> dict:
     """Train, generate and judge on `device`; write the table, JSON and grid; return the report.
 
     `base`: the base's accuracy (`base_single_accuracy` at the same model, `n_base`, steps and device) when the caller
-    computed it already, e.g. once for every method of `studio bench report`; measured here otherwise."""
+    computed it already, e.g. once for every method of `studio bench report`; measured here otherwise. `n_emblem`:
+    the first that many of each emblem's placements (default all 20; fewer only where the figures do not matter)."""
     from studio.generate import cached_pipeline
 
     library = out / "library"
@@ -216,7 +219,7 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
     rows = []
     for method in methods:
         rows += method_rows(method, model, library, generate_fn, pipe, overrides, base_accuracy, n_base,
-                            n_texture, texture, eval_emblems(n_emblems), grid)
+                            n_texture, texture, eval_emblems(n_emblems), grid, n_emblem or EMBLEM_PROMPTS)
     reference = {r["concept"]: r["trainable_params"] for r in rows if r["method"] == REFERENCE}
     if not reference:
         reference = dict.fromkeys((r["concept"] for r in rows), reference_params(model))

@@ -46,7 +46,7 @@ SMALL = {"train_steps": 2, "sample_steps": 2, "batch_size": 1, "world_images": 3
 
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     report = run_bench(str(tiny_dirs["sd1"]), ["dreambooth_lora", "kronecker"], tmp_path, steps=2, n_base=2,
-                       n_texture=2, overrides=SMALL, n_emblems=1)
+                       n_texture=2, overrides=SMALL, n_emblems=1, n_emblem=3)
     rows = report["rows"]
     kinds = [(r["method"], r["kind"]) for r in rows]
     assert kinds == [(m, k) for m in ("dreambooth_lora", "kronecker") for k in ("emblem", "texture")]
@@ -54,6 +54,7 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
         assert r["trainable_params"] > 0 and r["seconds"] > 0 and r["missed"] == verdict(r)
         judged = ("emblem", "position", "background") if r["kind"] == "emblem" else ("texture", "shape", "colour")
         assert all(0.0 <= r[k] <= 1.0 for k in judged)
+    assert all(len(r["raw"]["emblem"]) == 3 for r in rows if r["kind"] == "emblem")  # n_emblem of the 20 places
     assert rows[0]["params_ratio"] == 1.0 and 0 < rows[2]["params_ratio"] < 1  # Kronecker: fewer parameters
     assert set(report["base_accuracy"]) == {"shape", "colour", "position", "background", "mean", "raw"}
     for key, judgements in report["base_accuracy"]["raw"].items():  # the per-image judgements behind each fraction
@@ -62,7 +63,7 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
             assert sum(judgements) / len(judgements) == pytest.approx(report["base_accuracy"][key], abs=1e-3)
     given = {**report["base_accuracy"], "mean": 0.5}  # measured once by the caller (`studio bench report`)
     alone = run_bench(str(tiny_dirs["sd1"]), ["kronecker"], tmp_path / "k", steps=2, n_base=2, n_texture=2,
-                      overrides=SMALL, n_emblems=1, base=given)  # ratio still against the LoRA
+                      overrides=SMALL, n_emblems=1, base=given, n_emblem=3)  # ratio still against the LoRA
     assert [r["params_ratio"] for r in alone["rows"]] == [rows[2]["params_ratio"]] * 2
     emblem = alone["rows"][0]
     assert alone["base_accuracy"] is given and emblem["drift"] == round(0.5 - emblem["single_accuracy"]["mean"], 4)
