@@ -282,6 +282,8 @@ def retrieved_set(prompt: str, config: AutoLoRAConfig, library: Any = None) -> t
     found = retrieve(prompt, 4 * config.k, library=library)
     kind = library.get(found[0].name).meta.peft_type
     names = [r.name for r in found if library.get(r.name).meta.peft_type == kind][: config.k]
-    triggers = [t for n in names for t in library.get(n).meta.trigger_words if t not in prompt.split()]
+    # each trigger once: a merged adapter carries its parts' triggers, which other retrieved adapters may share
+    triggers = list(dict.fromkeys(t for n in names for t in library.get(n).meta.trigger_words
+                                  if t not in prompt.split()))
     text = f"{prompt}, {' '.join(triggers)}" if triggers else prompt
     return text, AdapterSet(names, [1.0] * len(names)).resolve(library)

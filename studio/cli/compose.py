@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule, no_cache=args.no_cache, c1=args.c1, c2=args.c2, boxes=args.box,
         concept_masks=args.concept_masks, regions=args.region,
     )
+    if args.composer == "autolora" and not args.adapters.strip() and adapters.names:
+        print(f"retrieved: {', '.join(adapters.names)} (prompt: {args.prompt!r})", file=sys.stderr)
     tip = placement_tip(args.prompt, adapters, args.composer)
     if tip:
         print(tip, file=sys.stderr)

@@ -63,3 +63,24 @@ def test_clora_takes_the_papers_concept_masks_from_the_cli(tiny_dirs, tmp_path) 
         out = tmp_path / f"{name}.png"
         assert main(["compose", *common, *flags, "--out", str(out)]) == 0
         assert read_parameters(out)["composer_config"]["place_masks"] is (name == "place")
+
+
+def test_compose_by_prompt_says_what_it_retrieved_and_adds_each_trigger_once(tiny_dirs, tmp_path, capsys) -> None:
+    from studio.library import Library
+
+    model = str(tiny_dirs["sd1"])
+    pipe = load_pipeline(model)
+    lib = Library()
+    for name, seed, text in (("star", 1, "a red star with stripes"), ("ring", 2, "a red ring with stripes")):
+        add_random_adapter(pipe, name, seed, triggers=[name, "zq"])  # a trigger both share, as merged adapters do
+        entry = lib.get(name)
+        entry.meta.description = text
+        lib.replace_meta(name, entry.meta)
+    out = tmp_path / "auto.png"
+    args = ["compose", "--model", model, "--steps", "2", "--size", "32x32", "--prompt", "a red star with stripes",
+            "--composer", "autolora", "--out", str(out)]
+    assert main(args) == 0
+    assert "retrieved: star, ring" in capsys.readouterr().err
+    params = read_parameters(out)
+    assert params["prompt"] == "a red star with stripes, zq ring"  # "star" is in the prompt already; zq once
+    assert [a["name"] for a in params["adapters"]] == ["star", "ring"]
