@@ -38,6 +38,30 @@ def read_checkpoint(run_dir: Path) -> dict[str, Any]:
         raise StudioError(f"{path} cannot be resumed ({err}); delete {run_dir} to start again") from None
 
 
+def restore(state: dict[str, Any], run_dir: Path, method: Any, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+            base_lrs: list[float], trainable: dict[str, torch.nn.Parameter]) -> None:
+    """Put a checkpoint's method tensors, optimizer, lr schedule and the gradients of its open accumulation window
+    back. A run resumed with another learning rate (`base_lrs`, e.g. lowered after a divergence) keeps the schedule's
+    shape, rescaled to the new rate."""
+    try:
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    except StudioError:
+        raise
+    except Exception as err:  # a checkpoint of another method or shape
+        raise StudioError(f"{Path(run_dir) / CHECKPOINT} cannot be resumed ({err}); delete {run_dir} to start "
+                          "again") from None
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, base_lrs)):
+        old = lr_scheduler.base_lrs[i]
+        if old != lr:
+            group["lr"], group["initial_lr"] = group["lr"] * lr / old, lr
+            lr_scheduler.base_lrs[i] = lr
+            lr_scheduler._last_lr[i] = group["lr"]
+    for name, grad in state["grads"].items():
+        trainable[name].grad = grad.to(trainable[name].device, trainable[name].dtype)
+
+
 def remove_stale_temporaries(run_dir: Path) -> int:
     """Delete the temporary files (`.NAME.*.tmp`) a killed writer left in the run folder; returns how many."""
     stale = [p for p in Path(run_dir).rglob(".*.tmp") if p.is_file()]

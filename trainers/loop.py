@@ -34,11 +34,12 @@ from studio import atomic
 from studio.distributed import wait_for_everyone
 from studio.errors import DiskFull, StudioError
 from studio.schedulers import training_target
-from trainers.checkpoint import CHECKPOINT, read_checkpoint, remove_stale_temporaries, write_checkpoint
+from trainers.checkpoint import read_checkpoint, remove_stale_temporaries, restore, write_checkpoint
 from trainers.config import TrainConfig
 from trainers.data import TrainData
 from trainers.method import Method
 from trainers.objective import diffusion_loss, min_snr_weights
+from trainers.streams import accelerator, epoch_indices, seeded
 
 
 SYNC_EVERY = 25  # optimizer steps between host reads of the loss on a GPU
@@ -76,53 +77,10 @@ class LoopResult:
     sample_prompts: list[str] = field(default_factory=list)
 
 
-def seeded(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator that is a pure function of (seed, *keys), identical on every machine."""
-    high, low = np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(high) << 32 | int(low))
-
-
-def epoch_indices(seed: int, stream: int, start: int, count: int, n: int) -> list[int]:
-    """Positions start .. start+count-1 of an endless sequence of seeded permutations of range(n), one per epoch."""
-    perms: dict[int, list[int]] = {}
-    out = []
-    for pos in range(start, start + count):
-        epoch, k = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=seeded(seed, stream, epoch)).tolist()
-        out.append(perms[epoch][k])
-    return out
-
-
 def _reads_every(device: torch.device, callbacks: Callbacks) -> int:
     """Optimizer steps between host reads of the loss: every step on the CPU (a read costs nothing there) or when a
     callback wants each step's loss, else SYNC_EVERY."""
     return SYNC_EVERY if device.type == "cuda" and callbacks.on_step is None else 1
-
-
-def process_state(device: str) -> Any:  # -> accelerate.PartialState
-    """This process's accelerate state on `device` (auto | cpu | cuda): which process of a launch it is. CPU
-    processes of one launch meet over gloo.
-
-    accelerate's state is process-wide and keeps the first run's device; in one process that is not part of a
-    launch (the web UI, a notebook, the tests) each run's device is its own choice, so a mismatched state is reset.
-    """
-    from accelerate.state import AcceleratorState, PartialState
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise StudioError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
-    cpu = device == "cpu" or not torch.cuda.is_available()
-    if PartialState._shared_state and not torch.distributed.is_initialized():
-        if (PartialState().device.type == "cpu") != cpu:
-            AcceleratorState._reset_state(reset_partial_state=True)
-    return PartialState(cpu=cpu)
-
-
-def _accelerator(device: str) -> Any:  # -> accelerate.Accelerator
-    """The run's Accelerator on `device`, on the process state `process_state` set up."""
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=process_state(device).device.type == "cpu")
 
 
 class Loop:
@@ -147,7 +105,7 @@ class Loop:
         self.method, self.pipe, self.data, self.run_dir = method, pipe, data, Path(run_dir)
         self.callbacks, self.cancel = callbacks or Callbacks(), cancel
         # Autocast is ours: accelerate's state is process-wide and refuses a second precision in one process (UI).
-        self.accelerator = _accelerator(c.device)
+        self.accelerator = accelerator(c.device)
         self.device = self.accelerator.device
         auto = "bf16" if self.device.type == "cuda" else "no"
         self.bf16 = (auto if c.mixed_precision == "auto" else c.mixed_precision) == "bf16"
@@ -465,23 +423,7 @@ class Loop:
         if self.accelerator.is_main_process:  # not another process's file in the middle of its write
             remove_stale_temporaries(self.run_dir)  # a run killed mid-write left its temporary file
         state = read_checkpoint(self.run_dir)
-        try:
-            self.method.load_state_dict(state["method"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        except StudioError:
-            raise
-        except Exception as err:  # a checkpoint of another method or shape
-            raise StudioError(f"{self.run_dir / CHECKPOINT} cannot be resumed ({err}); delete {self.run_dir} to start "
-                              "again") from None
-        for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, self.base_lrs)):
-            old = self.lr_scheduler.base_lrs[i]
-            if old != lr:  # resumed with another --lr (e.g. after a divergence): rescale the schedule
-                group["lr"], group["initial_lr"] = group["lr"] * lr / old, lr
-                self.lr_scheduler.base_lrs[i] = lr
-                self.lr_scheduler._last_lr[i] = group["lr"]
-        for name, grad in state["grads"].items():
-            self.trainable[name].grad = grad.to(self.trainable[name].device, self.trainable[name].dtype)
+        restore(state, self.run_dir, self.method, self.optimizer, self.lr_scheduler, self.base_lrs, self.trainable)
         self.step, self.losses, self.window = state["step"], list(state["losses"]), list(state["window"])
         self.saved_step = self.step
 

@@ -18,8 +18,9 @@ from studio import atomic
 from studio.errors import StudioError
 from trainers.checkpoint import remove_stale_temporaries
 from trainers.config import RESUMABLE_CHANGES, TrainConfig
-from trainers.loop import Callbacks, Cancel, process_state, train_loop
+from trainers.loop import Callbacks, Cancel, train_loop
 from trainers.method import Method, MethodConfig
+from trainers.streams import process_state
 
 
 @dataclass

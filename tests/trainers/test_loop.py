@@ -15,15 +15,9 @@ from trainer_helpers import emblem, quick, tiny_pipe
 import trainers
 from studio.errors import StudioError
 from trainers import METHODS, DreamBoothLoRA, DreamBoothLoRAConfig, train_loop
-from trainers.loop import (
-    CHECKPOINT,
-    Loop,
-    diffusion_loss,
-    epoch_indices,
-    min_snr_weights,
-    seeded,
-    training_target,
-)
+from trainers.checkpoint import CHECKPOINT
+from trainers.loop import Loop, diffusion_loss, min_snr_weights, training_target
+from trainers.streams import epoch_indices, seeded
 
 
 METHOD_FACTORIES = {
