@@ -34,6 +34,7 @@ def a1111_text(params: dict[str, Any]) -> str:
         "Model": params.get("model"),
         "Clip skip": params.get("clip_skip"),
         "Lora weights": ", ".join(f"{a['name']}: {a['weight']}" for a in params.get("adapters") or []) or None,
+        "Composer": params.get("composer"),  # ours: how several adapters were composed (merge, switch, ...)
         "Rank": params.get("rank"),
         "Version": params.get("version"),
     }

@@ -334,7 +334,20 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     assert box[128, :3].any() and box[128, 126:131].any()  # its left and right edges
     assert not box[:60].any() and not box[:, 135:].any()  # nothing above y = 0.25 or in the right half
     shot(page, "4c-compose-layout")
+
+    # Compose by prompt: AutoLoRA retrieves the adapters from the words (by their cards: no retriever is trained
+    # here) and says which; the Library tab's search by description ranks the same way. emblem-a and its kohya
+    # round trip aa-imported share the trigger sks, so either may come first, never emblem-b.
+    fill(page, "compose-prompt", "a large sks emblem in the center on a white background")
+    page.locator("#compose-by-prompt").click()
+    retrieved = page.locator("#compose-retrieved textarea")
+    expect(retrieved).to_have_value(re.compile(r"^1\. (emblem-a|aa-imported)  score"))
+    expect(page.locator("#compose-info textarea")).to_have_value(re.compile("autolora"))
     page.get_by_role("tab", name="Library").click()
+    fill(page, "lib-retrieve", "the sks emblem")
+    page.locator("#lib-retrieve-button").click()
+    expect(page.locator("#lib-retrieved tbody tr").first).to_contain_text(re.compile("emblem-a|aa-imported"))
+    shot(page, "4d-library-search")
 
     # Picking a preview selects its adapter and shows its model card as text; deleting asks first.
     page.locator("#lib-gallery img").first.click()

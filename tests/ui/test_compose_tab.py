@@ -29,7 +29,7 @@ def test_compose_records_adapters_from_field_and_tags(two_adapters: str, tmp_pat
     params = read_parameters(paths[0])
     assert params["composer"] == "switch" and params["prompt"] == "a red star"
     assert {a["name"]: a["weight"] for a in params["adapters"]} == {"alpha": 0.8, "beta": 0.5}
-    assert 'Lora weights: "alpha: 0.8, beta: 0.5"' in text  # A1111 quotes values that hold commas
+    assert 'Lora weights: "alpha: 0.8, beta: 0.5", Composer: switch' in text  # A1111 quotes values with commas
 
 
 def test_sweep_grid_corner_is_the_base_and_cells_differ(two_adapters: str) -> None:
