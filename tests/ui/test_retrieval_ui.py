@@ -40,3 +40,16 @@ def test_compose_by_prompt_shows_what_it_retrieved(described: str, tmp_path: Pat
     assert params["composer"] == "autolora" and params["adapters"][0]["name"] == "alpha"  # the field is ignored
     assert params["prompt"].startswith("a red star with stripes")
     assert len(Library().list()) == 3
+
+
+def test_the_library_tab_trains_the_retriever_and_search_then_reads_the_weights(described: str) -> None:
+    from studio.ui.library_tab import train_retriever_view
+
+    text = train_retriever_view(steps=5)
+    assert text.startswith("retriever trained on 3 adapters in ")
+    rows = retrieve_view("a blue ring", weights_only=True)
+    assert len(rows) == 3 and all(isinstance(r[3], float) and r[4] == "" for r in rows)  # weights, no metadata
+    with pytest.raises(StudioError, match="at least 2"):
+        for name in ("alpha", "beta"):
+            Library().remove(name)
+        train_retriever_view(steps=5)
