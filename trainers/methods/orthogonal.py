@@ -53,7 +53,8 @@ With the trigger rows, on the wide-input and text-fed layers only (20 prompts ea
 part (one emblem's adapter plus one part of the other's), every part costs 0-15 points and all of them 20-25: the
 crosstalk is spread over the layers, not held by one kind. Summed at lambda 0.6 / 0.8 / 1.2 / 1.5 (the paper merges
 at 0.6): 0.00/0.00, 0.30/0.05, 0.75/0.85, 0.80/0.50, against 0.95/0.80 alone at 1: the adapters sit near a cliff of
-strength. In every setting tried the sum finds each emblem in 55-75% of prompts, however strong it is alone.
+strength. Rank 8 at lr 2e-3 (145 s per emblem): 0.60/1.00 alone -> 0.75/0.75 summed. In every setting tried with the
+trigger rows, the sum finds the weaker of its two emblems in 55-75% of prompts, however strong each is alone.
 """
 
 from __future__ import annotations
