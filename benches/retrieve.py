@@ -129,6 +129,8 @@ def queries(planned: list[Planned], seeds: int) -> list[tuple[str, str]]:
 
 def score(library: Path, planned: list[Planned], seeds: int) -> dict[str, Any]:
     """Top-1 and top-3 hit rates, weights only and with metadata, overall and on the held-out adapters' concepts."""
+    from tqdm import tqdm
+
     from studio.library import Library
     from studio.library.retrieval import retrieve
 
@@ -140,7 +142,8 @@ def score(library: Path, planned: list[Planned], seeds: int) -> dict[str, Any]:
     for mode, weights_only in (("weights_only", True), ("with_metadata", False)):
         hits: dict[str, list[tuple[bool, bool]]] = {"all": [], "held_out_concepts": [], "new_concepts": []}
         misses = []
-        for text, concept in queries(planned, seeds):
+        for text, concept in tqdm(queries(planned, seeds), desc=f"retrieve bench: {mode.replace('_', ' ')}",
+                                  unit="prompt"):
             ranked = [by_name.get(r.name) for r in retrieve(text, 3, weights_only=weights_only, library=lib)]
             hit = (ranked[0] == concept, concept in ranked)
             hits["all"].append(hit)
