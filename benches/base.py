@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,10 @@ from studio.configs import finite_type
 from studio.errors import StudioError
 from studio.models import DEFAULT_MODEL
 from studio.world.grammar import IMAGE_SIZE, Scene, free_caption, parse_caption
+
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 SINGLE_BAR = 0.90  # one object: shape, colour, position and background each right this often
@@ -222,7 +227,7 @@ def prompt_grid(
     scales: Sequence[float],
     rows: int = GRID_ROWS,
     zoom: int = 2,
-):  # -> PIL.Image.Image
+) -> Image.Image:
     """Rows: the first `rows` prompts of each set; columns: an exact render of the asked scene, then the output at
     each guidance; the prompt text to the right of its row."""
     from PIL import Image, ImageDraw

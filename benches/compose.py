@@ -116,7 +116,7 @@ def case_boxes(case: Case) -> dict[str, tuple[float, float, float, float]]:
     return boxes
 
 
-def composer_config(composer: str, case: Case, layout: str = "world"):  # -> the composer's config for this case
+def composer_config(composer: str, case: Case, layout: str = "world") -> Any:  # the composer's config
     """The composer's default config, with the case's boxes and prompt where the composer reads them. Boxes: the
     scene's own (`layout="world"`), or read from the prompt's position words as `studio compose` does without
     `--box` (`"prompt"`: `composers.layout`)."""

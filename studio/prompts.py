@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -34,7 +35,8 @@ class PromptEmbeds:
         return {k: v for k, v in fields.items() if v is not None}
 
 
-def _token_ids(pipe: DiffusionPipeline, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_ids(pipe: DiffusionPipeline, tokenizer: PreTrainedTokenizerBase, texts: list[str]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(pipe, "maybe_convert_prompt"):  # textual-inversion multi-vector tokens
         texts = pipe.maybe_convert_prompt(texts, tokenizer)
     batch = tokenizer(

@@ -12,12 +12,18 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from studio.errors import StudioError
 from studio.paths import ASSETS
 from studio.world.clip import TEXT_CFG
+
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 
 BASE_DIR = ASSETS / "studio-tiny"
@@ -55,7 +61,7 @@ SCHEDULER_CONFIG = {
 }
 
 
-def build_unet(config: dict | None = None):  # -> diffusers.UNet2DConditionModel
+def build_unet(config: dict | None = None) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**(config or UNET_CONFIG))
@@ -68,20 +74,21 @@ def build_unet(config: dict | None = None):  # -> diffusers.UNet2DConditionModel
 ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
-def sampling_scheduler(overrides: dict | None = None):  # -> diffusers.DDIMScheduler (the shipped sampler)
+def sampling_scheduler(overrides: dict | None = None) -> DDIMScheduler:  # the shipped sampler
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**{**SCHEDULER_CONFIG, **(overrides or {})})
 
 
-def initial_text_encoder(clip_dir: str | Path | None = None):  # -> transformers.CLIPTextModel
+def initial_text_encoder(clip_dir: str | Path | None = None) -> CLIPTextModel:
     """The world CLIP's text tower as a `CLIPTextModel` (float32)."""
     from studio.world.clip import CLIP_DIR, load_clip, to_clip_text_model
 
     return to_clip_text_model(load_clip(str(clip_dir or CLIP_DIR)))
 
 
-def assemble(unet, text_encoder, vae, scheduler: dict | None = None, max_length: int = 77):  # noqa: ANN001
+def assemble(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, vae: AutoencoderKL,
+             scheduler: dict | None = None, max_length: int = 77) -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` of the parts, with the real CLIP tokenizer and the DDIM scheduler.
 
     `max_length` is the tokenizer's context (prompts are padded to it): under 77, fewer end-of-text states share the

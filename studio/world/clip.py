@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,11 @@ import torch.nn.functional as F
 
 from studio.errors import StudioError
 from studio.paths import ASSETS
+
+
+if TYPE_CHECKING:
+    import open_clip
+    from transformers import CLIPTextModel
 
 
 CLIP_DIR = ASSETS / "world-clip"
@@ -34,7 +40,7 @@ TRAIN_CONTEXT = 48  # captions fit in 48 tokens; the causal mask makes the first
 EOT_ID = 49407
 
 
-def build_clip():  # -> open_clip.CLIP
+def build_clip() -> open_clip.CLIP:
     import open_clip
 
     return open_clip.CLIP(embed_dim=EMBED_DIM, vision_cfg=dict(VISION_CFG), text_cfg=dict(TEXT_CFG), quick_gelu=True)
@@ -79,7 +85,7 @@ def encode_image(model, images: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
 
 
 @functools.lru_cache(maxsize=2)
-def load_clip(path: str = str(CLIP_DIR)):  # -> open_clip.CLIP (fp32, eval)
+def load_clip(path: str = str(CLIP_DIR)) -> open_clip.CLIP:  # fp32, eval
     from safetensors.torch import load_file
 
     weights = Path(path) / "model.safetensors"
@@ -131,7 +137,8 @@ def negative_accuracy(images: torch.Tensor, scenes: list, model=None, seed: int 
     return ((a * own).sum(-1) > (a * neg).sum(-1)).float().mean().item()
 
 
-def to_clip_text_model(model=None, dtype: torch.dtype = torch.float32):  # noqa: ANN001 -> CLIPTextModel
+def to_clip_text_model(model: open_clip.CLIP | None = None, dtype: torch.dtype = torch.float32
+                       ) -> CLIPTextModel:
     """The world CLIP's text tower as a transformers `CLIPTextModel` (same last_hidden_state and pooler_output)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 

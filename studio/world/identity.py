@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,10 @@ from studio.world.emblems import emblem as emblem_of
 from studio.world.grammar import COLOURS, IMAGE_SIZE, SHAPES
 from studio.world.renderer import Primitives, render_primitives
 from studio.world.textures import SHADE, TEXTURES, shade_map
+
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 
 EMBLEM_MAE_SCALE = 0.25  # mean absolute RGB error that scores 0
@@ -79,7 +84,7 @@ def blur(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def shipped_vae():  # -> diffusers.AutoencoderKL | None
+def shipped_vae() -> AutoencoderKL | None:
     from studio.world.vae import VAE_DIR, load_vae
 
     return load_vae(VAE_DIR) if (VAE_DIR / "config.json").is_file() else None

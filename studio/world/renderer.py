@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,10 @@ from studio.world import sdf
 from studio.world.emblems import DOT_SCALE, INNER_SCALE, emblem
 from studio.world.grammar import BACKGROUNDS, COLOURS, EMBLEM, IMAGE_SIZE, POSITIONS, SHAPES, Scene
 from studio.world.textures import SHADE, TEXTURES, shade_map
+
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 RADIUS = {"small": 6.5, "large": 11.0}  # half-extent in pixels of a plain object
@@ -148,7 +153,7 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images * 2 - 1
 
 
-def to_pil(image: torch.Tensor):  # -> PIL.Image.Image
+def to_pil(image: torch.Tensor) -> Image.Image:
     """A (3, H, W) float image in [0, 1] as a PIL RGB image."""
     from PIL import Image
 
@@ -156,7 +161,7 @@ def to_pil(image: torch.Tensor):  # -> PIL.Image.Image
     return Image.fromarray(arr, "RGB")
 
 
-def from_pil(image) -> torch.Tensor:  # image: PIL.Image.Image
+def from_pil(image: Image.Image) -> torch.Tensor:
     """A PIL image as a (3, H, W) float tensor in [0, 1]."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,10 @@ from studio.paths import ASSETS
 from studio.world.datasets import random_scene, render_seed
 from studio.world.renderer import render, to_model_range
 from studio.world.textures import TEXTURES
+
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 
 VAE_DIR = ASSETS / "studio-tiny" / "vae"
@@ -41,7 +46,7 @@ VAE_CONFIG = {
 KL_WEIGHT = 1e-6
 
 
-def build_vae():  # -> diffusers.AutoencoderKL
+def build_vae() -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**VAE_CONFIG)
@@ -71,7 +76,7 @@ def training_images(n: int, seed: int, split: str = "train", texture_heavy: bool
     return render(scenes, seeds)
 
 
-def load_vae(path: str | Path = VAE_DIR, dtype: torch.dtype = torch.float32):  # -> diffusers.AutoencoderKL
+def load_vae(path: str | Path = VAE_DIR, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     path = Path(path)

@@ -9,7 +9,7 @@ it is exported as a diffusers folder (`studio.world.base.export_base`), never to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,6 +17,10 @@ from torch import nn
 from studio.errors import StudioError
 from studio.library.meta import AdapterMeta
 from trainers.method import Method, MethodConfig
+
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 
 _EMA = "ema."
@@ -65,7 +69,7 @@ class Full(Method):
     def on_step_end(self, step: int) -> None:
         self.ema.step(self.unet.parameters())
 
-    def ema_unet(self):  # -> diffusers.UNet2DConditionModel, float32 on the CPU
+    def ema_unet(self) -> UNet2DConditionModel:  # float32 on the CPU
         """A copy of the UNet holding the EMA weights (what ships)."""
         unet = self.unet.__class__.from_config(self.unet.config)
         self.ema.copy_to(unet.parameters())

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,12 @@ import torch
 from studio import atomic
 from studio.configs import check_numbers
 from studio.errors import StudioError
+
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from trainers.config import TrainConfig
 
 
 SAMPLE_PROMPTS = (
@@ -181,7 +188,7 @@ class BaseTrainer:
         except Exception as err:
             raise StudioError(f"{path} is damaged ({err}); delete it to restart the run from step 0") from err
 
-    def train_config(self, progress: bool = True):  # -> trainers.TrainConfig
+    def train_config(self, progress: bool = True) -> TrainConfig:
         from trainers.config import TrainConfig
 
         c = self.config
@@ -220,7 +227,7 @@ class BaseTrainer:
     def losses(self) -> list[float]:
         return list(self.loop.losses) if self.loop is not None else []
 
-    def ema_pipeline(self):  # -> diffusers.StableDiffusionPipeline (EMA UNet, float32, CPU copies)
+    def ema_pipeline(self) -> StableDiffusionPipeline:  # EMA UNet, float32, CPU copies
         from studio.world.base import assemble
 
         text = self.pipe.text_encoder.__class__(self.pipe.text_encoder.config)
