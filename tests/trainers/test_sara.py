@@ -162,3 +162,23 @@ def test_gradient_checkpointing_gives_the_same_sparse_gradients(tmp_path: Path) 
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k])
+
+
+def test_a_run_stopped_after_the_reselection_resumes_to_the_same_delta(tiny_dirs: dict[str, Path]) -> None:
+    """Cancelled at step 3 (after the progressive re-selection at step 2) and resumed: the sparse delta is the one
+    of a run straight through, bit for bit (the re-selected mask and frozen values travel in the checkpoint)."""
+    import dataclasses
+
+    method = SaRAConfig(lr=1e-2, threshold=2e-2, progressive_step=2)
+    straight = train(method, quick(name="sara-straight", model=str(tiny_dirs["sd1"]), train_steps=5))
+    config = quick(name="sara-stopped", model=str(tiny_dirs["sd1"]), train_steps=5)
+    calls = iter(range(100))
+    stopped = train(method, config, cancel=lambda: next(calls) >= 3)
+    assert stopped.status == "cancelled" and stopped.step == 3 and stopped.method.reselected()
+    resumed = train(method, dataclasses.replace(config, resume="latest"))
+    assert resumed.status == "done" and resumed.step == 5
+    expected, got = straight.method.deltas(), resumed.method.deltas()
+    assert expected.keys() == got.keys()
+    assert any(d.abs().max() > 0 for _, d in expected.values())
+    for key, (index, delta) in expected.items():
+        assert torch.equal(got[key][0], index) and torch.equal(got[key][1], delta), key
