@@ -1,4 +1,5 @@
-"""`studio bench kernel --quick` on the CPU: every path runs beside the merged-weight floor and agrees with float64."""
+"""`studio bench kernel --quick` (on the CPU in CI; bf16 where CUDA is visible): every path runs beside the
+merged-weight floor and agrees with float64."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_kernel_bench_runs_every_path_and_checks_accuracy(tmp_path: Path) -> Non
         for path in ("fused", "reference", "peft", "loop"):  # each against the floor, in the same run
             assert abs(row[f"{path}_ms_x"] - row[f"{path}_ms"] / row["merged_ms"]) < 1e-6
     accuracy = result["accuracy"]
-    assert accuracy["fused_vs_float64"] < 1e-5 and accuracy["fused_const_vs_merged"] < 1e-5  # fp32 on the CPU
+    tolerance = 1e-5 if result["dtype"] == "float32" else 2e-2  # fp32 on the CPU; bf16 where CUDA is visible
+    assert accuracy["fused_vs_float64"] < tolerance and accuracy["fused_const_vs_merged"] < tolerance
     table = (tmp_path / "kernel_bench.md").read_text()
     assert "| shape | merged | fused |" in table and table.count("| self d=") + table.count("| cross d=") == 2
     assert "fused_const_vs_merged" in table
