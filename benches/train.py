@@ -23,8 +23,8 @@ from studio.models import DEFAULT_MODEL
 
 # One batch of the class-image renderer (`trainers.prior.BATCH`): each step draws its prior batch from them whatever
 # their count, so the per-step time is that of the trainer's default 50 and the peak memory differs only by the 40
-# images it does not hold (3 x R x R floats each, 2 MB at 128 px); the bench does not wait for 40 renders it never
-# times (on the suite's tiny model they were half of this bench's time).
+# images it does not hold (3 x R x R floats each, 2 MB at studio-tiny's 64 px); the bench does not wait for 40
+# renders it never times (on the suite's tiny model they were half of this bench's time).
 CLASS_IMAGES = 10
 
 _CHILD = """

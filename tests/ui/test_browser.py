@@ -299,10 +299,14 @@ def check_library(page: Any, tmp_path: Path) -> None:
 
 
 def test_generate_train_queue_library_and_errors_in_a_browser(
-    tmp_path: Path, page: Any, serve: Any, hold_at_step_two: threading.Event
+    tmp_path: Path, page: Any, serve: Any, hold_at_step_two: threading.Event, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Everything on the embedded default: no model is named anywhere, in the page or on the command line."""
+    import studio.ui.library_tab as library_tab
     from studio.library import Library
+
+    trains = library_tab.train_retriever_view  # the page's button, at 20 steps instead of 1000
+    monkeypatch.setattr(library_tab, "train_retriever_view", lambda: trains(steps=20))
 
     url, demo = serve()
     page.goto(url)
@@ -348,6 +352,12 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     page.locator("#lib-retrieve-button").click()
     expect(page.locator("#lib-retrieved tbody tr").first).to_contain_text(re.compile("emblem-a|aa-imported"))
     shot(page, "4d-library-search")
+    page.locator("#lib-retrieve-train").click()  # then "weights only" reads the weights
+    expect(page.locator("#lib-message textarea")).to_have_value(re.compile("^retriever trained on 3 adapters in "))
+    page.locator("#lib-retrieve-weights-only").get_by_role("checkbox").check()
+    page.locator("#lib-retrieve-button").click()
+    weights = page.locator("#lib-retrieved tbody tr").first.locator("td").nth(3)  # rank, name, score, weights
+    expect(weights).to_have_text(re.compile(r"^-?\d+\.\d+$"))
 
     # Picking a preview selects its adapter and shows its model card as text; deleting asks first.
     page.locator("#lib-gallery img").first.click()
