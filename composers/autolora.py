@@ -37,6 +37,7 @@ from torch import nn
 
 from composers.activation import wrap_forward
 from composers.adapter_set import AdapterSet
+from composers.concepts import trigger_positions
 from composers.handle import Handle
 from studio.errors import StudioError
 from studio.paths import ASSETS
@@ -284,6 +285,6 @@ def retrieved_set(prompt: str, config: AutoLoRAConfig, library: Any = None) -> t
     names = [r.name for r in found if library.get(r.name).meta.peft_type == kind][: config.k]
     # each trigger once: a merged adapter carries its parts' triggers, which other retrieved adapters may share
     triggers = list(dict.fromkeys(t for n in names for t in library.get(n).meta.trigger_words
-                                  if t not in prompt.split()))
+                                  if not trigger_positions(prompt, [t])))
     text = f"{prompt}, {' '.join(triggers)}" if triggers else prompt
     return text, AdapterSet(names, [1.0] * len(names)).resolve(library)

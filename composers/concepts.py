@@ -63,15 +63,26 @@ def split_concepts(prompt: str, triggers: dict[str, list[str]]) -> list[Concept]
         keys = [i for i in span if cleaned[i] and cleaned[i] not in STOP_WORDS]
         if not keys:
             continue
-        owners = [n for n, ts in triggers.items() if any(_clean(t) in {cleaned[i] for i in span} for t in ts)]
+        clause = [cleaned[i] for i in span]
+        owners = [n for n, ts in triggers.items() if any(_occurrences(clause, t) for t in ts)]
         out.append(Concept(span, keys, owners, [i for i in span if cleaned[i] in POSITION_WORDS]))
     return out
 
 
+def _occurrences(cleaned: list[str], trigger: str) -> list[int]:
+    """Start indices in `cleaned` (cleaned whitespace words) where every word of `trigger` follows in order: a
+    trigger may be several words (`sks olis`, `my dog`)."""
+    pieces = [w for w in (_clean(p) for p in trigger.split()) if w]
+    n = len(pieces)
+    return [i for i in range(len(cleaned) - n + 1) if n and cleaned[i:i + n] == pieces]
+
+
 def trigger_positions(prompt: str, words: list[str]) -> list[int]:
-    """Indices of the prompt's whitespace words equal to one of `words` (case and punctuation ignored)."""
-    wanted = {_clean(w) for w in words}
-    return [i for i, w in enumerate(prompt.split()) if _clean(w) in wanted]
+    """Indices of the prompt's whitespace words that spell one of the triggers `words` (case and punctuation
+    ignored; a trigger of several words marks each of them where they stand together)."""
+    cleaned = [_clean(w) for w in prompt.split()]
+    found = {i + k for t in words for i in _occurrences(cleaned, t) for k in range(len(t.split()))}
+    return sorted(found)
 
 
 def drop_words(prompt: str, positions: set[int]) -> str:

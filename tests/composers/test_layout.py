@@ -42,6 +42,20 @@ def test_each_subject_takes_its_own_clause_place_and_styles_none() -> None:
     assert prompt_layout(styled, triggers, subjects=["a", "b"]) == {"a": (0.25, 0.25, 0.75, 0.75)}
 
 
+def test_a_trigger_of_several_words_places_its_clause_and_marks_its_words() -> None:
+    from composers.concepts import trigger_positions
+
+    triggers = {"a": ["sks olis"], "b": ["mfw tpl"]}
+    two = "a large sks olis emblem on the left and a large mfw tpl emblem on the right on a white background"
+    assert prompt_layout(two, triggers) == {"a": (0.0, 0.25, 0.5, 0.75), "b": (0.5, 0.25, 1.0, 0.75)}
+    # every word of the trigger, together and in order: one of its words alone is not the trigger
+    assert prompt_layout("a large olis emblem on the left and a mfw tpl emblem on the right", triggers) == {
+        "b": (0.5, 0.25, 1.0, 0.75)}
+    assert trigger_positions(two, ["sks olis"]) == [2, 3]
+    assert trigger_positions("olis sks and a sks emblem olis", ["sks olis"]) == []
+    assert trigger_positions("a sks emblem", ["sks"]) == [1]
+
+
 def test_boxed_composers_take_the_layout_only_without_typed_boxes() -> None:
     pipe = BUILDERS["sd1"]()
     add_random_adapter(pipe, "qa", 1, kind="subject")
