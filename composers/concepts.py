@@ -69,10 +69,14 @@ def split_concepts(prompt: str, triggers: dict[str, list[str]]) -> list[Concept]
     return out
 
 
+def _pieces(trigger: str) -> list[str]:
+    """A trigger's cleaned words: a trigger may be several words (`sks olis`, `my dog`)."""
+    return [w for w in (_clean(p) for p in trigger.split()) if w]
+
+
 def _occurrences(cleaned: list[str], trigger: str) -> list[int]:
-    """Start indices in `cleaned` (cleaned whitespace words) where every word of `trigger` follows in order: a
-    trigger may be several words (`sks olis`, `my dog`)."""
-    pieces = [w for w in (_clean(p) for p in trigger.split()) if w]
+    """Start indices in `cleaned` (cleaned whitespace words) where every word of `trigger` follows in order."""
+    pieces = _pieces(trigger)
     n = len(pieces)
     return [i for i in range(len(cleaned) - n + 1) if n and cleaned[i:i + n] == pieces]
 
@@ -81,7 +85,7 @@ def trigger_positions(prompt: str, words: list[str]) -> list[int]:
     """Indices of the prompt's whitespace words that spell one of the triggers `words` (case and punctuation
     ignored; a trigger of several words marks each of them where they stand together)."""
     cleaned = [_clean(w) for w in prompt.split()]
-    found = {i + k for t in words for i in _occurrences(cleaned, t) for k in range(len(t.split()))}
+    found = {i + k for t in words for i in _occurrences(cleaned, t) for k in range(len(_pieces(t)))}
     return sorted(found)
 
 
