@@ -9,6 +9,9 @@ evaluator finds both emblems, sampled plainly and with regional sampling (the pa
 4.2, after Mix-of-Show: `--composer multidiffusion`, each emblem's clause of the prompt denoising its own place, the
 sum loaded everywhere).
 
+`--draws N` judges each emblem prompt at N seeds, alone and in the sum on the same seeds, and the table gives each
+drop's paired standard error: at one draw, 5 points is one image of 20, so the keep bar needs several.
+
 Bars (issue: orthogonal adaptation): each emblem's found rate with the orthogonal sum within `KEEP_BAR` of alone;
 the DreamBooth-LoRA sum `DROP_BAR` or more below alone (the failure orthogonality removes); both emblems found in
 `BOTH_BAR` of the two-emblem prompts with the orthogonal sum and regional sampling. Writes `merge-bench.md`, `.json`
@@ -21,6 +24,7 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ from studio.models import DEFAULT_MODEL
 KEEP_BAR = 0.05  # orthogonal: merged found rate at most this far below alone
 DROP_BAR = 0.20  # DreamBooth-LoRA: merged found rate at least this far below alone (else say so)
 BOTH_BAR = 0.50  # orthogonal sum: both emblems found in a prompt naming both
+DRAW_SEED_STEP = 1000  # draw k of a prompt uses its seed + k * this
 PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 
 
@@ -63,9 +68,11 @@ def judge_both(images: list[torch.Tensor], prompts: list[Prompt]) -> float:
 
 
 def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, overrides: dict | None = None,
-              per_emblem: int = 20, n_both: int = 16) -> dict:
+              per_emblem: int = 20, n_both: int = 16, draws: int = 1) -> dict:
     """Train, merge, generate and judge; write the table, JSON and grid; return the report (fewer prompts than the
-    bar's 20 per emblem and 16 pairs only for a quick look)."""
+    bar's 20 per emblem and 16 pairs only for a quick look). `draws` seeds per emblem prompt: each emblem is judged on
+    `per_emblem * draws` images, alone and in the sum on the same seeds, and its drop carries the paired standard
+    error."""
     from studio.generate import GenerateConfig, cached_pipeline, generate
     from studio.library import Library, load_adapters, merge, unload_adapters
 
@@ -99,11 +106,13 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, ove
         merge([(n, 1.0) for n in names], summed, library=lib, overwrite=True)
         row: dict = {"method": method, "seconds": [t["seconds"] for t in trained], "emblems": []}
         for name, trigger, seed in zip(names, triggers, seeds):
-            prompts = emblem_prompts(seed, trigger)[:per_emblem]
-            alone, images = judged([name], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s)["emblem"])
-            merged, merged_images = judged([summed], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s)
-                                           ["emblem"])
-            row["emblems"].append({"seed": seed, "alone": alone, "merged": merged, "drop": round(alone - merged, 4)})
+            prompts = [replace(p, seed=p.seed + DRAW_SEED_STEP * k) for k in range(draws)
+                       for p in emblem_prompts(seed, trigger)[:per_emblem]]
+            alone, images = judged([name], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s))
+            merged, merged_images = judged([summed], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s))
+            row["emblems"].append({"seed": seed, "alone": alone["emblem"], "merged": merged["emblem"],
+                                   "drop": round(alone["emblem"] - merged["emblem"], 4), "images": len(prompts),
+                                   "drop_se": paired_se(alone["raw"]["emblem"], merged["raw"]["emblem"])})
             grid[f"{name} alone"], grid[f"{name} in sum"] = images[:8], merged_images[:8]  # (3, H, W) each
         pair = both_prompts(seeds, triggers)[:n_both]
         row["both"], grid[f"{summed} both"] = judged([summed], pair, lambda im, p=pair: judge_both(im, p))
@@ -115,6 +124,12 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, ove
               "bars": {"keep": KEEP_BAR, "drop": DROP_BAR, "both": BOTH_BAR}, "verdicts": verdicts(rows)}
     _write(out, report, grid)
     return report
+
+
+def paired_se(before: list[int], after: list[int]) -> float:
+    """Standard error of the mean of `before - after` over the same images (0/1 hits): the drop's own noise."""
+    diffs = [a - b for a, b in zip(before, after, strict=True)]
+    return round(statistics.stdev(diffs) / len(diffs) ** 0.5, 4) if len(diffs) > 1 else 0.0
 
 
 def regional_images(pipe: object, name: str, prompts: list[Prompt], model: str, steps: int, library: Path
@@ -158,13 +173,13 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
     from studio.atomic import write_json, write_text
 
     write_json(out / "merge-bench.json", report)
-    lines = ["| method | emblem | found alone | found in the sum | drop | both found (sum) | both, regional |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | emblem | images | found alone | found in the sum | drop (paired s.e.) | both found (sum) | "
+             "both, regional |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         for i, e in enumerate(r["emblems"]):
             both = f"{r['both']:.2f} | {r.get('both_regional', 0.0):.2f}" if i == 0 else " |"
-            lines.append(f"| {r['method']} | {e['seed']} | {e['alone']:.2f} | {e['merged']:.2f} | {e['drop']:+.2f} | "
-                         f"{both} |")
+            lines.append(f"| {r['method']} | {e['seed']} | {e.get('images', '-')} | {e['alone']:.2f} | "
+                         f"{e['merged']:.2f} | {e['drop']:+.2f} ({e.get('drop_se', 0.0):.2f}) | {both} |")
     objects = report.get("world_objects", 1)
     renders = "one emblem per training render" if objects == 1 else f"training renders of up to {objects} objects"
     lines += ["", f"{report['threads']} threads, {report['steps']} sampling steps, {renders}.", "",
@@ -180,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if args.world_objects > 1:
         overrides["world_objects"] = args.world_objects
     report = run_bench(args.model, args.method or ["orthogonal", "dreambooth_lora"], Path(args.out),
-                       steps=args.steps, overrides=overrides)
+                       steps=args.steps, overrides=overrides, draws=args.draws)
     print((Path(args.out) / "merge-bench.md").read_text())
     print(f"bench took {time.perf_counter() - start:.0f} s")
     return 0 if all(report["verdicts"].values()) else 1
@@ -195,6 +210,9 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
                         help="train each emblem on renders that also hold up to N-1 other objects (studio train "
                              "--world-objects), which prompts naming both emblems need")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--draws", type=int, default=1, metavar="N",
+                        help="seeds per emblem prompt (20 prompts each): at 1, a drop of 5 points is one image; "
+                             "the table prints each drop's paired standard error")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-out/merge")
     parser.set_defaults(func=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benches.merge import both_prompts, run_bench, verdicts
+from benches.merge import both_prompts, paired_se, run_bench, verdicts
 
 
 def test_both_prompts_name_each_emblem_by_its_trigger_in_its_place() -> None:
@@ -24,18 +24,28 @@ def test_verdicts_apply_each_bar() -> None:
     assert not verdicts([{**ortho, "both": 0.9, "both_regional": 0.4}])["orthogonal shows both (regional sampling)"]
 
 
+def test_paired_se_is_the_noise_of_the_per_image_drop() -> None:
+    assert paired_se([1, 1, 0, 1], [1, 1, 0, 1]) == 0.0  # the same hits: no noise in the drop
+    # per-image drops 1, 0, 0, 0: mean 0.25, sample s.d. 0.5, s.e. 0.5 / 2
+    assert paired_se([1, 1, 0, 1], [0, 1, 0, 1]) == 0.25
+    assert paired_se([1], [0]) == 0.0
+
+
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     """Two steps on 3 renders, 3 prompts per emblem and 2 pairs: the whole path (train two, merge by sum, judge alone,
     summed and both), not its figures, which `studio bench merge` measures."""
     small = {"train_steps": 2, "sample_steps": 2, "batch_size": 1, "world_images": 3, "num_class_images": 2,
              "device": "cpu", "world_objects": 2}
     report = run_bench(str(tiny_dirs["sd1"]), ["orthogonal"], tmp_path, steps=2, overrides=small, per_emblem=3,
-                       n_both=2)
+                       n_both=2, draws=2)
     (row,) = report["rows"]
+    assert [e["images"] for e in row["emblems"]] == [6, 6]  # 3 prompts x 2 draws, alone and summed on the same seeds
+    assert all(0.0 <= e["drop_se"] <= 0.5 for e in row["emblems"])
     assert row["method"] == "orthogonal" and len(row["emblems"]) == 2 and 0.0 <= row["both"] <= 1.0
     assert 0.0 <= row["both_regional"] <= 1.0
     assert set(report["verdicts"]) == {"orthogonal keeps each emblem", "orthogonal shows both (regional sampling)"}
     table = (tmp_path / "merge-bench.md").read_text()
+    assert "paired s.e." in table
     assert "| orthogonal |" in table and "both, regional" in table and "training renders of up to 2 objects" in table
     assert report["world_objects"] == 2
     assert (tmp_path / "merge-bench-grid.png").is_file()
