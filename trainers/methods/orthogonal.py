@@ -66,7 +66,9 @@ loses; the longer the UNet trains, the stronger each emblem alone and the more o
 DreamBooth's class prior on the concept's own class (class prompts `a large emblem on the {place} on a {bg}
 background`, the instance prompts without the trigger, in place of random scenes), meant to key each delta on its
 trigger: 0.80/0.40 -> 0.25/0.40, against 0.85/0.90 -> 0.75/0.70 for the defaults in the same session (which repeat the
-figures above exactly).
+figures above exactly). Judged on 60 images per emblem (`studio bench merge --method orthogonal --draws 3`,
+each prompt at 3 seeds, alone and in the sum on the same seeds), the defaults find 0.85/0.95 alone and 0.70/0.63
+summed: drops of 0.15 and 0.32, each with a paired standard error of 0.07; both emblems with regional sampling 0.62.
 """
 
 from __future__ import annotations
