@@ -58,12 +58,12 @@ trigger rows, the sum finds the weaker of its two emblems in 55-75% of prompts, 
 the text-fed path free of crosstalk once it carries the concept: the rows with cross-attention keys and values only,
 at lr 5e-3 (rows 1e-2, 110-125 s per emblem), found 0.60/0.40 alone and 0.25/0.05 summed. A concept's key/value
 delta reads every token's state, and most tokens (`emblem`, the places, the backgrounds) are the same in both
-concepts' prompts; only the trigger differs. The paper's two tokens per concept (triggers of two made-up words, `sks
-olis` and `mfw tpl`, rows at 1e-2) with the UNet at a lower rate: lr 3e-4, 700 steps: 0.50/0.75 -> 0.60/0.75; lr 5e-4:
-0.60/1.00 -> 0.65/0.80; lr 3e-4, 1400 steps (315 s per emblem): 0.75/1.00 -> 0.65/0.65; rank 8 at lr 1e-3: 0.30/0.75 ->
-0.45/0.95, at 2e-3: 0.45/0.95 -> 0.65/0.85; the paper's UNet rate, 1e-5, with the two-word rows at 2e-2: 0.05/0.00
-alone (the rows alone do not carry an emblem on this base). A weak emblem gains in the sum and a strong one loses; the
-longer the UNet trains, the stronger each emblem alone and the more of it the other one loses.
+concepts' prompts; only the trigger differs. The paper's two tokens per concept (triggers of two made-up words,
+`sks olis` and `mfw tpl`, rows at 1e-2) with the UNet at a lower rate: lr 3e-4, 700 steps: 0.50/0.75 -> 0.60/0.75; lr
+5e-4: 0.60/1.00 -> 0.65/0.80; lr 3e-4, 1400 steps (315 s per emblem): 0.75/1.00 -> 0.65/0.65; rank 8 at lr 1e-3:
+0.30/0.75 -> 0.45/0.95, at 2e-3: 0.45/0.95 -> 0.65/0.85; the paper's UNet rate, 1e-5, with the two-word rows at 2e-2:
+0.05/0.00 alone (the rows alone do not carry an emblem on this base). A weak emblem gains in the sum and a strong one
+loses; the longer the UNet trains, the stronger each emblem alone and the more of it the other one loses.
 DreamBooth's class prior on the concept's own class (class prompts `a large emblem on the {place} on a {bg}
 background`, the instance prompts without the trigger, in place of random scenes), meant to key each delta on its
 trigger: 0.80/0.40 -> 0.25/0.40, against 0.85/0.90 -> 0.75/0.70 for the defaults in the same session (which repeat the
