@@ -72,7 +72,7 @@ def test_compose_by_prompt_says_what_it_retrieved_and_adds_each_trigger_once(tin
     pipe = load_pipeline(model)
     lib = Library()
     for name, seed, text in (("star", 1, "a red star with stripes"), ("ring", 2, "a red ring with stripes")):
-        add_random_adapter(pipe, name, seed, triggers=[name, "zq"])  # a trigger both share, as merged adapters do
+        add_random_adapter(pipe, name, seed, triggers=[name, "zq wv"])  # a trigger both share, as merged ones do
         entry = lib.get(name)
         entry.meta.description = text
         lib.replace_meta(name, entry.meta)
@@ -82,5 +82,9 @@ def test_compose_by_prompt_says_what_it_retrieved_and_adds_each_trigger_once(tin
     assert main(args) == 0
     assert "retrieved: star, ring" in capsys.readouterr().err
     params = read_parameters(out)
-    assert params["prompt"] == "a red star with stripes, zq ring"  # "star" is in the prompt already; zq once
+    assert params["prompt"] == "a red star with stripes, zq wv ring"  # "star" is in the prompt already; zq wv once
     assert [a["name"] for a in params["adapters"]] == ["star", "ring"]
+    # a trigger of several words already in the prompt (any case, any punctuation) is not added again
+    again = [a if a != "a red star with stripes" else "a red star with stripes, ZQ wv" for a in args]
+    assert main(again) == 0
+    assert read_parameters(out)["prompt"] == "a red star with stripes, ZQ wv, ring"
