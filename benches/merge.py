@@ -73,9 +73,12 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, ove
     bar's 20 per emblem and 16 pairs only for a quick look). `draws` seeds per emblem prompt: each emblem is judged on
     `per_emblem * draws` images, alone and in the sum on the same seeds, and its drop carries the paired standard
     error."""
+    from studio.errors import StudioError
     from studio.generate import GenerateConfig, cached_pipeline, generate
     from studio.library import Library, load_adapters, merge, unload_adapters
 
+    if draws < 1:
+        raise StudioError(f"--draws must be at least 1 (seeds per emblem prompt), got {draws}")
     library, pipe = out / "library", cached_pipeline(model, "cpu")
     lib = Library(library)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benches.merge import both_prompts, paired_se, run_bench, verdicts
+from studio.errors import StudioError
 
 
 def test_both_prompts_name_each_emblem_by_its_trigger_in_its_place() -> None:
@@ -29,6 +32,12 @@ def test_paired_se_is_the_noise_of_the_per_image_drop() -> None:
     # per-image drops 1, 0, 0, 0: mean 0.25, sample s.d. 0.5, s.e. 0.5 / 2
     assert paired_se([1, 1, 0, 1], [0, 1, 0, 1]) == 0.25
     assert paired_se([1], [0]) == 0.0
+
+
+def test_draws_below_one_are_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(StudioError, match="--draws must be at least 1"):
+        run_bench("no-such-model", ["orthogonal"], tmp_path, draws=0)
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
