@@ -9,16 +9,22 @@ concept by another method), then every adapter of the library is a candidate and
 hit is an adapter of the named concept. Reports top-1 / top-3, weights only and with metadata, overall and on the
 held-out adapters' concepts. Writes `retrieve-bench.md` and `retrieve-bench.json`.
 
-Measured (`studio bench retrieve --prepare`, 25 steps per adapter, retriever seed 0, 2 CPU cores): 28 adapters of 25
-concepts, 6 held out (3 new emblems, 3 second adapters by another method), 200 prompts. With the retriever's 1000
-steps (312 s): weights only top-1 0.775 / top-3 0.895 (held-out concepts 0.479 / 0.688, new concepts 0.167 / 0.417);
-with metadata 0.970 / 1.000. With 300 steps, on the same library: 0.675 / 0.850 (another machine: 0.730 / 0.900).
-What limits the new concepts is the text side: the world CLIP itself matches the eval phrasings (100 prompts, one
-draw of scene words) to exact renders of the 25 concepts (4 each, mean image-text similarity) at top-1 0.23 / top-3
-0.39, so a look the retriever never saw in training cannot be read from images either (rendering each adapter and
-ranking its images did worse). More adapters do not fix it either: with 150 more emblem adapters in the retriever's
-training (DreamBooth-LoRA and DiffuseKronA in turn, 25 steps each, glyphs disjoint from the bench's; 173 trained on,
-1000 steps), the new concepts read 0.25 / 0.50 and the whole bench 0.695 / 0.860 from the weights alone (one run).
+Measured (`studio bench retrieve --prepare`, 25 steps per adapter, 2 CPU cores): 28 adapters of 25 concepts, 6 held
+out (3 new emblems, 3 second adapters by another method), 200 prompts. The retriever's 1000 steps take 302 s. From
+the weights alone, retriever seeds 0 / 1 / 2: top-1 0.900 / 0.875 / 0.865, top-3 0.970 / 0.920 / 0.910; the 22
+trained concepts are found first in 176 / 175 / 173 of their 176 prompts, and the 3 new concepts read top-1 0.167 /
+0 / 0, top-3 0.750 / 0.333 / 0.250. With metadata: 1.000 / 1.000 at every seed. Before the text head read the words alone beside
+their context (`studio.library.encoder`), the same library read 0.800 / 0.925 at seed 0 (0.775 / 0.895 on an earlier
+preparation; with 300 retriever steps 0.675 / 0.850, another machine 0.730 / 0.900): it missed one trained concept's
+eval wording in eight.
+What limits the new concepts is that 15 emblems teach the weight side little about looks it never saw: a new
+emblem's nearest adapter in the space is the trained one that shares most of its look (`blue circle inside a purple
+heart, white dot` sits next to `blue diamond inside a purple heart, white dot`), which then ranks first. The world
+CLIP cannot stand in either: it matches the eval phrasings (100 prompts, one draw of scene words) to exact renders of
+the 25 concepts (4 each, mean image-text similarity) at top-1 0.23 / top-3 0.39, so ranking each adapter's renders
+did worse. More adapters in training did not fix it: with 150 more emblem adapters (DreamBooth-LoRA and DiffuseKronA
+in turn, 25 steps each, glyphs disjoint from the bench's; 173 trained on, 1000 steps, the earlier text head), the new
+concepts read 0.25 / 0.50 and the whole bench 0.695 / 0.860 from the weights alone (one run).
 """
 
 from __future__ import annotations

@@ -22,6 +22,14 @@ Ours, not the paper's:
   frozen, as in the paper. The head reads the final token states
   beside the token embeddings, drops tokens at random in training, and pools only words that its training captions
   contain (the tower never learned the others: their states are noise), so new wordings of a look still match.
+- The head reads each text two ways: its token features as they are, and its words alone (`words_only`: the
+  contextual states zeroed, so word order and the words around a look weigh nothing). Training reads half of the
+  captions the second way; a prompt's embedding is the mean of both readings. Retrieve bench, weights only, one
+  encoder layer: the contextual reading alone finds 0.80 top-1 / 0.935 top-3 (it misses trained concepts in the
+  eval wordings), the words alone 0.88 / 0.88 (every trained concept in every eval wording, no new concept in its
+  top 3). Both, as above, with the default two layers: 0.900 / 0.970, 0.875 / 0.920 and 0.865 / 0.910 at retriever
+  seeds 0, 1, 2 (the trained concepts first in 176, 175, 173 of their 176 prompts), against 0.800 / 0.925 (seed 0)
+  before.
 """
 
 from __future__ import annotations
@@ -141,6 +149,13 @@ def tower_features(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.
     pooled = x[torch.arange(len(texts)), eot] @ model.text_projection  # (B, D)
     mask = torch.arange(n)[None] <= eot[:, None]  # (B, n)
     return pooled, torch.cat([x, words], -1), mask, ids
+
+
+def words_only(states: torch.Tensor) -> torch.Tensor:
+    """`tower_features`' token features (B, n, 2h) with the contextual half (the final states) zeroed: the words
+    themselves."""
+    context = torch.zeros_like(states[..., : states.shape[-1] // 2])
+    return torch.cat([context, states[..., states.shape[-1] // 2:]], -1)  # (B, n, 2h)
 
 
 def info_nce(text: torch.Tensor, weights: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:

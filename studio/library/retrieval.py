@@ -48,6 +48,7 @@ from studio.library.encoder import (
     info_nce,
     pad_factors,
     tower_features,
+    words_only,
 )
 from studio.library.lexical import tfidf_scores
 from studio.library.meta import modules_of
@@ -68,12 +69,15 @@ class RetrieverConfig:
     depth: int = field(default=2, metadata={"help": "transformer layers (paper: 2)"})
     heads: int = 4
     probes: int = field(default=1, metadata={"help": "probe vectors per layer (paper: L = 1)"})
-    # retrieve bench (28 adapters, 22 trained on), weights-only top-1: 300 steps 0.68-0.73, 1000 0.78-0.80, 2000 0.78
+    # retrieve bench (28 adapters, 22 trained on), weights-only top-1 with the text head that read the words only in
+    # their context: 300 steps 0.68-0.73, 1000 0.78-0.80, 2000 0.78
     steps: int = field(default=1000, metadata={"help": "optimizer steps (paper: 20 epochs x 100 steps)"})
     batch_size: int = field(default=32, metadata={"help": "adapters per step (paper: 32)"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (paper: 1e-4 over 2,000 steps)"})
     temperature: float = field(default=0.07, metadata={"help": "softmax temperature of the InfoNCE logits"})
     token_dropout: float = field(default=0.2, metadata={"help": "fraction of layer and word tokens dropped per step"})
+    context_dropout: float = field(default=0.5, metadata={
+        "help": "fraction of captions read from their words alone in training (`encoder.words_only`)"})
     seed: int = 0
 
 
@@ -161,7 +165,9 @@ class Retriever:
         if known.numel():
             kept = mask & torch.isin(ids, known)  # words the head was trained on (start and end tokens always are)
             mask = torch.where(kept.any(1, keepdim=True), kept, mask)
-        return F.normalize(self.head(pooled, states, mask), dim=-1)  # (B, D)
+        both = F.normalize(self.head(pooled, states, mask), dim=-1)  # (B, D): the words in their context
+        alone = F.normalize(self.head(pooled, words_only(states), mask), dim=-1)  # the words whatever their order
+        return F.normalize(both + alone, dim=-1)
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -243,7 +249,9 @@ def train_retriever(
         e = encoder([(b[batch], a[batch]) for b, a in stacked], keep & present[batch])
         words = mask[pick] & (torch.rand(mask[pick].shape, generator=gen) >= config.token_dropout)
         words[~words.any(1), 0] = True
-        t = head(pooled[pick], states[pick], words)
+        alone = torch.rand(len(batch), generator=gen) < config.context_dropout  # (N,)
+        feats = torch.where(alone[:, None, None], words_only(states[pick]), states[pick])  # (N, n, 2h)
+        t = head(pooled[pick], feats, words)
         loss = info_nce(t, e, concept[batch][:, None] == concept[batch][None], config.temperature)
         if not torch.isfinite(loss):
             raise StudioError(f"the retriever's loss became {loss.item()}; train again with a lower lr")

@@ -9,7 +9,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.library import AdapterMeta, Library
-from studio.library.encoder import Layer, WeightEncoder, pad_factors
+from studio.library.encoder import Layer, WeightEncoder, pad_factors, tower_features, words_only
 from studio.library.retrieval import (
     FOLDER,
     INDEX_NAME,
@@ -120,6 +120,22 @@ def test_trained_retriever_finds_each_adapter_from_its_weights(library) -> None:
         assert found[0].metadata is None and found[0].score == found[0].weights
     both = retrieve("a large red star", 4, library=library)
     assert both[0].name == "alpha" and both[0].metadata is not None and len(both) == 4
+
+
+def test_text_side_reads_words_alone_whatever_their_order(library) -> None:
+    train_retriever(library, RetrieverConfig(steps=40, lr=3e-3, context_dropout=1.0), progress=False)
+    retriever = load_retriever(library)
+    assert retriever is not None
+    pooled, states, mask, _ = tower_features(["a large red star", "star red large a"])
+    alone = words_only(states)
+    half = states.shape[-1] // 2
+    assert alone[..., :half].abs().max() == 0 and torch.equal(alone[..., half:], states[..., half:])
+    with torch.no_grad():
+        read = retriever.head(pooled, alone, mask)
+    torch.testing.assert_close(read[0], read[1])  # the same words in another order: one reading
+    for name, text in CAPTIONS.items():  # trained on the words alone: a caption backwards still finds its adapter
+        found = retrieve(" ".join(reversed(text.split())), 1, weights_only=True, library=library)
+        assert found[0].name == name, (text, found)
 
 
 def test_index_follows_adds_removes_and_changes(library) -> None:
