@@ -5,8 +5,14 @@
     retrieve("a yellow star inside a purple ring with a red dot", k=3)   # [Retrieved(name, score, ...), ...]
 
 Two signals, both in the world CLIP text space (`studio.library.encoder`):
-- weights: the AutoLoRA encoder reads each adapter's deltas (never its card) into e_LoRA; the score is the cosine
-  with the prompt's text embedding (the paper's inference: cosine top-k against the cached pool embeddings).
+- weights: the AutoLoRA encoder reads each adapter's deltas (never its card) into e_LoRA; the paper ranks by the
+  cosine with the prompt's text embedding (its inference: cosine top-k against the cached pool embeddings). Ours:
+  the cosine corrected for hubness, CSLS (Conneau et al., ICLR 2018, "Word translation without parallel data", eq. 6):
+  2 cos(t, e) - r(e), r(e) the mean cosine of e with its 10 nearest training captions (kept with the retriever), so
+  the adapters the retriever learned, close to every caption of their own look, no longer crowd out the ones it
+  never saw. Retrieve bench (weights only, retriever seeds 0 / 1 / 2): top-1 0.885 / 0.840 / 0.860, top-3 0.970 /
+  0.950 / 0.965, the new concepts' top-3 0.75 / 0.58 / 0.71; by the cosine alone 0.900 / 0.875 / 0.865, 0.970 /
+  0.920 / 0.910, and 0.75 / 0.33 / 0.25.
 - metadata (optional, `weights_only=False`): the TF-IDF cosine of the prompt with the adapter's card summary,
   trigger words, tags and description (`studio.library.lexical`). A lexical signal, not the encoder's text side:
   cards are not captions (their wording is the trainer's), and the text head is trained on captions only.
@@ -60,6 +66,7 @@ FOLDER = ".retrieval"
 MODEL_NAME, CONFIG_NAME, INDEX_NAME = "retriever.safetensors", "retriever.json", "index.json"
 INDEX_VERSION = 1
 CAPTION_SEEDS = 8  # Shapes World adapters: each train phrasing with this many draws of its scene words
+CSLS_K = 10  # neighbourhood of the hubness correction (Conneau et al. 2018's K)
 
 
 @dataclass
@@ -85,7 +92,7 @@ class RetrieverConfig:
 class Retrieved:
     name: str
     score: float  # what the ranking uses
-    weights: float | None  # cosine(prompt, e_LoRA); None without a retriever for this adapter
+    weights: float | None  # CSLS: 2 cosine(prompt, e_LoRA) - r(e_LoRA); None without a retriever for this adapter
     metadata: float | None  # cosine(prompt, metadata text); None when weights only
 
 
@@ -144,8 +151,10 @@ def metadata_text(entry: Entry) -> str:
 class Retriever:
     """A trained weight encoder and text head, for one library's base."""
 
-    def __init__(self, encoder: WeightEncoder, head: TextHead, info: dict[str, Any]) -> None:
+    def __init__(self, encoder: WeightEncoder, head: TextHead, info: dict[str, Any],
+                 references: torch.Tensor | None = None) -> None:
         self.encoder, self.head, self.info = encoder.eval(), head.eval(), info
+        self.references = references  # (C, D): the training captions' embeddings; None for retrievers from before
 
     @property
     def digest(self) -> str:
@@ -169,11 +178,21 @@ class Retriever:
         alone = F.normalize(self.head(pooled, words_only(states), mask), dim=-1)  # the words whatever their order
         return F.normalize(both + alone, dim=-1)
 
+    def hubness(self, adapters: torch.Tensor) -> torch.Tensor:
+        """r(e) of CSLS for adapter embeddings (N, D): the mean cosine with the CSLS_K nearest training captions
+        (N,); zeros without references."""
+        if self.references is None or not len(self.references):
+            return torch.zeros(len(adapters))
+        k = min(CSLS_K, len(self.references))
+        return (self.references @ adapters.T).topk(k, 0).values.mean(0)  # (C, N) -> (N,)
+
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
         state = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
         state |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        if self.references is not None:
+            state["references"] = self.references
         atomic.atomic_write(folder / MODEL_NAME, lambda tmp: save_file(
             {k: v.contiguous() for k, v in state.items()}, str(tmp)))
         atomic.write_json(folder / CONFIG_NAME, self.info)
@@ -196,7 +215,7 @@ class Retriever:
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             raise StudioError(f"the retriever in {folder} is damaged ({err}); train it again with "
                               "`studio retrieve --train`") from None
-        return cls(encoder, head, info)
+        return cls(encoder, head, info, state.get("references"))
 
 
 def train_retriever(
@@ -269,7 +288,9 @@ def train_retriever(
             "known_tokens": sorted(set(ids[mask].tolist())),
             "final_loss": losses[-1], "seconds": round(time.perf_counter() - began, 1), "digest": digest[:16]}
     folder = library.root / FOLDER
-    Retriever(encoder, head, info).save(folder)
+    retriever = Retriever(encoder, head, info)
+    retriever.references = retriever.embed_texts(list(dict.fromkeys(flat)))  # (C, D), for CSLS
+    retriever.save(folder)
     (folder / INDEX_NAME).unlink(missing_ok=True)  # embeddings of the old retriever
     return info
 
@@ -334,7 +355,9 @@ def retrieve(prompt: str, k: int = 3, *, weights_only: bool = False, metadata: b
     w = {}
     if have and retriever is not None:
         query = retriever.embed_texts([prompt])[0]  # (D,)
-        w = {n: float(query @ torch.tensor(index[n]["weights"])) for n in have}
+        e = torch.tensor([index[n]["weights"] for n in have])  # (N, D)
+        csls = 2 * (e @ query) - retriever.hubness(e)  # (N,); r(prompt) is the same for every adapter
+        w = dict(zip(have, csls.tolist()))
     m = dict(zip(names, tfidf_scores(prompt, [index[n]["metadata"] for n in names]))) if use_meta else {}
     if not use_meta:
         if not have:

@@ -138,6 +138,22 @@ def test_text_side_reads_words_alone_whatever_their_order(library) -> None:
         assert found[0].name == name, (text, found)
 
 
+def test_weights_signal_is_corrected_for_hubness(library) -> None:
+    train_retriever(library, RetrieverConfig(steps=40, lr=3e-3), progress=False)
+    retriever = load_retriever(library)  # the training captions' embeddings come back from disk
+    assert retriever is not None and retriever.references is not None and len(retriever.references) >= len(CAPTIONS)
+    index = refresh_index(library, retriever)
+    prompt = "a small blue ring"
+    found = retrieve(prompt, 4, weights_only=True, library=library)
+    e = torch.tensor([index[f.name]["weights"] for f in found])  # (4, D)
+    cos = e @ retriever.embed_texts([prompt])[0]
+    near = (retriever.references @ e.T).topk(min(10, len(retriever.references)), 0).values.mean(0)  # r(e) (4,)
+    torch.testing.assert_close(torch.tensor([f.weights for f in found]), 2 * cos - near, atol=1e-3, rtol=0)
+    assert near.abs().max() > 0.05  # the correction is not nothing
+    retriever.references = None  # a retriever from before: the plain cosine, doubled
+    torch.testing.assert_close(retriever.hubness(e), torch.zeros(4))
+
+
 def test_index_follows_adds_removes_and_changes(library) -> None:
     train_retriever(library, RetrieverConfig(steps=2), progress=False)
     path = library.root / FOLDER / INDEX_NAME
