@@ -212,10 +212,13 @@ class Retriever:
             state = load_file(str(folder / MODEL_NAME))
             encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
             head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+            references = state.get("references")
+            if references is not None and (references.ndim != 2 or references.shape[1] != int(info["width"])):
+                raise ValueError(f"references of shape {tuple(references.shape)} for width {info['width']}")
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             raise StudioError(f"the retriever in {folder} is damaged ({err}); train it again with "
                               "`studio retrieve --train`") from None
-        return cls(encoder, head, info, state.get("references"))
+        return cls(encoder, head, info, references)
 
 
 def train_retriever(

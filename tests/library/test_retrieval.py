@@ -152,6 +152,13 @@ def test_weights_signal_is_corrected_for_hubness(library) -> None:
     assert near.abs().max() > 0.05  # the correction is not nothing
     retriever.references = None  # a retriever from before: the plain cosine, doubled
     torch.testing.assert_close(retriever.hubness(e), torch.zeros(4))
+    from safetensors.torch import load_file, save_file
+
+    model = library.root / FOLDER / "retriever.safetensors"
+    state = load_file(str(model))
+    save_file({**state, "references": state["references"][:, :3].contiguous()}, str(model))
+    with pytest.raises(StudioError, match="damaged"):
+        load_retriever(library)
 
 
 def test_index_follows_adds_removes_and_changes(library) -> None:
