@@ -10,7 +10,9 @@ evaluator finds both emblems, sampled plainly and with regional sampling (the pa
 sum loaded everywhere).
 
 `--draws N` judges each emblem prompt at N seeds, alone and in the sum on the same seeds, and the table gives each
-drop's paired standard error: at one draw, 5 points is one image of 20, so the keep bar needs several.
+drop's paired standard error: at one draw, 5 points is one image of 20, so the keep bar needs several. Each emblem's
+crosstalk rho (`benches.crosstalk`, on its first 8 prompts) checks the paper's premise behind the sum: how hard the
+other adapter's residual answers this emblem's layer inputs, against its own.
 
 Bars (issue: orthogonal adaptation): each emblem's found rate with the orthogonal sum within `KEEP_BAR` of alone;
 the DreamBooth-LoRA sum `DROP_BAR` or more below alone (the failure orthogonality removes); both emblems found in
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from benches.adapters import BATCH, TRIGGERS, Prompt, emblem_prompts, eval_emblems, judge_emblem, train_adapter
+from benches.crosstalk import crosstalk
 from benches.figures import save_grid
 from studio.models import DEFAULT_MODEL
 
@@ -38,6 +41,7 @@ KEEP_BAR = 0.05  # orthogonal: merged found rate at most this far below alone
 DROP_BAR = 0.20  # DreamBooth-LoRA: merged found rate at least this far below alone (else say so)
 BOTH_BAR = 0.50  # orthogonal sum: both emblems found in a prompt naming both
 DRAW_SEED_STEP = 1000  # draw k of a prompt uses its seed + k * this
+CROSSTALK_PROMPTS = 8  # each emblem's first prompts, sampled for `benches.crosstalk`
 PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 
 
@@ -99,6 +103,18 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, ove
             unload_adapters(pipe, names)
         return judge(images), images
 
+    def measure_crosstalk(names: list[str], triggers: tuple[str, ...], seeds: list[int]) -> dict:
+        """rho of each emblem (`benches.crosstalk`) over its first CROSSTALK_PROMPTS prompts."""
+        def run(i: int) -> None:
+            load_adapters(pipe, names, [float(j == i) for j in range(len(names))], library=lib)
+            generate_fn(emblem_prompts(seeds[i], triggers[i])[:CROSSTALK_PROMPTS])
+
+        load_adapters(pipe, names, [1.0] * len(names), library=lib)
+        try:
+            return crosstalk(pipe.unet, names, run)
+        finally:
+            unload_adapters(pipe, names)
+
     seeds, triggers = eval_emblems(2), TRIGGERS[:2]
     rows, grid = [], {}
     for method in methods:
@@ -107,13 +123,15 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, ove
                    for n, t, s in zip(names, triggers, seeds)]
         summed = f"merge-{method.replace('_', '-')}-sum"
         merge([(n, 1.0) for n in names], summed, library=lib, overwrite=True)
-        row: dict = {"method": method, "seconds": [t["seconds"] for t in trained], "emblems": []}
+        row: dict = {"method": method, "seconds": [t["seconds"] for t in trained], "emblems": [],
+                     "crosstalk": measure_crosstalk(names, triggers, seeds)}
         for name, trigger, seed in zip(names, triggers, seeds):
             prompts = [replace(p, seed=p.seed + DRAW_SEED_STEP * k) for k in range(draws)
                        for p in emblem_prompts(seed, trigger)[:per_emblem]]
             alone, images = judged([name], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s))
             merged, merged_images = judged([summed], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s))
             row["emblems"].append({"seed": seed, "alone": alone["emblem"], "merged": merged["emblem"],
+                                   "crosstalk": row["crosstalk"][name]["all"],
                                    "drop": round(alone["emblem"] - merged["emblem"], 4), "images": len(prompts),
                                    "drop_se": paired_se(alone["raw"]["emblem"], merged["raw"]["emblem"])})
             grid[f"{name} alone"], grid[f"{name} in sum"] = images[:8], merged_images[:8]  # (3, H, W) each
@@ -176,16 +194,19 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
     from studio.atomic import write_json, write_text
 
     write_json(out / "merge-bench.json", report)
-    lines = ["| method | emblem | images | found alone | found in the sum | drop (paired s.e.) | both found (sum) | "
-             "both, regional |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | emblem | images | found alone | found in the sum | drop (paired s.e.) | crosstalk rho | "
+             "both found (sum) | both, regional |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         for i, e in enumerate(r["emblems"]):
             both = f"{r['both']:.2f} | {r.get('both_regional', 0.0):.2f}" if i == 0 else " |"
             lines.append(f"| {r['method']} | {e['seed']} | {e.get('images', '-')} | {e['alone']:.2f} | "
-                         f"{e['merged']:.2f} | {e['drop']:+.2f} ({e.get('drop_se', 0.0):.2f}) | {both} |")
+                         f"{e['merged']:.2f} | {e['drop']:+.2f} ({e.get('drop_se', 0.0):.2f}) | "
+                         f"{e.get('crosstalk', float('nan')):.2f} | {both} |")
     objects = report.get("world_objects", 1)
     renders = "one emblem per training render" if objects == 1 else f"training renders of up to {objects} objects"
-    lines += ["", f"{report['threads']} threads, {report['steps']} sampling steps, {renders}.", "",
+    lines += ["", f"{report['threads']} threads, {report['steps']} sampling steps, {renders}. Crosstalk rho: the "
+              "other adapter's residual on this emblem's layer inputs over its own (`benches.crosstalk`; the paper's "
+              "premise is rho << 1).", "",
               *(f"- {k}: {'yes' if v else 'no'}" for k, v in report["verdicts"].items())]
     write_text(out / "merge-bench.md", "\n".join(lines) + "\n")
     save_grid(out / "merge-bench-grid.png", list(grid.values()))

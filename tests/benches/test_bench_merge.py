@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
 
+from benches.crosstalk import crosstalk
 from benches.merge import both_prompts, paired_se, run_bench, verdicts
 from studio.errors import StudioError
 
@@ -34,6 +38,30 @@ def test_paired_se_is_the_noise_of_the_per_image_drop() -> None:
     assert paired_se([1], [0]) == 0.0
 
 
+def test_crosstalk_is_the_other_residual_over_the_own_on_each_concepts_inputs() -> None:
+    model = nn.Sequential()
+    model.add_module("proj_in", nn.Linear(4, 3))
+    for name in ("a", "b"):
+        inject_adapter_in_model(LoraConfig(r=1, lora_alpha=2, target_modules=["proj_in"]), model, adapter_name=name)
+    layer = model.proj_in
+    with torch.no_grad():  # a reads input axis 0, b axis 1 (rows of one orthogonal basis); both write
+        layer.lora_A["a"].weight.copy_(torch.tensor([[1.0, 0, 0, 0]]))
+        layer.lora_A["b"].weight.copy_(torch.tensor([[0.0, 1, 0, 0]]))
+        layer.lora_B["a"].weight.copy_(torch.tensor([[1.0], [2], [0]]))
+        layer.lora_B["b"].weight.copy_(torch.tensor([[0.0], [3], [1]]))
+    layer.scaling["b"] = 0.0  # loaded at weight 0 while a is drawn: rho reads the residual at weight 1 all the same
+    inputs = [torch.tensor([[2.0, 0, 5, 0]]), torch.tensor([[1.0, 1, 0, 0]])]
+    rho = crosstalk(model, ["a", "b"], lambda i: model(inputs[i]))
+    # concept a's input has nothing on b's row: b is silent. Concept b's input reads 1 on both rows: own residual
+    # 2 * [0, 3, 1] (energy 40), a's 2 * [1, 2, 0] (energy 20), rho = sqrt(20 / 40)
+    assert rho["a"] == {"all": 0.0, "proj_in": 0.0}
+    assert rho["b"]["all"] == pytest.approx(0.5 ** 0.5, abs=1e-4) and rho["b"]["proj_in"] == rho["b"]["all"]
+    with pytest.raises(StudioError, match="at least two"):
+        crosstalk(model, ["a"], lambda i: None)
+    with pytest.raises(StudioError, match="no layer holds"):
+        crosstalk(model, ["a", "c"], lambda i: None)
+
+
 def test_draws_below_one_are_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(StudioError, match="--draws must be at least 1"):
         run_bench("no-such-model", ["orthogonal"], tmp_path, draws=0)
@@ -54,7 +82,10 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     assert 0.0 <= row["both_regional"] <= 1.0
     assert set(report["verdicts"]) == {"orthogonal keeps each emblem", "orthogonal shows both (regional sampling)"}
     table = (tmp_path / "merge-bench.md").read_text()
-    assert "paired s.e." in table
+    assert "paired s.e." in table and "crosstalk rho" in table
+    assert set(row["crosstalk"]) == {"merge-orthogonal-0", "merge-orthogonal-1"}
+    assert all(r["all"] >= 0 and "conv" in r for r in row["crosstalk"].values())
+    assert [e["crosstalk"] for e in row["emblems"]] == [r["all"] for r in row["crosstalk"].values()]
     assert "| orthogonal |" in table and "both, regional" in table and "training renders of up to 2 objects" in table
     assert report["world_objects"] == 2
     assert (tmp_path / "merge-bench-grid.png").is_file()
