@@ -74,8 +74,9 @@ The premise itself, measured (`benches.crosstalk`: rho, the other adapter's resi
 its own, 8 prompts per emblem, the defaults): 0.93 and 0.97 (each kind of layer 0.84-1.10, cross-attention keys and
 values 0.97-1.05), against DreamBooth-LoRA's 0.91 and 0.90 in the same run. dW_j X_i ~ 0 does not hold here: the
 other residual fires on each emblem as hard as its own, as a plain LoRA's does. The text side cannot take the
-concept off the UNet: the base draws no emblem from words (`a large blue star inside a orange diamond with a white
-dot` gives stars), so the emblem lives in UNet residuals whose inputs the two emblems share.
+concept off the UNet: the base draws no emblem from words (each bench emblem's look written out in place of its
+trigger, `a large emblem, a black diamond inside a green star with a red dot, on the left ...`, found in 0 of 20
+prompts for both, places and backgrounds kept), so the emblem lives in UNet residuals whose inputs both emblems share.
 """
 
 from __future__ import annotations
