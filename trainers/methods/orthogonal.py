@@ -70,13 +70,15 @@ trigger: 0.80/0.40 -> 0.25/0.40, against 0.85/0.90 -> 0.75/0.70 for the defaults
 figures above exactly). Judged on 60 images per emblem (`studio bench merge --method orthogonal --draws 3`,
 each prompt at 3 seeds, alone and in the sum on the same seeds), the defaults find 0.85/0.95 alone and 0.70/0.63
 summed: drops of 0.15 and 0.32, each with a paired standard error of 0.07; both emblems with regional sampling 0.62.
-The premise itself, measured (`benches.crosstalk`: rho, the other adapter's residual on an emblem's layer inputs over
-its own, 8 prompts per emblem, the defaults): 0.93 and 0.97 (each kind of layer 0.84-1.10, cross-attention keys and
-values 0.97-1.05), against DreamBooth-LoRA's 0.91 and 0.90 in the same run. dW_j X_i ~ 0 does not hold here: the
-other residual fires on each emblem as hard as its own, as a plain LoRA's does. The text side cannot take the
-concept off the UNet: the base draws no emblem from words (each bench emblem's look written out in place of its
-trigger, `a large emblem, a black diamond inside a green star with a red dot, on the left ...`, found in 0 of 20
-prompts for both, places and backgrounds kept), so the emblem lives in UNet residuals whose inputs both emblems share.
+Two DreamBooth-LoRAs in the same run: 0.92/0.93 alone, 0.77/0.68 summed (drops 0.15 and 0.25, s.e. 0.05 and 0.07):
+orthogonality buys nothing measurable here. The premise itself, measured in that run (`benches.crosstalk`: rho, the
+other adapter's residual on an emblem's layer inputs over its own, 8 prompts per emblem): 0.93 and 0.97 (each kind of
+layer 0.84-1.10, cross-attention keys and values 0.97-1.05), against DreamBooth-LoRA's 0.91 and 0.90. dW_j X_i ~ 0
+does not hold here: the other residual fires on each emblem as hard as its own, as a plain LoRA's does. The text side
+cannot take the concept off the UNet: the base draws no emblem from words (each bench emblem's look written out in
+place of its trigger, `a large emblem, a black diamond inside a green star with a red dot, on the left ...`, found in
+0 of 20 prompts for both, places and backgrounds kept), so the emblem lives in UNet residuals whose inputs both
+emblems share.
 """
 
 from __future__ import annotations
