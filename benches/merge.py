@@ -210,6 +210,20 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
               *(f"- {k}: {'yes' if v else 'no'}" for k, v in report["verdicts"].items())]
     write_text(out / "merge-bench.md", "\n".join(lines) + "\n")
     save_grid(out / "merge-bench-grid.png", list(grid.values()))
+    _plot_crosstalk(out / "merge-bench-crosstalk.png", report["rows"])
+
+
+def _plot_crosstalk(path: Path, rows: list[dict]) -> None:
+    """rho per kind of layer, a bar per method and emblem (`benches.crosstalk`)."""
+    from benches.report_plots import bars
+
+    series = {f"{r['method']} {name.rsplit('-', 1)[-1]}": rho for r in rows for name, rho in r["crosstalk"].items()}
+    kinds = list(dict.fromkeys(k for rho in series.values() for k in rho))  # "all" first, then each kind of layer
+    bars(path, [k.replace("attn", "a").replace(".to_", ".") for k in kinds],
+         {label: [rho.get(k) for k in kinds] for label, rho in series.items()},
+         title="Crosstalk of the summed adapters, per kind of layer", y_label="rho",
+         caption="rho: the other adapter's residual on an emblem's layer inputs over its own (1: as strong); "
+                 "orthogonal adaptation's premise is rho << 1")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -88,4 +88,4 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     assert [e["crosstalk"] for e in row["emblems"]] == [r["all"] for r in row["crosstalk"].values()]
     assert "| orthogonal |" in table and "both, regional" in table and "training renders of up to 2 objects" in table
     assert report["world_objects"] == 2
-    assert (tmp_path / "merge-bench-grid.png").is_file()
+    assert (tmp_path / "merge-bench-grid.png").is_file() and (tmp_path / "merge-bench-crosstalk.png").is_file()
