@@ -40,6 +40,12 @@ def residual(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
     return layer.lora_B[adapter](layer.lora_A[adapter](x)) * unit_scale(layer, adapter)
 
 
+def lora_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The layers of `model` that hold every adapter of `names` as LoRA (none for LoKr or sparse deltas)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and all(a in m.lora_A for a in names)}
+
+
 def crosstalk(model: nn.Module, names: list[str], run: Callable[[int], None]) -> dict[str, dict[str, float]]:
     """rho of every adapter in `names` (LoRA adapters loaded into `model` together) against each other one.
 
@@ -47,8 +53,7 @@ def crosstalk(model: nn.Module, names: list[str], run: Callable[[int], None]) ->
     i, rho overall ("all") and per layer kind, with j summed over the other adapters."""
     if len(names) < 2:
         raise StudioError("crosstalk needs at least two adapters")
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and all(a in m.lora_A for a in names)}
+    layers = lora_layers(model, names)
     if not layers:
         raise StudioError(f"no layer holds all of {names} as LoRA adapters (crosstalk reads LoRA residuals only)")
     sums: dict[str, list[float]] = {}  # layer -> [own, others], for the concept being drawn

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benches.adapters import BATCH, TRIGGERS, Prompt, emblem_prompts, eval_emblems, judge_emblem, train_adapter
-from benches.crosstalk import crosstalk
+from benches.crosstalk import crosstalk, lora_layers
 from benches.figures import save_grid
 from studio.models import DEFAULT_MODEL
 
@@ -103,15 +103,16 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, ove
             unload_adapters(pipe, names)
         return judge(images), images
 
-    def measure_crosstalk(names: list[str], triggers: tuple[str, ...], seeds: list[int]) -> dict:
-        """rho of each emblem (`benches.crosstalk`) over its first CROSSTALK_PROMPTS prompts."""
+    def measure_crosstalk(names: list[str], triggers: tuple[str, ...], seeds: list[int]) -> dict | None:
+        """rho of each emblem (`benches.crosstalk`) over its first CROSSTALK_PROMPTS prompts; None for adapters that
+        are not LoRA (LoKr, sparse deltas), whose residuals it does not read."""
         def run(i: int) -> None:
             load_adapters(pipe, names, [float(j == i) for j in range(len(names))], library=lib)
             generate_fn(emblem_prompts(seeds[i], triggers[i])[:CROSSTALK_PROMPTS])
 
         load_adapters(pipe, names, [1.0] * len(names), library=lib)
         try:
-            return crosstalk(pipe.unet, names, run)
+            return crosstalk(pipe.unet, names, run) if lora_layers(pipe.unet, names) else None
         finally:
             unload_adapters(pipe, names)
 
@@ -131,7 +132,7 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, ove
             alone, images = judged([name], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s))
             merged, merged_images = judged([summed], prompts, lambda im, p=prompts, s=seed: judge_emblem(im, p, s))
             row["emblems"].append({"seed": seed, "alone": alone["emblem"], "merged": merged["emblem"],
-                                   "crosstalk": row["crosstalk"][name]["all"],
+                                   "crosstalk": row["crosstalk"][name]["all"] if row["crosstalk"] else None,
                                    "drop": round(alone["emblem"] - merged["emblem"], 4), "images": len(prompts),
                                    "drop_se": paired_se(alone["raw"]["emblem"], merged["raw"]["emblem"])})
             grid[f"{name} alone"], grid[f"{name} in sum"] = images[:8], merged_images[:8]  # (3, H, W) each
@@ -201,7 +202,7 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
             both = f"{r['both']:.2f} | {r.get('both_regional', 0.0):.2f}" if i == 0 else " |"
             lines.append(f"| {r['method']} | {e['seed']} | {e.get('images', '-')} | {e['alone']:.2f} | "
                          f"{e['merged']:.2f} | {e['drop']:+.2f} ({e.get('drop_se', 0.0):.2f}) | "
-                         f"{e.get('crosstalk', float('nan')):.2f} | {both} |")
+                         f"{_cell(e.get('crosstalk'))} | {both} |")
     objects = report.get("world_objects", 1)
     renders = "one emblem per training render" if objects == 1 else f"training renders of up to {objects} objects"
     lines += ["", f"{report['threads']} threads, {report['steps']} sampling steps, {renders}. Crosstalk rho: the "
@@ -213,11 +214,18 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
     _plot_crosstalk(out / "merge-bench-crosstalk.png", report["rows"])
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _plot_crosstalk(path: Path, rows: list[dict]) -> None:
-    """rho per kind of layer, a bar per method and emblem (`benches.crosstalk`)."""
+    """rho per kind of layer, a bar per method and emblem (`benches.crosstalk`); none when no row has it."""
     from benches.report_plots import bars
 
-    series = {f"{r['method']} {name.rsplit('-', 1)[-1]}": rho for r in rows for name, rho in r["crosstalk"].items()}
+    series = {f"{r['method']} {name.rsplit('-', 1)[-1]}": rho for r in rows
+              for name, rho in (r.get("crosstalk") or {}).items()}
+    if not series:
+        return
     kinds = list(dict.fromkeys(k for rho in series.values() for k in rho))  # "all" first, then each kind of layer
     bars(path, [k.replace("attn", "a").replace(".to_", ".") for k in kinds],
          {label: [rho.get(k) for k in kinds] for label, rho in series.items()},

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoKrConfig, LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from benches.crosstalk import crosstalk
-from benches.merge import both_prompts, paired_se, run_bench, verdicts
+from benches.crosstalk import crosstalk, lora_layers
+from benches.merge import _write, both_prompts, paired_se, run_bench, verdicts
 from studio.errors import StudioError
 
 
@@ -60,6 +60,21 @@ def test_crosstalk_is_the_other_residual_over_the_own_on_each_concepts_inputs() 
         crosstalk(model, ["a"], lambda i: None)
     with pytest.raises(StudioError, match="no layer holds"):
         crosstalk(model, ["a", "c"], lambda i: None)
+
+
+def test_adapters_that_are_not_lora_get_no_crosstalk_and_the_table_says_so(tmp_path: Path) -> None:
+    model = nn.Sequential()
+    model.add_module("proj_in", nn.Linear(4, 3))
+    for name in ("a", "b"):
+        inject_adapter_in_model(LoKrConfig(r=2, target_modules=["proj_in"]), model, adapter_name=name)
+    assert lora_layers(model, ["a", "b"]) == {}  # the merge bench then skips the measurement
+    emblem = {"seed": 7, "alone": 0.9, "merged": 0.6, "drop": 0.3, "drop_se": 0.1, "images": 20, "crosstalk": None}
+    row = {"method": "kronecker", "emblems": [emblem, {**emblem, "seed": 8}], "both": 0.0, "both_regional": 0.5,
+           "crosstalk": None}
+    report = {"rows": [row], "threads": 2, "steps": 20, "verdicts": {}}
+    _write(tmp_path, report, {"x": [torch.zeros(3, 8, 8)]})
+    assert "| kronecker | 7 | 20 | 0.90 | 0.60 | +0.30 (0.10) | - |" in (tmp_path / "merge-bench.md").read_text()
+    assert not (tmp_path / "merge-bench-crosstalk.png").exists()
 
 
 def test_draws_below_one_are_refused_before_any_work(tmp_path: Path) -> None:
