@@ -48,5 +48,9 @@ def run(args: argparse.Namespace) -> int:
     for rank, r in enumerate(found, 1):
         parts = [f"weights {r.weights:.3f}" if r.weights is not None else "",
                  f"metadata {r.metadata:.3f}" if r.metadata is not None else ""]
-        print(f"{rank}. {r.name}  score {r.score:.3f}  ({', '.join(p for p in parts if p)})")
+        new = "  [new to the retriever]" if r.learned is False else ""
+        print(f"{rank}. {r.name}  score {r.score:.3f}  ({', '.join(p for p in parts if p)}){new}")
+    if any(r.learned is False for r in found):
+        print("adapters new to the retriever are read poorly from their weights alone: "
+              "`studio retrieve --train` learns them")
     return 0

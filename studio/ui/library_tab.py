@@ -32,7 +32,7 @@ from studio.ui.uploads import MAX_ADAPTER_BYTES, check_adapter_upload
 COLUMNS = ["name", "fits base", "kind", "method", "type", "base", "trigger words", "tags", "ranks", "description"]
 ALL = "all"  # a filter that keeps everything
 SORTS = ("name", "method", "kind", "base")
-RETRIEVE_COLUMNS = ["rank", "name", "score", "weights", "metadata"]
+RETRIEVE_COLUMNS = ["rank", "name", "score", "weights", "metadata", "learned"]
 RETRIEVE_K = 5
 FAMILIES = ("sd1", "sd2", "sdxl", "unknown")  # base families (`studio.library.compat.family_of`)
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\([^)]*\)")  # card images point into the entry folder, not the page
@@ -94,13 +94,15 @@ def library_view(
 
 
 def retrieve_view(prompt: str, weights_only: bool = False, k: int = RETRIEVE_K) -> list[list[Any]]:
-    """Rows (rank, name, score, weights score, metadata score) of the adapters AutoLoRA retrieval finds for `prompt`
-    (`studio retrieve`, `studio.library.retrieval.retrieve`)."""
+    """Rows (rank, name, score, weights score, metadata score, learned) of the adapters AutoLoRA retrieval finds for
+    `prompt` (`studio retrieve`, `studio.library.retrieval.retrieve`); learned: "no, train the retriever" for an
+    adapter added after the retriever was trained, whose weights it reads poorly."""
     from studio.library.retrieval import retrieve
 
     found = retrieve(prompt or "", k, weights_only=weights_only)
-    return [[i, r.name, r.score, "" if r.weights is None else r.weights, "" if r.metadata is None else r.metadata]
-            for i, r in enumerate(found, 1)]
+    learned = {None: "", True: "yes", False: "no, train the retriever"}
+    return [[i, r.name, r.score, "" if r.weights is None else r.weights, "" if r.metadata is None else r.metadata,
+             learned[r.learned]] for i, r in enumerate(found, 1)]
 
 
 def train_retriever_view(steps: int | None = None) -> str:

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from composer_helpers import add_random_adapter
 
 from benches.retrieve import (
+    FOLDS,
     NEW_CONCEPTS_HELD_OUT,
     NUM_EMBLEMS,
     TEXTURE_NAMES,
     Planned,
+    _pooled,
     _write,
     plan,
     queries,
     score,
 )
+from studio.errors import StudioError
 from studio.generate import cached_pipeline
 from studio.library import Library
 from studio.library.retrieval import RetrieverConfig, train_retriever
@@ -39,6 +43,47 @@ def test_the_plan_holds_out_new_concepts_and_second_adapters() -> None:
     assert seconds and all(p.method != q.method for p in seconds for q in planned
                            if q.concept == p.concept and not q.held_out)
     assert all(not any(t in text.split() for t in triggers) for text, _ in queries(planned[:3], 1))  # no trigger
+
+
+def test_the_folds_make_every_emblem_new_once() -> None:
+    """Cross-validation: the folds plan the same adapters, each holds out 3 other emblems (and the second adapters),
+    and together they hold out every emblem once; the default plan is the last fold."""
+    folds = [plan(f) for f in range(FOLDS)]
+    assert all([p.name for p in f] == [p.name for p in folds[0]] for f in folds)
+    new = []
+    for f in folds:
+        seen = {p.concept for p in f if not p.held_out}
+        fold_new = {p.concept for p in f if p.held_out} - seen
+        assert len(fold_new) == NEW_CONCEPTS_HELD_OUT
+        firsts = {p.concept: p.name for p in reversed(f)}  # each concept's first adapter
+        assert all(p.held_out == (p.name != firsts[p.concept] or p.concept in fold_new) for p in f)
+        new += sorted(fold_new)
+    assert sorted(new) == sorted({p.concept for p in folds[0] if p.concept.startswith("emblem-")})
+    assert plan() == folds[-1]
+    with pytest.raises(StudioError, match="folds 0 to"):
+        plan(FOLDS)
+
+
+def test_pooling_weights_each_fold_by_its_prompts(tmp_path: Path) -> None:
+    """Two folds whose groups differ in size: pooled rates are per prompt, not the mean of the folds' rates; the
+    table lists each fold."""
+    def groups(n_new: int, new1: float) -> dict:
+        return {"all": {"top1": 0.5, "top3": 1.0, "prompts": 10}, "held_out_concepts":
+                {"top1": new1, "top3": 1.0, "prompts": n_new}, "new_concepts": {"top1": new1, "top3": 1.0,
+                                                                                "prompts": n_new},
+                "misses": [{"prompt": "p", "wanted": "a", "got": ["b"] * 3}]}
+
+    runs = [{"fold": f, "new_concepts": [f"emblem-{f}"], "weights_only": groups(n, r), "with_metadata": groups(n, r)}
+            for f, (n, r) in enumerate([(2, 0.0), (6, 0.5)])]
+    pooled = _pooled(runs)
+    assert pooled["weights_only"]["new_concepts"] == {"top1": 0.375, "top3": 1.0, "prompts": 8}  # 3 of 8, not 0.25
+    assert pooled["weights_only"]["all"]["prompts"] == 20 and len(pooled["with_metadata"]["misses"]) == 2
+    report = {"adapters": 2, "concepts": 2, "methods": {"dreambooth_lora": 2}, "trained_on": 1, "held_out": ["x"],
+              "retriever": {"config": {"steps": 3}, "seconds": 1.0}, **pooled, "folds": runs}
+    _write(tmp_path, report)
+    table = (tmp_path / "retrieve-bench.md").read_text()
+    assert "| weights only | new concepts | 0.375 | 1.000 | 8 |" in table
+    assert "| 1 | emblem-1 | 0.500 | 1.000 | 0.500 | 1.000 |" in table
 
 
 def test_scoring_on_a_tiny_library(tiny_dirs: dict, tmp_path: Path) -> None:

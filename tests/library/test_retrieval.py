@@ -208,8 +208,13 @@ def test_cli_trains_ranks_and_refuses_bad_input(capsys) -> None:
     found = json.loads(capsys.readouterr().out)
     ranked = [f["name"] for f in found if f["name"] != "delta"]  # delta, left out of training, is ranked too
     assert ranked[0] == "beta" and len(found) == 4 and found[0]["metadata"] is None
+    assert {f["name"]: f["learned"] for f in found} == {"alpha": True, "beta": True, "gamma": True, "delta": False}
     assert main(["retrieve", "a small blue ring", "--k", "1"]) == 0
     assert capsys.readouterr().out.startswith("1. beta  score")
+    assert main(["retrieve", "a small blue ring", "--k", "4"]) == 0  # delta, unseen, is flagged with what to do
+    out = capsys.readouterr().out
+    assert "delta  score" in out and "[new to the retriever]" in out.split("delta  score")[1].splitlines()[0]
+    assert "studio retrieve --train` learns them" in out and out.count("[new to the retriever]") == 1
     assert main(["retrieve", "a red star", "--k", "0"]) == 2
     assert "--k must be at least 1" in capsys.readouterr().err
     assert main(["retrieve"]) == 2

@@ -28,6 +28,7 @@ def described(tiny_dirs: dict) -> str:
 def test_library_search_by_description_ranks_by_metadata_without_a_retriever(described: str) -> None:
     rows = retrieve_view("a blue ring", k=2)
     assert [r[0] for r in rows] == [1, 2] and rows[0][1] == "beta" and rows[0][3] == ""  # no weight score yet
+    assert rows[0][5] == ""  # nor a retriever that could have learned it
     with pytest.raises(StudioError, match="studio retrieve --train"):
         retrieve_view("a blue ring", weights_only=True)
 
@@ -49,7 +50,12 @@ def test_the_library_tab_trains_the_retriever_and_search_then_reads_the_weights(
     assert text.startswith("retriever trained on 3 adapters in ")
     rows = retrieve_view("a blue ring", weights_only=True)
     assert len(rows) == 3 and all(isinstance(r[3], float) and r[4] == "" for r in rows)  # weights, no metadata
+    assert all(r[5] == "yes" for r in rows)
+    pipe = cached_pipeline(described, "cpu")
+    add_random_adapter(pipe, "delta", seed=9)  # added after training: flagged with what to do
+    assert {r[1]: r[5] for r in retrieve_view("a blue ring", weights_only=True, k=4)}["delta"] == \
+        "no, train the retriever"
     with pytest.raises(StudioError, match="at least 2"):
-        for name in ("alpha", "beta"):
+        for name in ("alpha", "beta", "delta"):
             Library().remove(name)
         train_retriever_view(steps=5)
