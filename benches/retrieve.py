@@ -3,7 +3,7 @@
 `--prepare` trains (or finds, so an interrupted preparation resumes) the bench's library: emblems and textures by
 three methods (DreamBooth-LoRA, DiffuseKronA, orthogonal adaptation), some concepts twice by two methods. Training is
 short (`--train-steps`, default 25, no prior preservation, no previews): the retriever reads the weights, not images.
-The retriever is trained on the library minus the held-out adapters (`HELD_OUT`: new concepts and second adapters of a
+The retriever is trained on the library minus the held-out adapters (`plan`: new concepts and second adapters of a
 concept by another method), then every adapter of the library is a candidate and every concept is asked for with the
 `eval` phrasings of `studio.world.describe` (other wordings than the retriever's captions, never a trigger word). A
 hit is an adapter of the named concept. Reports top-1 / top-3, weights only and with metadata, overall and on the
