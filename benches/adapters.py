@@ -294,6 +294,8 @@ def run(args: argparse.Namespace) -> int:
         print((Path(args.out) / "b-lora-sweep.md").read_text())
         return 0
     overrides = {"train_steps": args.train_steps} if args.train_steps else {}
+    if args.cuda_graphs:
+        overrides["cuda_graphs"] = True
     from trainers import METHODS
 
     report = run_bench(args.model, args.method or list(METHODS), Path(args.out), steps=args.steps,
@@ -319,8 +321,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-texture", action="store_true", help="skip the texture (style) adapter")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="train and generate here (the bar's seconds are for 2 CPU cores)")
-
-
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="train with `studio train --cuda-graphs` (the UNet's step recorded; GPU only)")
     parser.add_argument("--sweep", action="store_true", help="B-LoRA: measure candidate content/style block pairs")
     parser.add_argument("--sweep-prompts", type=int, default=10, help="prompts per measurement of the sweep")
     parser.add_argument("--out", default="bench-out/adapters")

@@ -3,9 +3,10 @@
 - Generation: milliseconds per image at batch 1, 16 and 128 (20 steps, the model's guidance), with each denoising
   step replayed as a recorded CUDA graph and with plain launches (`--no-cuda-graphs`); median of `--runs` timed
   calls after a warm-up call that also records the graphs, CUDA synchronised around each call.
-- Training: DreamBooth-LoRA on a Shapes World emblem at the defaults on the GPU: seconds per optimizer step from a
-  run of `--train-steps` steps and one a quarter as long (after a warm-up run that caches the class images), and a
-  default-length run's seconds projected from them (class images from the cache).
+- Training: DreamBooth-LoRA on a Shapes World emblem at the defaults on the GPU, with the UNet's forward and backward
+  recorded as CUDA graphs (`studio train --cuda-graphs`, `trainers.graphs`) and with plain launches: seconds per
+  optimizer step from a run of `--train-steps` steps and one a quarter as long (after a warm-up run that caches the
+  class images), and a default-length run's seconds projected from them (class images from the cache).
 
 Writes `gpu-bench.json` and `gpu-bench.md` to `--out`.
 """
@@ -53,28 +54,34 @@ def generation(model: str, batches: list[int], runs: int, steps: int) -> list[di
 
 def training(model: str, steps: int) -> dict:
     """Seconds per optimizer step from two runs of different lengths (no per-step callback: one would make the loop
-    wait for the GPU at every step), after a warm-up run that also caches the class images."""
+    wait for the GPU at every step), after a warm-up run that also caches the class images; with the UNet's step
+    recorded as CUDA graphs (`--cuda-graphs`) and with plain launches, side by side."""
     from trainers import TrainConfig, train
 
-    def run_for(n: int, name: str, library: str) -> float:
+    def run_for(n: int, name: str, library: str, graphs: bool) -> float:
         config = TrainConfig(trigger="sks", name=name, world_emblem=3, model=model, train_steps=n, sample_every=0,
-                             save_every=0, device="cuda", progress=False, run_dir=str(Path(library) / ".runs" / name))
+                             save_every=0, device="cuda", progress=False, cuda_graphs=graphs,
+                             run_dir=str(Path(library) / ".runs" / name))
         torch.cuda.synchronize()
         start = time.perf_counter()
         train("dreambooth_lora", config, library=_library(library))
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    with tempfile.TemporaryDirectory() as library:
-        run_for(2, "gpu-warm", library)
-        short_steps = max(1, steps // 4)
-        short, whole = run_for(short_steps, "gpu-short", library), run_for(steps, "gpu-long", library)
-    per_step = (whole - short) / (steps - short_steps)
-    fixed = whole - per_step * steps  # model load, latents, class images from the cache, previews, the library write
     default = TrainConfig(trigger="sks", name="gpu-bench", world_emblem=3).train_steps
-    return {"method": "dreambooth_lora", "steps": steps, "s_per_step": round(per_step, 4), "run_s": round(whole, 1),
-            "fixed_s": round(fixed, 1), "default_steps": default,
-            "projected_default_run_s": round(fixed + per_step * default, 1)}
+    report: dict = {"method": "dreambooth_lora", "steps": steps, "default_steps": default}
+    with tempfile.TemporaryDirectory() as library:
+        run_for(2, "gpu-warm", library, False)
+        short_steps = max(1, steps // 4)
+        for mode in ("graphs", "plain"):
+            short = run_for(short_steps, f"gpu-short-{mode}", library, mode == "graphs")
+            whole = run_for(steps, f"gpu-long-{mode}", library, mode == "graphs")
+            per_step = (whole - short) / (steps - short_steps)
+            fixed = whole - per_step * steps  # model load, latents, class images from the cache, recording, previews
+            report[mode] = {"s_per_step": round(per_step, 4), "run_s": round(whole, 1), "fixed_s": round(fixed, 1),
+                            "projected_default_run_s": round(fixed + per_step * default, 1)}
+    report["speedup"] = round(report["plain"]["s_per_step"] / report["graphs"]["s_per_step"], 2)
+    return report
 
 
 def _library(root: str):  # -> studio.library.Library
@@ -99,9 +106,12 @@ def run(args: argparse.Namespace) -> int:
     lines += [f"| {r['batch']} | {r['graphs']} | {r['plain']} | {r['speedup']}x |" for r in report["generation"]]
     if "training" in report:
         t = report["training"]
-        lines += ["", f"Training (DreamBooth-LoRA, world emblem): {t['s_per_step']} s/step over "
-                      f"{t['steps']} steps; a default run of {t['default_steps']} steps projects to "
-                      f"{t['projected_default_run_s']} s."]
+        lines += ["", f"Training (DreamBooth-LoRA, world emblem, {t['steps']} steps timed; a default run is "
+                      f"{t['default_steps']} steps):", "",
+                  "| UNet step | s/step | default run, projected s | fixed s |", "|---|---|---|---|"]
+        lines += [f"| {label} | {t[mode]['s_per_step']} | {t[mode]['projected_default_run_s']} | "
+                  f"{t[mode]['fixed_s']} |" for mode, label in (("graphs", "CUDA graphs"), ("plain", "plain"))]
+        lines += ["", f"Speed-up per step: {t['speedup']}x."]
     from studio.atomic import write_json, write_text
 
     write_json(out / "gpu-bench.json", report)

@@ -45,31 +45,46 @@ def _token_ids(pipe: DiffusionPipeline, tokenizer: PreTrainedTokenizerBase, text
     return batch.input_ids, batch.attention_mask  # (B, 77) each
 
 
-def _encode_sd(pipe: DiffusionPipeline, texts: list[str], clip_skip: int | None) -> torch.Tensor:
-    encoder = pipe.text_encoder
+def prompt_tokens(pipe: DiffusionPipeline, texts: list[str]) -> tuple[torch.Tensor, ...]:
+    """What `encode_tokens` reads, on the CPU: SD1/SD2 (ids,) or, for an encoder that uses a mask, (ids, mask);
+    SDXL one ids tensor per present text encoder. Each (B, 77)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+        return tuple(_token_ids(pipe, tokenizer, texts)[0] for tokenizer, encoder in pairs if encoder is not None)
     ids, mask = _token_ids(pipe, pipe.tokenizer, texts)
-    mask = mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
-    if clip_skip is None:
-        return encoder(ids.to(encoder.device), attention_mask=mask)[0]  # (B, 77, D)
-    hidden = encoder(ids.to(encoder.device), attention_mask=mask, output_hidden_states=True).hidden_states
-    final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 and 5 layouts
-    return final_norm(hidden[-(clip_skip + 1)])  # (B, 77, D)
+    return (ids, mask) if getattr(pipe.text_encoder.config, "use_attention_mask", False) else (ids,)
 
 
-def _encode_sdxl(
-    pipe: StableDiffusionXLPipeline, texts: list[str], clip_skip: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+def encode_tokens(pipe: DiffusionPipeline, tokens: tuple[torch.Tensor, ...], clip_skip: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompt embeddings (B, 77, D) and, on SDXL, the pooled projection (B, P) (else None) of `prompt_tokens`'
+    tensors, on the encoders' device."""
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        encoder = pipe.text_encoder
+        ids, mask = tokens[0].to(encoder.device), tokens[1].to(encoder.device) if len(tokens) > 1 else None
+        if clip_skip is None:
+            return encoder(ids, attention_mask=mask)[0], None  # (B, 77, D)
+        hidden = encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 and 5 layouts
+        return final_norm(hidden[-(clip_skip + 1)]), None  # (B, 77, D)
+    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
     hidden_states, pooled = [], None
-    for tokenizer, encoder in pairs:
-        if encoder is None:
-            continue
-        ids, _ = _token_ids(pipe, tokenizer, texts)
+    for ids, encoder in zip(tokens, encoders):
         out = encoder(ids.to(encoder.device), output_hidden_states=True)
         if pooled is None and out[0].ndim == 2:
             pooled = out[0]  # (B, P): the projection encoder's text_embeds
         hidden_states.append(out.hidden_states[-(2 if clip_skip is None else clip_skip + 2)])
     return torch.cat(hidden_states, dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
+
+
+def _encode_sd(pipe: DiffusionPipeline, texts: list[str], clip_skip: int | None) -> torch.Tensor:
+    return encode_tokens(pipe, prompt_tokens(pipe, texts), clip_skip)[0]  # (B, 77, D)
+
+
+def _encode_sdxl(
+    pipe: StableDiffusionXLPipeline, texts: list[str], clip_skip: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return encode_tokens(pipe, prompt_tokens(pipe, texts), clip_skip)  # type: ignore[return-value]
 
 
 @torch.no_grad()

@@ -115,6 +115,9 @@ class TrainConfig:
         default="auto", metadata={"help": "auto: bf16 on a GPU, fp32 on the CPU", "choices": list(PRECISIONS)}
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (less memory)"})
+    cuda_graphs: bool = field(default=False, metadata={
+        "help": "on a GPU, replay the UNet's forward and backward as recorded CUDA graphs (LoRA methods, one "
+                "micro-step per step; `trainers.graphs`)"})
     lr_scheduler: str = field(
         default="cosine", metadata={"help": "learning-rate schedule", "choices": list(LR_SCHEDULERS)}
     )
@@ -184,6 +187,7 @@ RESUMABLE_CHANGES = frozenset(
         "run_dir",
         "overwrite",
         "progress",
+        "cuda_graphs",
         "name",
     }
 )

@@ -37,6 +37,7 @@ from studio.schedulers import training_target
 from trainers.checkpoint import read_checkpoint, remove_stale_temporaries, restore, write_checkpoint
 from trainers.config import TrainConfig
 from trainers.data import TrainData
+from trainers.graphs import recorder
 from trainers.method import Method
 from trainers.objective import diffusion_loss, min_snr_weights
 from trainers.streams import accelerator, epoch_indices, seeded
@@ -170,6 +171,7 @@ class Loop:
                 else:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+        self.graphs = recorder(method, pipe, self.device, c)  # `--cuda-graphs`, where it can follow
         self.step, self.losses, self.window, self.saved_step = 0, [], [], None
         self.seen: list[int] = []  # data positions (first sample of each micro-batch) this process trained on
         if resume:
@@ -188,7 +190,9 @@ class Loop:
         return torch.cat(means), torch.cat(stds)
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        # a recording needs the weight-cast cache off (`torch.cuda.make_graphed_callables`)
+        cache = not (self.config.cuda_graphs and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=cache)
 
     def _cast_frozen(self) -> None:
         """bf16 training keeps frozen weights in bf16 and trained tensors in fp32 (their optimizer needs them)."""
@@ -202,17 +206,30 @@ class Loop:
         for p in self.trainable.values():
             p.data = p.data.float()
 
-    # -- one micro-step ----------------------------------------------------------------------------------------------
-    def _condition(self, prompts: list[str]) -> dict[str, Any]:
-        from studio.prompts import _encode_sd, _encode_sdxl  # the embeddings generation uses, with gradients
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the run's device; to a GPU from pinned memory, since a copy from pageable memory makes the
+        host wait for the GPU's queue to drain (one sync per step)."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
 
-        with torch.set_grad_enabled(self.text_trainable):
-            if not self.sdxl:
-                return {"encoder_hidden_states": _encode_sd(self.pipe, prompts, None)}  # (B, 77, D)
-            hidden, pooled = _encode_sdxl(self.pipe, prompts, None)  # (B, 77, D1 + D2), (B, P)
-        r = self.resolution  # SDXL micro-conditioning (arXiv:2307.01952, section 2.2): original, crop, target size
-        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=hidden.dtype).repeat(len(prompts), 1)
-        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    # -- one micro-step ----------------------------------------------------------------------------------------------
+    def _predict(self, zt: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The UNet's prediction (B, C, R/f, R/f) for the prompts, with the embeddings generation uses (gradients
+        through a trained text encoder), replayed where the step is recorded (`--cuda-graphs`)."""
+        from studio.prompts import encode_tokens, prompt_tokens
+
+        tokens = tuple(self._to_device(ids) for ids in prompt_tokens(self.pipe, prompts))  # (B, 77) each
+        time_ids = None
+        if self.sdxl:  # SDXL micro-conditioning (arXiv:2307.01952, section 2.2): original, crop, target size
+            r = self.resolution
+            time_ids = self._to_device(torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).repeat(len(zt), 1))
+        if self.graphs is not None:
+            return self.graphs(tokens, zt, t, time_ids, self.text_trainable)
+        with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
+            hidden, pooled = encode_tokens(self.pipe, tokens)  # (B, 77, D), SDXL (B, P)
+        added = None if time_ids is None else {"text_embeds": pooled, "time_ids": time_ids}
+        return self.models["unet"](zt, t, hidden, added_cond_kwargs=added).sample
 
     def micro_loss(self, m: int) -> torch.Tensor:
         """The loss of micro-step m: a pure function of (seed, m, process) and the current weights."""
@@ -236,11 +253,11 @@ class Loop:
         z0 = (z0 - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor  # (B, C, R/f, R/f)
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, self.noise.config.num_train_timesteps, (len(z0),), generator=g)
-        z0, noise, t = z0.to(self.device), noise.to(self.device), t.to(self.device)
+        z0, noise, t = (self._to_device(x) for x in (z0, noise, t))
         zt = self.noise.add_noise(z0, noise, t)  # z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
         target = training_target(self.noise, z0, noise, t)
         with self.autocast():
-            pred = self.models["unet"](zt, t, **self._condition(prompts)).sample
+            pred = self._predict(zt, t, prompts)  # (B, C, R/f, R/f)
         weights = min_snr_weights(self.noise, t, c.snr_gamma) if c.snr_gamma > 0 else None
         loss = diffusion_loss(pred, target, batch if self.prior is not None else 0, c.prior_loss_weight, weights)
         reg = self.method.regularizer(self.step)

@@ -67,6 +67,9 @@ class Method(ABC):
     """One adapter method. Subclasses implement `attach`, `trainable_tensors`, `delta_weights` and `export`."""
 
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    # Its UNet is plain module math between optimizer steps, so a GPU run may record the UNet's training step as
+    # CUDA graphs (`trainers.graphs`); a method that changes the UNet's tensors or code mid-run leaves it False.
+    graphable: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -90,7 +90,7 @@ def _prepare_run_dir(method: MethodConfig, config: TrainConfig, main: bool = Tru
         if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]:
             raise StudioError(
                 f"{run_dir} was started with {key}={saved.get(key)!r}, not {now[key]!r}; resume with "
-                "the run's own settings (only steps, lr, save/sample cadence may change)"
+                "the run's own settings (only steps, lr, save/sample cadence and --cuda-graphs may change)"
             )
     return run_dir, True
 

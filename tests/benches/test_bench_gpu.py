@@ -25,5 +25,8 @@ def test_the_bench_times_graphs_plain_and_training(tiny_dirs: dict, tmp_path: Pa
     report = json.loads((tmp_path / "gpu-bench.json").read_text())
     assert [r["batch"] for r in report["generation"]] == [1, 4]
     assert all(r["graphs"] > 0 and r["plain"] > 0 for r in report["generation"])
-    assert report["training"]["steps"] == 8 and report["training"]["s_per_step"] > 0
+    training = report["training"]
+    assert training["steps"] == 8 and training["graphs"]["s_per_step"] > 0 and training["plain"]["s_per_step"] > 0
+    assert training["speedup"] == round(training["plain"]["s_per_step"] / training["graphs"]["s_per_step"], 2)
+    assert "| CUDA graphs |" in (tmp_path / "gpu-bench.md").read_text()
     assert "| 4 |" in (tmp_path / "gpu-bench.md").read_text()

@@ -263,7 +263,7 @@ def test_varied_class_prompts_each_image_its_own(tmp_path: Path, monkeypatch: py
     for i in range(5):  # cached per prompt: an adapter trained on another subject reuses them
         assert (class_image_dir(pipe, prompts[i % 2], 32, 1) / f"{i:05d}.png").is_file()
     seen = []
-    monkeypatch.setattr(loop, "_condition", lambda p: seen.append(p) or Loop._condition(loop, p))
+    monkeypatch.setattr(loop, "_predict", lambda zt, t, p: seen.append(p) or Loop._predict(loop, zt, t, p))
     loop.micro_loss(1)
     class_idx = epoch_indices(0, _CLASS, 2, 2, 5)  # micro-step 1, batch 2: positions 2 and 3
     assert seen[0][2:] == [prompts[i % 2] for i in class_idx] and seen[0][:2] != seen[0][2:]

@@ -66,6 +66,7 @@ class DreamBoothLoRAConfig(MethodConfig):
 
 class DreamBoothLoRA(Method):
     config_cls = DreamBoothLoRAConfig
+    graphable = True  # PEFT LoRA layers: the UNet's step can be recorded (`trainers.graphs`)
     config: DreamBoothLoRAConfig
 
     def attach(self, components: Any) -> None:
