@@ -1,22 +1,27 @@
-"""The UNet's training step, forward and backward, replayed as recorded CUDA graphs (`--cuda-graphs`).
+"""The training step's text encoders and UNet, forward and backward, replayed as CUDA graphs (`--cuda-graphs`).
 
 A small base such as `studio-tiny` spends a GPU training step launching kernels, not computing: about 6,500 operator
 calls a step (text encoder 344 and UNet 2,231 forward, their backward, the loss; counted on the CPU without
-autocast's casts), each with the host in between, so a DreamBooth-LoRA emblem took 0.185 s a step on one H200. PyTorch's
-partial-network capture (`torch.cuda.make_graphed_callables`, "CUDA Graphs" in the PyTorch docs) records the UNet's
-forward and its backward once and replays each with one call, inside one autograd node, so the loop is unchanged:
-the loss, the text encoder (trained or not, it runs as before and receives the UNet's gradient), gradient clipping
-and the fused optimizer stay as they are.
+autocast's casts), each with the host in between, so a DreamBooth-LoRA emblem took 0.185 s a step on one H200.
+PyTorch's partial-network capture (`torch.cuda.make_graphed_callables`, "CUDA Graphs" in the PyTorch docs) records
+each callable's forward and backward once and replays each with one call inside one autograd node, so the loop is
+unchanged: the loss, gradient clipping and the fused optimizer run as before, and gradients reach the parameters'
+`.grad` the usual way. The text step runs whether or not the text encoders train (no backward is recorded for
+frozen ones).
 
 A recording is a fixed program over fixed buffers, so it is used only where that holds (`why_not`):
-- on CUDA, with gradients (a probe under `no_grad` before the recording runs the UNet as usual);
-- a method whose UNet is plain module math (`Method.graphable`: PEFT LoRA and its subclasses);
-- default attention processors and no hooks on the UNet (the generation graphs' `studio.cuda_graphs.eligible`);
+- on CUDA, with gradients (a probe under `no_grad` before the recording runs the step as usual);
+- a method whose models are plain module math between optimizer steps (`Method.graphable`: PEFT LoRA and its
+  subclasses);
+- default attention processors and no hooks on the UNet (the generation graphs' `studio.cuda_graphs.eligible`), no
+  forward hooks in the text encoders;
 - one micro-step per optimizer step: the backward replay writes the same gradient buffers every time, and
   autograd may hand those buffers to the parameters as their `.grad`, so a second micro-step would overwrite the
-  first one's gradient instead of adding to it;
+  first one's gradient instead of adding to it (`tests/trainers/test_graphs.py` shows it);
 - no gradient checkpointing (it recomputes the forward inside the backward, which the recording already holds).
-Autocast runs with its weight-cast cache off while graphs are on (`make_graphed_callables` requires it).
+Autocast runs with its weight-cast cache off while graphs are on (`make_graphed_callables` requires it). The
+recording's warm-up draws dropout masks inside `torch.random.fork_rng`, so a recorded run draws the same masks as a
+plain one and a resumed run the same as one straight through.
 """
 
 from __future__ import annotations
@@ -112,18 +117,20 @@ class GraphedStep:
 
     def _record(self, tokens: tuple[torch.Tensor, ...], sample: torch.Tensor, timestep: torch.Tensor,
                 extra: tuple[torch.Tensor, ...], text_grad: bool) -> None:
-        with torch.set_grad_enabled(text_grad):
-            embeds = self.text(*tokens)  # eager, for the embeddings' shapes and whether they carry gradients
-        unet_args = (sample, timestep, *embeds, *extra)
-        samples = (tuple(t.clone() for t in tokens),
-                   tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in unet_args))
-        try:
-            torch.cuda.make_graphed_callables((self.text, self.unet), samples, allow_unused_input=True)
-            self.graphed = True
-        except RuntimeError as error:  # something in the step cannot be recorded: plain launches from now on
-            warnings.warn(f"--cuda-graphs: recording the training step failed ({error}); it runs without graphs",
-                          stacklevel=3)
-            self.graphed = False
+        # Everything here draws dropout masks: the run's random streams are left where they were.
+        with torch.random.fork_rng(devices=[sample.device] if sample.is_cuda else []):
+            with torch.set_grad_enabled(text_grad):
+                embeds = self.text(*tokens)  # eager, for the embeddings' shapes and whether they carry gradients
+            unet_args = (sample, timestep, *embeds, *extra)
+            samples = (tuple(t.clone() for t in tokens),
+                       tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in unet_args))
+            try:
+                torch.cuda.make_graphed_callables((self.text, self.unet), samples, allow_unused_input=True)
+                self.graphed = True
+            except RuntimeError as error:  # something in the step cannot be recorded: plain launches from now on
+                warnings.warn(f"--cuda-graphs: recording the training step failed ({error}); it runs without "
+                              "graphs", stacklevel=3)
+                self.graphed = False
 
 
 def recorder(method: Any, pipe: Any, device: torch.device, config: Any) -> GraphedStep | None:

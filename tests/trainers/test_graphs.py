@@ -95,6 +95,55 @@ def test_off_the_gpu_cuda_graphs_warns_once_and_trains_as_before(tmp_path: Path)
     assert asked.losses == plain.losses
 
 
+def _emulated_run(run_dir: Path, recorded: bool, monkeypatch: pytest.MonkeyPatch, steps: int = 4, grad_accum: int = 1,
+                  cancel: threading.Event | None = None, resume: bool = False) -> tuple[Loop, DreamBoothLoRA]:
+    """A CPU run whose training step goes through `GraphedStep` with the emulated recording (`graph_emulator`)."""
+    import graph_emulator
+
+    from trainers import Callbacks
+    from trainers.graphs import GraphedStep
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", graph_emulator.make_graphed_callables)
+    method = DreamBoothLoRA(DreamBoothLoRAConfig(lr=1e-3, lora_dropout=0.1))  # dropout: the warm-up draws masks
+    config = quick(train_steps=steps, batch_size=2, grad_accum=grad_accum, save_every=2)
+    half = Callbacks(on_step=lambda step, loss: cancel.set() if step == steps // 2 else None) if cancel else None
+    loop = Loop(method, tiny_pipe(), emblem(), config, run_dir, callbacks=half, cancel=cancel, resume=resume)
+    if recorded:
+        loop.graphs = GraphedStep(loop.pipe)
+    loop.run()
+    return loop, method
+
+
+def _same_training(a: tuple[Loop, DreamBoothLoRA], b: tuple[Loop, DreamBoothLoRA]) -> bool:
+    tensors_a, tensors_b = a[1].trainable_tensors(), b[1].trainable_tensors()
+    return a[0].losses == b[0].losses and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+
+
+def test_an_emulated_recording_trains_exactly_as_plain_launches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """The loop's side of a recording (static buffers, gradients handed over by the backward replay, probes under
+    no_grad between steps, the warm-up's dropout masks) changes nothing, also across a resume."""
+    plain = _emulated_run(tmp_path / "plain", False, monkeypatch)
+    recorded = _emulated_run(tmp_path / "recorded", True, monkeypatch)
+    assert recorded[0].graphs.graphed is True and recorded[0].graphs.replays >= 4
+    assert any(p.abs().max() > 0 for k, p in recorded[1].trainable_tensors().items() if "lora_B" in k)
+    assert _same_training(plain, recorded)
+    event = threading.Event()
+    first = _emulated_run(tmp_path / "stopped", True, monkeypatch, cancel=event)
+    assert first[0].step == 2
+    resumed = _emulated_run(tmp_path / "stopped", True, monkeypatch, resume=True)
+    assert resumed[0].step == 4 and _same_training(plain, resumed)
+
+
+def test_two_micro_steps_would_overwrite_each_others_recorded_gradients(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why `why_not` refuses --grad-accum above 1: the backward replay writes the same buffers every time."""
+    plain = _emulated_run(tmp_path / "plain", False, monkeypatch, steps=2, grad_accum=2)
+    recorded = _emulated_run(tmp_path / "recorded", True, monkeypatch, steps=2, grad_accum=2)
+    assert plain[0].losses[0] == recorded[0].losses[0]  # the first step's losses come before any update
+    assert not _same_training(plain, recorded)
+
+
 def _gpu_run(kind: str, run_dir: Path, graphs: bool, steps: int = 6, cancel: threading.Event | None = None,
              resume: bool = False, dropout: float = 0.0) -> tuple[Loop, DreamBoothLoRA]:
     method = DreamBoothLoRA(DreamBoothLoRAConfig(lr=1e-3, lora_dropout=dropout))
