@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.atomic import disk_full
-from studio.errors import DiskFull, StudioError
+from studio.errors import DiskFull, OutOfMemory, StudioError
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,9 @@ def remove_stale_temporaries(files: list[Path]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+GROUP = 8  # jobs per batched call by default: 8 one-image jobs ran 1.86x faster as one call on 2 CPU cores
+
+
 def run_batch(
     jobs: list[Job],
     out_dir: str | Path,
@@ -89,15 +92,19 @@ def run_batch(
     on_image: Callable[[Path], None] | None = None,
     progress: bool = True,
     cancel: threading.Event | None = None,
+    group: int = GROUP,
 ) -> dict[str, int]:
-    """Run this rank's share of `jobs` (job i on rank i mod world_size), skipping finished ones. Setting `cancel`
-    stops after the current denoising step (`studio.errors.Cancelled`); finished PNGs stay, a rerun skips them."""
+    """Run this rank's share of `jobs` (job i on rank i mod world_size), skipping finished ones. One-image jobs that
+    differ only in prompt, seed and `<lora:...>` tags run `group` at a time as one batched call, each image with its
+    own adapters (`studio.mixed`). Setting `cancel` stops after the current denoising step
+    (`studio.errors.Cancelled`); finished PNGs stay, a rerun skips them."""
     from tqdm import tqdm
 
     from studio.configs import from_mapping
-    from studio.generate import GenerateConfig, cached_pipeline, generate, make_grid, resolve_device
-    from studio.pnginfo import save_png
+    from studio.generate import GenerateConfig
 
+    if group < 1:
+        raise StudioError(f"--group must be at least 1, got {group}")
     out_dir = Path(out_dir)
     mine = [j for j in jobs if j.index % world_size == rank]
     todo = []
@@ -107,24 +114,97 @@ def run_batch(
         if not all(f.is_file() for f in files):
             todo.append(job)
     counts = {"jobs": len(jobs), "mine": len(mine), "skipped": len(mine) - len(todo), "made": 0}
-    bar = tqdm(todo, desc=f"batch rank {rank}", unit="job", position=rank, disable=not progress)
-    for job in bar:
-        config = from_mapping(GenerateConfig, {**job.options, **({"device": device} if device else {})})
-        pipe = cached_pipeline(config.model, resolve_device(config.device))
-        result = generate(config, pipe=pipe, cancel=cancel)
-        files = job_files(job, out_dir)
-        extra = {"job": job.index, "rank": rank, "world_size": world_size}
-        try:
-            for image, params, path in zip(result.images, result.params, files):
-                if not path.is_file():  # a restarted job never rewrites a finished file
-                    save_png(image, path, {**params, **extra})
-                    if on_image is not None:
-                        on_image(path)
-            if len(files) > len(result.images) and not files[-1].is_file():
-                save_png(make_grid(result.images), files[-1], {**result.params[0], **extra})
-        except DiskFull as err:  # every PNG written so far is whole; the rerun skips the finished jobs
-            raise disk_full(err.path, f"{Path(err.path).name} (job on line {job.line}) was not written; "
-                            f"{counts['skipped'] + counts['made']} of this run's {len(mine)} jobs are done and kept",
-                            "run the same command again (finished jobs are skipped)") from None
-        counts["made"] += 1
+    configs = {job.index: from_mapping(GenerateConfig, {**job.options, **({"device": device} if device else {})})
+               for job in todo}
+    bar = tqdm(total=len(todo), desc=f"batch rank {rank}", unit="job", position=rank, disable=not progress)
+    for chunk in _groups(todo, configs, group):
+        for job, (images, params) in zip(chunk, _generate(chunk, configs, cancel)):
+            _save(job, images, params, out_dir, rank, world_size, on_image, counts, len(mine))
+            counts["made"] += 1
+            bar.update(1)
+    bar.close()
     return counts
+
+
+def _group_key(config: Any) -> str | None:
+    """What jobs of one batched call share (everything but prompt, seed and tags), or None for a job that runs
+    alone (several images, or tags that the job's own run should report on)."""
+    import dataclasses
+
+    from studio.prompt_tags import split_lora_tags
+
+    try:
+        names = [n for n, _ in split_lora_tags(config.prompt)[1]]
+    except StudioError:
+        return None
+    if config.num_images != 1 or len(set(names)) != len(names):
+        return None
+    return json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in ("prompt", "seed")},
+                      sort_keys=True, default=str)
+
+
+def _groups(todo: list[Job], configs: dict[int, Any], size: int) -> list[list[Job]]:
+    """The jobs in calls: jobs with one `_group_key` together, `size` at most, in the order of their first job."""
+    buckets: dict[str, list[Job]] = {}
+    calls: list[list[Job]] = []
+    for job in todo:
+        key = _group_key(configs[job.index]) if size > 1 else None
+        if key is None:
+            calls.append([job])
+            continue
+        if key not in buckets or len(buckets[key]) == size:
+            buckets[key] = []
+            calls.append(buckets[key])
+        buckets[key].append(job)
+    return calls
+
+
+def _generate(chunk: list[Job], configs: dict[int, Any], cancel: threading.Event | None) -> Any:
+    """(images, params) of each job of `chunk`: one batched call when it can be one, else one call per job."""
+    import dataclasses
+
+    from studio.generate import cached_pipeline, generate, memory_plan, resolve_device
+    from studio.mixed import MixedUnsupported
+    from studio.prompt_tags import split_lora_tags
+
+    first = configs[chunk[0].index]
+    pipe = cached_pipeline(first.model, resolve_device(first.device))
+    if len(chunk) > 1:
+        split = [split_lora_tags(configs[job.index].prompt) for job in chunk]
+        batched = dataclasses.replace(first, prompt=split[0][0], num_images=len(chunk))
+        try:
+            memory_plan(batched, pipe)
+            result = generate(batched, pipe=pipe, prompts=[text for text, _ in split],
+                              seeds=[configs[job.index].seed for job in chunk],
+                              adapter_sets=[dict(tags) for _, tags in split] if any(t for _, t in split) else None,
+                              cancel=cancel)
+        except (MixedUnsupported, OutOfMemory):  # adapters that cannot mix, a batch too large: one job at a time
+            result = None
+        if result is not None:
+            for job, image, params in zip(chunk, result.images, result.params):
+                yield [image], [{**params, "prompt": configs[job.index].prompt}]  # the job's own prompt, tags too
+            return
+    for job in chunk:
+        result = generate(configs[job.index], pipe=pipe, cancel=cancel)
+        yield result.images, result.params
+
+
+def _save(job: Job, images: list[Any], params: list[dict], out_dir: Path, rank: int, world_size: int,
+          on_image: Callable[[Path], None] | None, counts: dict[str, int], mine: int) -> None:
+    from studio.generate import make_grid
+    from studio.pnginfo import save_png
+
+    files = job_files(job, out_dir)
+    extra = {"job": job.index, "rank": rank, "world_size": world_size}
+    try:
+        for image, record, path in zip(images, params, files):
+            if not path.is_file():  # a restarted job never rewrites a finished file
+                save_png(image, path, {**record, **extra})
+                if on_image is not None:
+                    on_image(path)
+        if len(files) > len(images) and not files[-1].is_file():
+            save_png(make_grid(images), files[-1], {**params[0], **extra})
+    except DiskFull as err:  # every PNG written so far is whole; the rerun skips the finished jobs
+        raise disk_full(err.path, f"{Path(err.path).name} (job on line {job.line}) was not written; "
+                        f"{counts['skipped'] + counts['made']} of this run's {mine} jobs are done and kept",
+                        "run the same command again (finished jobs are skipped)") from None

@@ -21,3 +21,7 @@ class DiskFull(StudioError):
 
 class Cancelled(StudioError):
     """Work stopped because the user asked (a cancel event was set); nothing it had finished is lost."""
+
+
+class OutOfMemory(StudioError):
+    """A generation does not fit the device's memory (refused before the work, or failed in it twice)."""

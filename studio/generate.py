@@ -28,7 +28,7 @@ from PIL import Image
 
 from studio.configs import check_numbers
 from studio.cuda_graphs import graphed_unet
-from studio.errors import Cancelled, StudioError
+from studio.errors import Cancelled, OutOfMemory, StudioError
 from studio.memory import MemoryPlan, is_out_of_memory, memory_savers, plan_memory, release_memory
 from studio.models import DEFAULT_MODEL, load_pipeline
 from studio.prompt_tags import split_lora_tags
@@ -185,6 +185,7 @@ def generate(
     seeds: list[int] | None = None,
     cancel: threading.Event | None = None,
     free_memory: int | None = None,
+    adapter_sets: list[dict[str, float]] | None = None,
 ) -> GenerateResult:
     """Make `config.num_images` images. `progress(step, total)` is called after every denoising step.
 
@@ -192,6 +193,8 @@ def generate(
     each image its own prompt in one batch (`config.num_images` of them; `<lora:...>` tags only in `config.prompt`),
     `seeds` its own seed (default `config.seed + i` for image i). Setting `cancel` stops the run after the current
     step with `studio.errors.Cancelled`. `free_memory` (bytes) replaces the device's free memory in the check.
+    `adapter_sets` gives each image its own library adapters {name: weight} (with `prompts`; none in
+    `config.prompt`), all in one batch (`studio.mixed`; adapters loaded before stay active in every image).
     """
     if prompts is not None and len(prompts) != config.num_images:
         raise StudioError(f"{len(prompts)} prompts for {config.num_images} images")
@@ -209,9 +212,24 @@ def generate(
         pipe, "guidance_rescale", 0.0)
     plan = memory_plan(config, pipe, free_memory)  # refuses what cannot fit, before any work
     prompt, tags = split_lora_tags(config.prompt)  # A1111 `<lora:name:w>` tags select library adapters
-    with prompt_adapters(pipe, tags) as active:
+    if adapter_sets is not None and (prompts is None or len(adapter_sets) != config.num_images or tags):
+        raise StudioError("adapter_sets needs one adapter set per image, with `prompts`, and no <lora:...> tags in "
+                          "the config's prompt")
+    from studio.library.load import loaded_adapters
+    from studio.mixed import mixed_adapters
+
+    union = sorted({n for chosen in adapter_sets or [] for n in chosen})
+    before = loaded_adapters(pipe)
+    with contextlib.ExitStack() as stack:
+        active = stack.enter_context(prompt_adapters(pipe, tags if adapter_sets is None else
+                                                     [(n, 1.0) for n in union if n not in before]))
         texts = prompts if prompts is not None else prompt
-        embeds = encode_prompt(pipe, texts, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
+        if adapter_sets is None:
+            embeds = encode_prompt(pipe, texts, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
+        else:
+            adapter_sets = [{**before, **chosen} for chosen in adapter_sets]
+            embeds = stack.enter_context(mixed_adapters(pipe, texts, adapter_sets, config.negative or None, guided,
+                                                        config.clip_skip))
 
         def on_step_end(_pipe: DiffusionPipeline, step: int, _t: Any, kwargs: dict) -> dict:
             if progress is not None:
@@ -244,6 +262,8 @@ def generate(
                 adapters=[{"name": n, "weight": w} for n, w in active.items()])
     base["version"] = _version()
     params = [{**base, "seed": s, "num_images": 1} for s in seeds]
+    for record, chosen in zip(params, adapter_sets or []):
+        record["adapters"] = [{"name": n, "weight": w} for n, w in chosen.items()]
     for record, text in zip(params, prompts or []):
         record["prompt"] = text
     return GenerateResult(images, params)
@@ -274,7 +294,7 @@ def _sample_within_memory(
     on = [f"--{n}" for n, v in (("attention-slicing", retry.attention_slicing), ("vae-tiling", retry.vae_tiling)) if v]
     off = [f"--{n}" for n, v, ok in (("attention-slicing", retry.attention_slicing, slicing),
                                       ("vae-tiling", retry.vae_tiling, tiling)) if ok and not v]
-    raise StudioError(
+    raise OutOfMemory(
         f"out of memory on {plan.device} making {config.num_images} image(s) at {size} (estimated "
         f"{human(plan.total)}, {human(plan.free)} free when it started{'; with ' + ' '.join(on) if on else ''}); "
         f"lower --size or --num-images{' or pass ' + ' '.join(off) if off else ''}"

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from studio.errors import StudioError
+from studio.errors import OutOfMemory
 from studio.sizes import human
 
 
@@ -203,7 +203,8 @@ def plan_memory(
     vae_tiling: bool | None = None,
     free: int | None = None,
 ) -> MemoryPlan:
-    """The savers a request runs with (None: on only when needed), or a StudioError when nothing makes it fit."""
+    """The savers a request runs with (None: on only when needed), or `OutOfMemory` (a StudioError) when nothing
+    makes it fit."""
     free = free_memory(device) if free is None else free
     offered_slicing, offered_tiling = savers_offered(pipe)
 
@@ -223,7 +224,7 @@ def plan_memory(
     tried = [name for name, on in (("attention slicing", saving.attention_slicing), ("VAE tiling", saving.vae_tiling))
              if on]
     savers = f" even with {' and '.join(tried)}" if tried else ""
-    raise StudioError(
+    raise OutOfMemory(
         f"{num_images} image(s) at {width}x{height} need {saving.describe()}{savers}; lower --size or --num-images"
     )
 

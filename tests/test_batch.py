@@ -88,3 +88,44 @@ def test_sigkill_then_restart_keeps_finished_files(tiny_dirs: dict, tmp_path: Pa
         p = out / name
         assert (p.stat().st_mtime_ns, p.stat().st_ino, p.read_bytes()) == (mtime, inode, data)
     assert sorted(read_parameters(p)["job"] for p in pngs) == list(range(20))
+
+
+def test_jobs_that_differ_in_prompt_seed_and_tags_share_a_call(tiny_dirs: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouped (`--group 3`), the PNGs are those of one call per job (up to one level in a few pixels), with each
+    job's own prompt, tags and seed in its parameters; a job with other settings or several images runs alone."""
+    import numpy as np
+    from composer_helpers import add_random_adapter
+    from PIL import Image
+
+    import studio.generate
+    from studio.batch import run_batch
+    from studio.generate import cached_pipeline
+
+    model = tiny_dirs["sd1"]
+    pipe = cached_pipeline(str(model), "cpu")
+    add_random_adapter(pipe, "grp-a", seed=1, scale=0.4)
+    add_random_adapter(pipe, "grp-b", seed=2, scale=0.4)
+    jobs = [{"prompt": "a red star <lora:grp-a:0.8>", "seed": 1}, {"prompt": "a blue ring", "seed": 2},
+            {"prompt": "a green square <lora:grp-b:1> <lora:grp-a:-0.5>", "seed": 3},
+            {"prompt": "a red star", "seed": 4, "steps": 3}, {"prompt": "a red ring <lora:grp-b>", "seed": 5},
+            {"prompt": "a blue star", "seed": 6, "num_images": 2}]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps({"model": str(model), "steps": 2, **job}) + "\n" for job in jobs))
+    calls = []
+    real = studio.generate.generate
+    monkeypatch.setattr(studio.generate, "generate", lambda c, **kw: calls.append(c.num_images) or real(c, **kw))
+    grouped = run_batch(read_jobs(path), tmp_path / "grouped", progress=False, group=3)
+    assert calls == [3, 1, 1, 2] and grouped["made"] == 6  # jobs 0-2, job 4 (the group was full), job 3, job 5
+    calls.clear()
+    run_batch(read_jobs(path), tmp_path / "alone", progress=False, group=1)
+    assert calls == [1, 1, 1, 1, 1, 2]
+    for name in sorted(p.name for p in (tmp_path / "alone").iterdir()):
+        a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=np.int16) for d in ("grouped", "alone"))
+        assert np.abs(a - b).max() <= 1, name
+        params = read_parameters(tmp_path / "grouped" / name)
+        if name in ("00000.png", "00002.png"):
+            assert params == read_parameters(tmp_path / "alone" / name) | {"job": params["job"]}
+    first = read_parameters(tmp_path / "grouped" / "00000.png")
+    assert first["prompt"] == "a red star <lora:grp-a:0.8>" and first["seed"] == 1
+    assert first["adapters"] == [{"name": "grp-a", "weight": 0.8}]

@@ -14,6 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("jobs", help='JSONL file, one job per line: {"prompt": "a red star", "seed": 3, ...}')
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default=None, help="override every job's device (default: the process's own)")
+    parser.add_argument("--group", type=int, default=None, metavar="N",
+                        help="one-image jobs that differ only in prompt, seed and <lora:...> tags run N at a time as "
+                             "one batched call, each image with its own adapters (default 8; 1: one call per job)")
     parser.set_defaults(func=run)
 
 
@@ -21,14 +24,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from accelerate import PartialState
 
-    from studio.batch import read_jobs, run_batch
+    from studio.batch import GROUP, read_jobs, run_batch
     from studio.distributed import wait_for_everyone
 
     jobs = read_jobs(args.jobs)  # every process validates the whole file before any work starts
     cpu = (args.device or "").startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     state = PartialState(cpu=cpu or not torch.cuda.is_available())  # CPU processes meet over gloo
     device = args.device or (str(state.device) if state.distributed_type.value != "NO" else None)
-    counts = run_batch(jobs, args.out, rank=state.process_index, world_size=state.num_processes, device=device)
+    counts = run_batch(jobs, args.out, rank=state.process_index, world_size=state.num_processes, device=device,
+                       group=GROUP if args.group is None else args.group)
     wait_for_everyone(state)
     print(json.dumps({"rank": state.process_index, **counts}))
     return 0
