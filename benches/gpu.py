@@ -8,16 +8,23 @@
   optimizer step from a run of `--train-steps` steps and one a quarter as long (after a warm-up run that caches the
   class images), and a default-length run's seconds projected from them (class images from the cache).
 
+- Composition (`--no-composition` skips it): milliseconds per image at batch 1 with one adapter by its tag and with
+  two adapters in their boxes by LoRA-Composer (the bar: at most 1.25x the one adapter), and a batch of one-image
+  jobs with four adapters as one batched call (`studio batch --group`) against one call per job. The adapters are
+  DreamBooth-LoRA at its default targets with random weights, written to a temporary library.
+
 Writes `gpu-bench.json` and `gpu-bench.md` to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +91,91 @@ def training(model: str, steps: int) -> dict:
     return report
 
 
+TRIGGERS = ("sks", "zwx", "qrv", "vgl")
+
+
+def _random_adapters(model: str, root: str, n: int) -> list[str]:
+    """`n` DreamBooth-LoRA adapters at the method's defaults (every default target, UNet and text encoder) with
+    random non-zero B, in the library at `root`: real shapes, so they cost what trained ones cost."""
+    from studio.models import load_pipeline
+    from trainers import DreamBoothLoRA
+
+    library, names = _library(root), []
+    for i in range(n):
+        pipe, method = load_pipeline(model), DreamBoothLoRA()
+        for part in (pipe.unet, pipe.text_encoder):
+            part.requires_grad_(False)
+        torch.manual_seed(i)
+        method.attach(pipe)
+        for key, p in method.trainable_tensors().items():
+            if "lora_B" in key:
+                p.data.normal_(0, 0.02)
+        tensors, meta = method.export()
+        meta.trigger_words, meta.kind = [TRIGGERS[i]], "subject"
+        library.add(f"bench-gpu-{i}", tensors, meta)
+        names.append(f"bench-gpu-{i}")
+    return names
+
+
+def composition(model: str, device: str, runs: int, steps: int, jobs: int = 16) -> dict:
+    """Milliseconds per image, side by side: one adapter by its tag (batch 1); two adapters in their boxes with
+    LoRA-Composer (batch 1); `jobs` one-image jobs with four adapters, one batched call (`studio batch --group`) and
+    one call per job."""
+    import os
+
+    import composers
+    from studio.batch import read_jobs, run_batch
+    from studio.generate import GenerateConfig, cached_pipeline, generate
+
+    def timed(fn: Any) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(runs):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    before = os.environ.get("STUDIO_LIBRARY")
+    with tempfile.TemporaryDirectory() as root:
+        os.environ["STUDIO_LIBRARY"] = root  # `<lora:...>` tags load from the default library
+        try:
+            names = _random_adapters(model, root, 4)
+            pipe = cached_pipeline(model, device)
+            one = GenerateConfig(prompt=f"a large {TRIGGERS[0]} emblem on the left <lora:{names[0]}>", model=model,
+                                 steps=steps, device=device)
+            two = GenerateConfig(prompt=f"a large {TRIGGERS[0]} emblem on the left and a large {TRIGGERS[1]} "
+                                 "emblem on the right", model=model, steps=steps, device=device)
+            pair = composers.AdapterSet.parse(f"{names[0]},{names[1]}")
+            single = timed(lambda: generate(one, pipe=pipe, output_type="pt"))
+            regional = timed(lambda: composers.compose(two, pair, "lora_composer", pipe=pipe, output_type="pt"))
+            lines = [json.dumps({"prompt": f"a large {TRIGGERS[i % 4]} emblem <lora:{names[i % 4]}:{0.5 + i % 3 / 4}>",
+                                 "seed": i, "model": model, "steps": steps, "device": device}) for i in range(jobs)]
+            job_file = Path(root) / "jobs.jsonl"
+            job_file.write_text("\n".join(lines) + "\n")
+
+            def batch(group: int) -> None:
+                out = Path(root) / f"out-{group}"
+                for png in out.glob("*.png"):
+                    png.unlink()
+                run_batch(read_jobs(job_file), out, progress=False, group=group)
+
+            grouped, alone = timed(lambda: batch(jobs)), timed(lambda: batch(1))
+        finally:
+            os.environ.pop("STUDIO_LIBRARY") if before is None else os.environ.update(STUDIO_LIBRARY=before)
+    return {"single_ms": round(1000 * single, 1), "lora_composer_ms": round(1000 * regional, 1),
+            "lora_composer_ratio": round(regional / single, 2), "jobs": jobs,
+            "mixed_grouped_ms": round(1000 * grouped / jobs, 2), "mixed_alone_ms": round(1000 * alone / jobs, 2),
+            "mixed_speedup": round(alone / grouped, 2)}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _library(root: str):  # -> studio.library.Library
     from studio.library import Library
 
@@ -99,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
               "generation": generation(args.model, args.batch, args.runs, args.steps)}
     if args.train_steps:
         report["training"] = training(args.model, args.train_steps)
+    if args.composition:
+        report["composition"] = composition(args.model, "cuda", args.runs, args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# studio bench gpu ({report['device']}, {args.steps} steps, median of {args.runs})", "",
@@ -112,6 +206,12 @@ def run(args: argparse.Namespace) -> int:
         lines += [f"| {label} | {t[mode]['s_per_step']} | {t[mode]['projected_default_run_s']} | "
                   f"{t[mode]['fixed_s']} |" for mode, label in (("graphs", "CUDA graphs"), ("plain", "plain"))]
         lines += ["", f"Speed-up per step: {t['speedup']}x."]
+    if "composition" in report:
+        c = report["composition"]
+        lines += ["", "| batch 1 | ms/image |", "|---|---|", f"| one adapter (tag) | {c['single_ms']} |",
+                  f"| two adapters in boxes (lora_composer) | {c['lora_composer_ms']} ({c['lora_composer_ratio']}x) |",
+                  "", f"{c['jobs']} one-image jobs, four adapters: {c['mixed_grouped_ms']} ms/image in one batched "
+                  f"call, {c['mixed_alone_ms']} one call per job ({c['mixed_speedup']}x)."]
     from studio.atomic import write_json, write_text
 
     write_json(out / "gpu-bench.json", report)
@@ -127,6 +227,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=60, help="training steps timed (0: no training)")
+    parser.add_argument("--no-composition", dest="composition", action="store_false",
+                        help="skip the composition rows (one adapter, two in boxes, a mixed batch)")
     parser.add_argument("--out", default="bench-out/gpu")
     parser.set_defaults(func=lambda args: run(argparse.Namespace(**{**vars(args),
                                                                     "batch": args.batch or DEFAULT_BATCHES})))

@@ -22,6 +22,7 @@ def test_without_a_gpu_the_bench_says_what_to_run_instead(capsys) -> None:
 def test_the_bench_times_graphs_plain_and_training(tiny_dirs: dict, tmp_path: Path) -> None:
     assert main(["bench", "gpu", "--model", str(tiny_dirs["sd1"]), "--batch", "1", "--batch", "4", "--steps", "3",
                  "--runs", "2", "--train-steps", "8", "--out", str(tmp_path)]) == 0
+    assert "lora_composer" in (tmp_path / "gpu-bench.md").read_text()
     report = json.loads((tmp_path / "gpu-bench.json").read_text())
     assert [r["batch"] for r in report["generation"]] == [1, 4]
     assert all(r["graphs"] > 0 and r["plain"] > 0 for r in report["generation"])
@@ -30,3 +31,13 @@ def test_the_bench_times_graphs_plain_and_training(tiny_dirs: dict, tmp_path: Pa
     assert training["speedup"] == round(training["plain"]["s_per_step"] / training["graphs"]["s_per_step"], 2)
     assert "| CUDA graphs |" in (tmp_path / "gpu-bench.md").read_text()
     assert "| 4 |" in (tmp_path / "gpu-bench.md").read_text()
+
+
+def test_the_composition_rows_run_side_by_side(tiny_dirs: dict) -> None:
+    """On the CPU (the GPU run calls the same function): one adapter, LoRA-Composer with two, a mixed batch."""
+    from benches.gpu import composition
+
+    row = composition(str(tiny_dirs["sd1"]), "cpu", runs=1, steps=2, jobs=4)
+    assert row["single_ms"] > 0 and row["lora_composer_ms"] > 0 and row["mixed_grouped_ms"] > 0
+    assert abs(row["lora_composer_ratio"] - row["lora_composer_ms"] / row["single_ms"]) < 0.02
+    assert abs(row["mixed_speedup"] - row["mixed_alone_ms"] / row["mixed_grouped_ms"]) < 0.02
