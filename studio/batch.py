@@ -137,8 +137,8 @@ def _group_key(config: Any) -> str | None:
         names = [n for n, _ in split_lora_tags(config.prompt)[1]]
     except StudioError:
         return None
-    if config.num_images != 1 or len(set(names)) != len(names):
-        return None
+    if config.num_images != 1 or len(set(names)) != len(names) or config.attention_slicing:
+        return None  # several images, a tag repeated (its own run says so), attention slicing asked for
     return json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in ("prompt", "seed")},
                       sort_keys=True, default=str)
 
@@ -163,7 +163,7 @@ def _generate(chunk: list[Job], configs: dict[int, Any], cancel: threading.Event
     """(images, params) of each job of `chunk`: one batched call when it can be one, else one call per job."""
     import dataclasses
 
-    from studio.generate import cached_pipeline, generate, memory_plan, resolve_device
+    from studio.generate import cached_pipeline, generate, resolve_device
     from studio.mixed import MixedUnsupported
     from studio.prompt_tags import split_lora_tags
 
@@ -173,7 +173,6 @@ def _generate(chunk: list[Job], configs: dict[int, Any], cancel: threading.Event
         split = [split_lora_tags(configs[job.index].prompt) for job in chunk]
         batched = dataclasses.replace(first, prompt=split[0][0], num_images=len(chunk))
         try:
-            memory_plan(batched, pipe)
             result = generate(batched, pipe=pipe, prompts=[text for text, _ in split],
                               seeds=[configs[job.index].seed for job in chunk],
                               adapter_sets=[dict(tags) for _, tags in split] if any(t for _, t in split) else None,

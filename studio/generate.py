@@ -194,7 +194,8 @@ def generate(
     `seeds` its own seed (default `config.seed + i` for image i). Setting `cancel` stops the run after the current
     step with `studio.errors.Cancelled`. `free_memory` (bytes) replaces the device's free memory in the check.
     `adapter_sets` gives each image its own library adapters {name: weight} (with `prompts`; none in
-    `config.prompt`), all in one batch (`studio.mixed`; adapters loaded before stay active in every image).
+    `config.prompt`), all in one batch (`studio.mixed`; adapters loaded before stay active in every image; attention
+    unsliced, so a batch that needs slicing is refused with `OutOfMemory`).
     """
     if prompts is not None and len(prompts) != config.num_images:
         raise StudioError(f"{len(prompts)} prompts for {config.num_images} images")
@@ -210,6 +211,8 @@ def generate(
     guided = guidance > 1.0
     rescale = config.guidance_rescale if config.guidance_rescale is not None else model_setting(
         pipe, "guidance_rescale", 0.0)
+    if adapter_sets is not None:  # their processor computes attention itself: never sliced (`studio.mixed`)
+        config = dataclasses.replace(config, attention_slicing=False)
     plan = memory_plan(config, pipe, free_memory)  # refuses what cannot fit, before any work
     prompt, tags = split_lora_tags(config.prompt)  # A1111 `<lora:name:w>` tags select library adapters
     if adapter_sets is not None and (prompts is None or len(adapter_sets) != config.num_images or tags):

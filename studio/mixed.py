@@ -72,11 +72,11 @@ class StackedLoRA:
         self.down = torch.cat([m.weight for m in a])  # (R, in) or (R, in, k, k)
         self.up = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n, _ in held], dim=1)  # (out, R[, 1, 1])
         self.ranks = [m.weight.shape[0] for m in a]
-        self.columns = torch.tensor([c for _, c in held])  # (G,): the S column of each held adapter
+        self.columns = torch.tensor([c for _, c in held], device=self.down.device)  # (G,): each adapter's S column
 
     def __call__(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """The deltas for x (B, ..., in) or (B, in, H, W), S (B, K): (B, ..., out) or (B, out, H, W)."""
-        s = scales.to(x).index_select(1, self.columns.to(x.device))  # (B, G)
+        s = scales.to(x).index_select(1, self.columns)  # (B, G)
         s_col = column_scales(s, self.ranks)  # (B, R)
         down, up = self.down.to(x), self.up.to(x)
         if self.conv is not None:

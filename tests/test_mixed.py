@@ -113,3 +113,13 @@ def test_adapter_sets_need_one_set_per_image_and_no_tags(tiny_dirs: dict) -> Non
     config = GenerateConfig(prompt="a star <lora:x:1>", seed=5, steps=2, num_images=1)
     with pytest.raises(StudioError, match="one adapter set per image"):
         generate(config, pipe=pipe, prompts=["a star"], adapter_sets=[{}])
+
+
+def test_a_batch_that_does_not_fit_is_refused_as_out_of_memory(tiny_dirs: dict) -> None:
+    """`studio batch` then runs the jobs one at a time (it catches `OutOfMemory`)."""
+    from studio.errors import OutOfMemory
+
+    pipe = cached_pipeline(str(tiny_dirs["sd1"]), "cpu")
+    config = GenerateConfig(prompt="a star", seed=5, steps=2, num_images=2)
+    with pytest.raises(OutOfMemory, match="lower --size or --num-images"):
+        generate(config, pipe=pipe, prompts=["a star", "a ring"], adapter_sets=[{}, {}], free_memory=1)
