@@ -96,7 +96,8 @@ def test_off_the_gpu_cuda_graphs_warns_once_and_trains_as_before(tmp_path: Path)
 
 
 def _emulated_run(run_dir: Path, recorded: bool, monkeypatch: pytest.MonkeyPatch, steps: int = 4, grad_accum: int = 1,
-                  cancel: threading.Event | None = None, resume: bool = False) -> tuple[Loop, DreamBoothLoRA]:
+                  cancel: threading.Event | None = None, resume: bool = False, kind: str = "sd1"
+                  ) -> tuple[Loop, DreamBoothLoRA]:
     """A CPU run whose training step goes through `GraphedStep` with the emulated recording (`graph_emulator`)."""
     import graph_emulator
 
@@ -107,7 +108,7 @@ def _emulated_run(run_dir: Path, recorded: bool, monkeypatch: pytest.MonkeyPatch
     method = DreamBoothLoRA(DreamBoothLoRAConfig(lr=1e-3, lora_dropout=0.1))  # dropout: the warm-up draws masks
     config = quick(train_steps=steps, batch_size=2, grad_accum=grad_accum, save_every=2)
     half = Callbacks(on_step=lambda step, loss: cancel.set() if step == steps // 2 else None) if cancel else None
-    loop = Loop(method, tiny_pipe(), emblem(), config, run_dir, callbacks=half, cancel=cancel, resume=resume)
+    loop = Loop(method, tiny_pipe(kind), emblem(), config, run_dir, callbacks=half, cancel=cancel, resume=resume)
     if recorded:
         loop.graphs = GraphedStep(loop.pipe)
     loop.run()
@@ -133,6 +134,14 @@ def test_an_emulated_recording_trains_exactly_as_plain_launches(tmp_path: Path, 
     assert first[0].step == 2
     resumed = _emulated_run(tmp_path / "stopped", True, monkeypatch, resume=True)
     assert resumed[0].step == 4 and _same_training(plain, resumed)
+
+
+def test_an_emulated_recording_of_sdxl_trains_exactly_as_plain_launches(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL's step: two text encoders, the pooled embedding and the time ids through the recorded callables."""
+    plain = _emulated_run(tmp_path / "plain", False, monkeypatch, steps=2, kind="sdxl")
+    recorded = _emulated_run(tmp_path / "recorded", True, monkeypatch, steps=2, kind="sdxl")
+    assert recorded[0].graphs.graphed is True and _same_training(plain, recorded)
 
 
 def test_two_micro_steps_would_overwrite_each_others_recorded_gradients(tmp_path: Path,
