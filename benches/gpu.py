@@ -56,6 +56,22 @@ def generation(model: str, batches: list[int], runs: int, steps: int) -> list[di
             row["graphs" if graphs else "plain"] = round(1000 * statistics.median(times) / batch, 3)
         row["speedup"] = round(row["plain"] / row["graphs"], 2)
         rows.append(row)
+    # Where batch 1's time goes, with graphs: a 2-step call against the full one gives ms per denoising step and
+    # the fixed part of a call (prompt encoding, set-up, the VAE decode, the host's work around them).
+    config = GenerateConfig(prompt="a large red star on the left on a white background", model=model, steps=2,
+                            device="cuda")
+    generate(config, pipe=pipe)
+    short = []
+    for seed in range(runs):
+        config.seed = seed
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(config, pipe=pipe, output_type="pt")
+        torch.cuda.synchronize()
+        short.append(1000 * (time.perf_counter() - start))
+    if batches[0] == 1 and steps > 2:
+        per_step = (rows[0]["graphs"] - statistics.median(short)) / (steps - 2)
+        rows[0].update(ms_per_step=round(per_step, 3), fixed_ms=round(rows[0]["graphs"] - per_step * steps, 2))
     return rows
 
 
@@ -198,6 +214,10 @@ def run(args: argparse.Namespace) -> int:
     lines = [f"# studio bench gpu ({report['device']}, {args.steps} steps, median of {args.runs})", "",
              "| batch | ms/image, CUDA graphs | ms/image, plain | speed-up |", "|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['graphs']} | {r['plain']} | {r['speedup']}x |" for r in report["generation"]]
+    first = report["generation"][0]
+    if "ms_per_step" in first:
+        lines += ["", f"Batch 1 with graphs: {first['ms_per_step']} ms per denoising step and {first['fixed_ms']} ms "
+                      "fixed per call (prompt encoding, set-up, VAE decode; from a 2-step call beside the full one)."]
     if "training" in report:
         t = report["training"]
         lines += ["", f"Training (DreamBooth-LoRA, world emblem, {t['steps']} steps timed; a default run is "

@@ -25,6 +25,8 @@ def test_the_bench_times_graphs_plain_and_training(tiny_dirs: dict, tmp_path: Pa
     assert "lora_composer" in (tmp_path / "gpu-bench.md").read_text()
     report = json.loads((tmp_path / "gpu-bench.json").read_text())
     assert [r["batch"] for r in report["generation"]] == [1, 4]
+    first = report["generation"][0]
+    assert abs(first["fixed_ms"] + 3 * first["ms_per_step"] - first["graphs"]) < 0.05
     assert all(r["graphs"] > 0 and r["plain"] > 0 for r in report["generation"])
     training = report["training"]
     assert training["steps"] == 8 and training["graphs"]["s_per_step"] > 0 and training["plain"]["s_per_step"] > 0
