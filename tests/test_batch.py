@@ -109,22 +109,24 @@ def test_jobs_that_differ_in_prompt_seed_and_tags_share_a_call(tiny_dirs: dict, 
     jobs = [{"prompt": "a red star <lora:grp-a:0.8>", "seed": 1}, {"prompt": "a blue ring", "seed": 2},
             {"prompt": "a green square <lora:grp-b:1> <lora:grp-a:-0.5>", "seed": 3},
             {"prompt": "a red star", "seed": 4, "steps": 3}, {"prompt": "a red ring <lora:grp-b>", "seed": 5},
-            {"prompt": "a blue star", "seed": 6, "num_images": 2}]
+            {"prompt": "a blue star", "seed": 6, "num_images": 2},
+            {"prompt": "a blue ring <lora:grp-a:0.5>", "seed": 7, "guidance": 4.0},  # one adapter set: as usual
+            {"prompt": "a red ring <lora:grp-a:0.5>", "seed": 8, "guidance": 4.0}]
     path = tmp_path / "jobs.jsonl"
     path.write_text("".join(json.dumps({"model": str(model), "steps": 2, **job}) + "\n" for job in jobs))
     calls = []
     real = studio.generate.generate
     monkeypatch.setattr(studio.generate, "generate", lambda c, **kw: calls.append(c.num_images) or real(c, **kw))
     grouped = run_batch(read_jobs(path), tmp_path / "grouped", progress=False, group=3)
-    assert calls == [3, 1, 1, 2] and grouped["made"] == 6  # jobs 0-2, job 4 (the group was full), job 3, job 5
+    assert calls == [3, 1, 1, 2, 2] and grouped["made"] == 8  # jobs 0-2, 3, 4 (0-2 was full), 5, 6-7
     calls.clear()
     run_batch(read_jobs(path), tmp_path / "alone", progress=False, group=1)
-    assert calls == [1, 1, 1, 1, 1, 2]
+    assert calls == [1, 1, 1, 1, 1, 2, 1, 1]
     for name in sorted(p.name for p in (tmp_path / "alone").iterdir()):
         a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=np.int16) for d in ("grouped", "alone"))
         assert np.abs(a - b).max() <= 1, name
         params = read_parameters(tmp_path / "grouped" / name)
-        if name in ("00000.png", "00002.png"):
+        if name in ("00000.png", "00002.png", "00007.png"):
             assert params == read_parameters(tmp_path / "alone" / name) | {"job": params["job"]}
     first = read_parameters(tmp_path / "grouped" / "00000.png")
     assert first["prompt"] == "a red star <lora:grp-a:0.8>" and first["seed"] == 1
