@@ -34,11 +34,12 @@ from composers.cmlora import CMLoRAConfig, apply_cmlora
 from composers.composite import CompositeConfig, apply_composite
 from composers.handle import Handle
 from composers.lora_composer import LoraComposerConfig, apply_lora_composer, parse_boxes
-from composers.merge import MergeConfig, apply_merge, fuse
+from composers.merge import MergeConfig, apply_merge
 from composers.multidiffusion import MultiDiffusionConfig, apply_multidiffusion
 from composers.regions import attention_levels, box_mask, box_masks, level_size
 from composers.switch import SwitchConfig, apply_switch, switch_index, switch_order
 from studio.errors import StudioError
+from studio.library.fuse import merge_exactly as fuse
 
 
 # Literal and greppable: composer name -> (config class, installer).

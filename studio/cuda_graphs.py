@@ -29,15 +29,20 @@ _PLAIN_KWARGS = {"encoder_hidden_states", "timestep_cond", "cross_attention_kwar
 
 
 def _adapter_state(unet: nn.Module) -> tuple:
-    """What PEFT layers bake into a recorded graph: active adapters, their scales, merges, disabled flags."""
+    """What PEFT layers bake into a recorded graph: active adapters, their scales, merges, disabled flags, and the
+    addresses of the unmerged active adapters' tensors (a graph reads them by address: an adapter unloaded and loaded
+    again, as `<lora:...>` tags do every call, lives elsewhere)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     state = []
     for name, module in unet.named_modules():
         if isinstance(module, BaseTunerLayer):
             scaling = getattr(module, "scaling", {})
+            live = () if module.merged or module.disable_adapters else tuple(
+                p.data_ptr() for a in module.adapter_layer_names for n in module.active_adapters
+                if n in getattr(module, a) for p in getattr(module, a)[n].parameters())
             state.append((name, tuple(module.active_adapters), tuple(sorted(scaling.items())),
-                          tuple(module.merged_adapters), module.disable_adapters))
+                          tuple(module.merged_adapters), module.disable_adapters, live))
     return tuple(state)
 
 

@@ -218,6 +218,7 @@ def generate(
     if adapter_sets is not None and (prompts is None or len(adapter_sets) != config.num_images or tags):
         raise StudioError("adapter_sets needs one adapter set per image, with `prompts`, and no <lora:...> tags in "
                           "the config's prompt")
+    from studio.library.fuse import merged_for_call
     from studio.library.load import loaded_adapters
     from studio.mixed import mixed_adapters
 
@@ -228,6 +229,8 @@ def generate(
                                                      [(n, 1.0) for n in union if n not in before]))
         texts = prompts if prompts is not None else prompt
         if adapter_sets is None:
+            if tags:  # the tagged (and the caller's) adapters in the weights for the call, if nothing else is at work
+                stack.enter_context(merged_for_call(pipe))
             embeds = encode_prompt(pipe, texts, config.negative or None, guidance=guided, clip_skip=config.clip_skip)
         else:
             adapter_sets = [{**before, **chosen} for chosen in adapter_sets]
