@@ -34,43 +34,42 @@ from studio.models import DEFAULT_MODEL
 DEFAULT_BATCHES = [1, 16, 128]
 
 
-def generation(model: str, batches: list[int], runs: int, steps: int) -> list[dict]:
-    from studio.generate import GenerateConfig, cached_pipeline, generate
+def _median_ms(config: Any, pipe: Any, runs: int) -> float:
+    """Median milliseconds of `runs` calls of `generate(config)` (seeds 0...), CUDA synchronised around each, after
+    a warm-up call (which also records the CUDA graphs)."""
+    from studio.generate import generate
 
-    pipe = cached_pipeline(model, "cuda")
-    rows = []
-    for batch in batches:
-        row: dict = {"batch": batch}
-        for graphs in (True, False):
-            config = GenerateConfig(prompt="a large red star on the left on a white background", model=model,
-                                    steps=steps, num_images=batch, device="cuda", cuda_graphs=graphs)
-            generate(config, pipe=pipe)  # warm-up (and recording)
-            times = []
-            for seed in range(runs):
-                config.seed = seed
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                generate(config, pipe=pipe, output_type="pt")
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            row["graphs" if graphs else "plain"] = round(1000 * statistics.median(times) / batch, 3)
-        row["speedup"] = round(row["plain"] / row["graphs"], 2)
-        rows.append(row)
-    # Where batch 1's time goes, with graphs: a 2-step call against the full one gives ms per denoising step and
-    # the fixed part of a call (prompt encoding, set-up, the VAE decode, the host's work around them).
-    config = GenerateConfig(prompt="a large red star on the left on a white background", model=model, steps=2,
-                            device="cuda")
     generate(config, pipe=pipe)
-    short = []
+    times = []
     for seed in range(runs):
         config.seed = seed
         torch.cuda.synchronize()
         start = time.perf_counter()
         generate(config, pipe=pipe, output_type="pt")
         torch.cuda.synchronize()
-        short.append(1000 * (time.perf_counter() - start))
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def generation(model: str, batches: list[int], runs: int, steps: int) -> list[dict]:
+    from studio.generate import GenerateConfig, cached_pipeline
+
+    pipe = cached_pipeline(model, "cuda")
+    prompt = "a large red star on the left on a white background"
+    rows = []
+    for batch in batches:
+        row: dict = {"batch": batch}
+        for graphs in (True, False):
+            config = GenerateConfig(prompt=prompt, model=model, steps=steps, num_images=batch, device="cuda",
+                                    cuda_graphs=graphs)
+            row["graphs" if graphs else "plain"] = round(_median_ms(config, pipe, runs) / batch, 3)
+        row["speedup"] = round(row["plain"] / row["graphs"], 2)
+        rows.append(row)
     if batches[0] == 1 and steps > 2:
-        per_step = (rows[0]["graphs"] - statistics.median(short)) / (steps - 2)
+        # Where batch 1's time goes, with graphs: a 2-step call against the full one gives ms per denoising step
+        # and the fixed part of a call (prompt encoding, set-up, the VAE decode, the host's work around them).
+        short = _median_ms(GenerateConfig(prompt=prompt, model=model, steps=2, device="cuda"), pipe, runs)
+        per_step = (rows[0]["graphs"] - short) / (steps - 2)
         rows[0].update(ms_per_step=round(per_step, 3), fixed_ms=round(rows[0]["graphs"] - per_step * steps, 2))
     return rows
 
