@@ -116,15 +116,14 @@ def _random_adapters(model: str, root: str, n: int) -> list[str]:
     from trainers import DreamBoothLoRA
 
     library, names = _library(root), []
+    pipe, method = load_pipeline(model), DreamBoothLoRA()
+    for part in (pipe.unet, pipe.text_encoder):
+        part.requires_grad_(False)
+    method.attach(pipe)  # once: each adapter is the same layers with other random factors
     for i in range(n):
-        pipe, method = load_pipeline(model), DreamBoothLoRA()
-        for part in (pipe.unet, pipe.text_encoder):
-            part.requires_grad_(False)
         torch.manual_seed(i)
-        method.attach(pipe)
         for key, p in method.trainable_tensors().items():
-            if "lora_B" in key:
-                p.data.normal_(0, 0.02)
+            p.data.normal_(0, 0.02 if "lora_B" in key else 1 / p.shape[0])
         tensors, meta = method.export()
         meta.trigger_words, meta.kind = [TRIGGERS[i]], "subject"
         library.add(f"bench-gpu-{i}", tensors, meta)
