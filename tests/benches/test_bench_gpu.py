@@ -39,7 +39,7 @@ def test_the_composition_rows_run_side_by_side(tiny_dirs: dict) -> None:
     """On the CPU (the GPU run calls the same function): one adapter, LoRA-Composer with two, a mixed batch."""
     from benches.gpu import composition
 
-    row = composition(str(tiny_dirs["sd1"]), "cpu", runs=1, steps=2, jobs=4)
+    row = composition(str(tiny_dirs["sd1"]), "cpu", runs=1, steps=1, jobs=2)
     assert row["single_ms"] > 0 and row["lora_composer_ms"] > 0 and row["mixed_grouped_ms"] > 0
     assert abs(row["lora_composer_ratio"] - row["lora_composer_ms"] / row["single_ms"]) < 0.02
     assert abs(row["mixed_speedup"] - row["mixed_alone_ms"] / row["mixed_grouped_ms"]) < 0.02

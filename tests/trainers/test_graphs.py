@@ -95,7 +95,7 @@ def test_off_the_gpu_cuda_graphs_warns_once_and_trains_as_before(tmp_path: Path)
     assert asked.losses == plain.losses
 
 
-def _emulated_run(run_dir: Path, recorded: bool, monkeypatch: pytest.MonkeyPatch, steps: int = 4, grad_accum: int = 1,
+def _emulated_run(run_dir: Path, recorded: bool, monkeypatch: pytest.MonkeyPatch, steps: int = 2, grad_accum: int = 1,
                   cancel: threading.Event | None = None, resume: bool = False, kind: str = "sd1"
                   ) -> tuple[Loop, DreamBoothLoRA]:
     """A CPU run whose training step goes through `GraphedStep` with the emulated recording (`graph_emulator`)."""
@@ -106,7 +106,7 @@ def _emulated_run(run_dir: Path, recorded: bool, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", graph_emulator.make_graphed_callables)
     method = DreamBoothLoRA(DreamBoothLoRAConfig(lr=1e-3, lora_dropout=0.1))  # dropout: the warm-up draws masks
-    config = quick(train_steps=steps, batch_size=2, grad_accum=grad_accum, save_every=2)
+    config = quick(train_steps=steps, batch_size=2, grad_accum=grad_accum, save_every=1)
     half = Callbacks(on_step=lambda step, loss: cancel.set() if step == steps // 2 else None) if cancel else None
     loop = Loop(method, tiny_pipe(kind), emblem(), config, run_dir, callbacks=half, cancel=cancel, resume=resume)
     if recorded:
@@ -126,14 +126,14 @@ def test_an_emulated_recording_trains_exactly_as_plain_launches(tmp_path: Path, 
     no_grad between steps, the warm-up's dropout masks) changes nothing, also across a resume."""
     plain = _emulated_run(tmp_path / "plain", False, monkeypatch)
     recorded = _emulated_run(tmp_path / "recorded", True, monkeypatch)
-    assert recorded[0].graphs.graphed is True and recorded[0].graphs.replays >= 4
+    assert recorded[0].graphs.graphed is True and recorded[0].graphs.replays >= 2
     assert any(p.abs().max() > 0 for k, p in recorded[1].trainable_tensors().items() if "lora_B" in k)
     assert _same_training(plain, recorded)
     event = threading.Event()
     first = _emulated_run(tmp_path / "stopped", True, monkeypatch, cancel=event)
-    assert first[0].step == 2
+    assert first[0].step == 1
     resumed = _emulated_run(tmp_path / "stopped", True, monkeypatch, resume=True)
-    assert resumed[0].step == 4 and _same_training(plain, resumed)
+    assert resumed[0].step == 2 and _same_training(plain, resumed)
 
 
 def test_an_emulated_recording_of_sdxl_trains_exactly_as_plain_launches(tmp_path: Path,
