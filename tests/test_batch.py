@@ -47,6 +47,8 @@ def test_job_file_errors_name_the_line(tmp_path: Path) -> None:
         read_jobs(bad)
     bad.write_text("\n# only a comment\n")
     assert main(["batch", str(bad), "--out", str(tmp_path / "o")]) == 2
+    bad.write_text('{"prompt": "a red star"}\n')
+    assert main(["batch", str(bad), "--out", str(tmp_path / "o"), "--group", "0"]) == 2  # says: at least 1
 
 
 def test_two_processes_share_the_jobs_exactly_once(tiny_dirs: dict, tmp_path: Path) -> None:
