@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.atomic import disk_full
-from studio.errors import DiskFull, OutOfMemory, StudioError
+from studio.errors import Cancelled, DiskFull, StudioError
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,6 @@ def _generate(chunk: list[Job], configs: dict[int, Any], cancel: threading.Event
     import dataclasses
 
     from studio.generate import cached_pipeline, generate, resolve_device
-    from studio.mixed import MixedUnsupported
     from studio.prompt_tags import split_lora_tags
 
     first = configs[chunk[0].index]
@@ -179,8 +178,10 @@ def _generate(chunk: list[Job], configs: dict[int, Any], cancel: threading.Event
             result = generate(batched, pipe=pipe, prompts=[text for text, _ in split],
                               seeds=[configs[job.index].seed for job in chunk], adapter_sets=None if same else sets,
                               cancel=cancel)
-        except (MixedUnsupported, OutOfMemory):  # adapters that cannot mix, a batch too large: one job at a time
-            result = None
+        except Cancelled:
+            raise
+        except StudioError:  # adapters that cannot mix, a batch too large, or one job's own error (an unknown or
+            result = None  # damaged adapter): one job at a time, so the others are made and that job says why
         if result is not None:
             for job, image, params in zip(chunk, result.images, result.params):
                 yield [image], [{**params, "prompt": configs[job.index].prompt}]  # the job's own prompt, tags too

@@ -133,3 +133,20 @@ def test_jobs_that_differ_in_prompt_seed_and_tags_share_a_call(tiny_dirs: dict, 
     first = read_parameters(tmp_path / "grouped" / "00000.png")
     assert first["prompt"] == "a red star <lora:grp-a:0.8>" and first["seed"] == 1
     assert first["adapters"] == [{"name": "grp-a", "weight": 0.8}]
+
+
+def test_a_bad_tag_in_a_group_fails_only_its_own_job(tiny_dirs: dict, tmp_path: Path) -> None:
+    """The group runs one job at a time: the jobs before the bad one are made, and its error names the adapter."""
+    from composer_helpers import add_random_adapter
+
+    from studio.batch import run_batch
+    from studio.generate import cached_pipeline
+
+    add_random_adapter(cached_pipeline(str(tiny_dirs["sd1"]), "cpu"), "grp-ok", seed=1)
+    jobs = [{"prompt": "a red star <lora:grp-ok>", "seed": 1}, {"prompt": "a blue ring", "seed": 2},
+            {"prompt": "a green square <lora:no-such-adapter>", "seed": 3}, {"prompt": "a red ring", "seed": 4}]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps({"model": str(tiny_dirs["sd1"]), "steps": 1, **job}) + "\n" for job in jobs))
+    with pytest.raises(StudioError, match="no adapter named 'no-such-adapter'"):
+        run_batch(read_jobs(path), tmp_path / "out", progress=False, group=4)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.png", "00001.png"]
