@@ -73,10 +73,12 @@ def apply(
 ) -> Handle:
     """Load the set's adapters from the library into `pipe` and install `composer`; `.remove()` undoes both.
 
-    Adapters the pipeline held before keep their weights after removal; the ones loaded here are unloaded, which
-    restores a pipeline without adapters exactly.
+    Adapters the pipeline held before keep their weights after removal; the ones loaded here are released: kept
+    warm for the next call but out of the model (`studio.library.warm`), so a pipeline without adapters is its base
+    modules again.
     """
-    from studio.library import load_adapters, loaded_adapters, unload_adapters
+    from studio.library import load_adapters, loaded_adapters
+    from studio.library.load import release_adapters
     from studio.library.meta import COMPONENTS
 
     if composer not in COMPOSERS:
@@ -89,7 +91,7 @@ def apply(
     before = loaded_adapters(pipe)
 
     def restore() -> None:
-        unload_adapters(pipe, [n for n in adapter_set.names if n not in before])
+        release_adapters(pipe, [n for n in adapter_set.names if n not in before], library=library)
         if before:
             load_adapters(pipe, list(before), list(before.values()), library=library)
 

@@ -140,9 +140,10 @@ def prompt_adapters(pipe: DiffusionPipeline, tags: list[tuple[str, float]]) -> I
     """Load the library adapters a prompt's tags name for the duration of the block; yields the active set.
 
     Adapters the caller loaded before (`studio.load_adapters`) stay, tagged ones are weighted as tagged, and the
-    ones loaded here are removed afterwards, so a cached pipeline returns to what it was.
+    ones loaded here are released afterwards: kept warm for the next call but out of the model (`studio.library.warm`),
+    so a cached pipeline is what it was before.
     """
-    from studio.library.load import load_adapters, loaded_adapters, unload_adapters
+    from studio.library.load import load_adapters, loaded_adapters, release_adapters
 
     before = loaded_adapters(pipe)
     if not tags:
@@ -155,7 +156,7 @@ def prompt_adapters(pipe: DiffusionPipeline, tags: list[tuple[str, float]]) -> I
     finally:
         added = [n for n in loaded_adapters(pipe) if n not in before]
         if added:
-            unload_adapters(pipe, added)
+            release_adapters(pipe, added)
         if before:
             load_adapters(pipe, list(before), list(before.values()))  # the caller's weights again
 

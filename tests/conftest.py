@@ -80,10 +80,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test gets its own library and cache, so nothing leaks between tests or into the checkout."""
     monkeypatch.setenv("STUDIO_LIBRARY", str(tmp_path_factory.mktemp("library")))
     monkeypatch.setenv("STUDIO_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    from studio.library.load import forget_warm
+
+    forget_warm()  # adapters kept warm in cached pipelines came from this test's library
 
 
 @pytest.fixture

@@ -5,10 +5,15 @@ diffusers' `load_lora_weights` cannot read LoKr, and one path for both keeps wei
 unmerged (`y = base(x) + scale * delta(x)`); unloading puts the original base modules back, so the base output is
 restored exactly. Sparse deltas (SaRA) are added to the base tensors in place by `studio.library.sparse`, which
 keeps the entries' first values and puts them back on unload.
+
+Adapters loaded for one call (`<lora:...>` tags, composers) are released, not unloaded: kept warm, at most `WARM`
+per pipeline, least recently used first out, and taken up again without injection while their files are unchanged
+(`studio.library.warm`). `unload_adapters()` with no names, and `forget_warm`, unload them for good.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -24,9 +29,12 @@ from studio.library import sparse
 from studio.library.compat import align_names, check_compatible
 from studio.library.meta import COMPONENTS, AdapterMeta, component_configs, modules_of, peft_config, peft_key
 from studio.library.store import Library
+from studio.library.warm import Warm, stamp
 
 
 _LOADED: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
+_WARM: weakref.WeakKeyDictionary[Any, Warm] = weakref.WeakKeyDictionary()
+WARM = 4  # released adapters kept per pipeline
 
 
 def _tuner_layers(model: torch.nn.Module) -> list[tuple[str, BaseTunerLayer]]:
@@ -83,9 +91,14 @@ def set_weights(pipe: Any, weights: dict[str, float]) -> None:
 
 
 def _accepts_inference(layer: BaseTunerLayer) -> bool:
+    return _set_adapter_takes_inference(type(layer))
+
+
+@functools.cache
+def _set_adapter_takes_inference(cls: type) -> bool:
     import inspect
 
-    return "inference_mode" in inspect.signature(layer.set_adapter).parameters
+    return "inference_mode" in inspect.signature(cls.set_adapter).parameters
 
 
 def load_adapters(
@@ -107,40 +120,121 @@ def load_adapters(
     if len(set(names)) != len(names):
         raise StudioError("an adapter is named twice; give each adapter once with its weight")
     library = library or Library()
-    loaded = _LOADED.setdefault(pipe, {})
+    try:
+        _load(pipe, names, library)
+    finally:
+        loaded = _LOADED.setdefault(pipe, {})
+        loaded.update({n: w for n, w in zip(names, weights) if n in loaded})
+        set_weights(pipe, loaded)
+        sparse.set_weights(pipe, loaded)
+        _settle(pipe)
+    return dict(loaded)
+
+
+def _load(pipe: Any, names: list[str], library: Library) -> None:
+    loaded, warm = _LOADED.setdefault(pipe, {}), _WARM.setdefault(pipe, Warm())
+    if not warm.put_back(pipe):  # a base module was replaced or moved meanwhile: the warm layers are stale
+        _WARM[pipe] = warm = Warm()
     for name in names:
         if name in loaded:
             continue
+        if name in warm.adapters:
+            kept, _ = warm.adapters.pop(name)
+            if kept == stamp(library.root / name):
+                loaded[name] = 1.0  # still injected: taken up again as it is
+                continue
+            _unload(pipe, [name])  # its files changed since: loaded afresh
         entry = library.get(name)
         state_dict, meta = align_names(pipe, entry.state_dict(), entry.meta)
         check_compatible(pipe, name, meta, state_dict)
+        other = [n for n, (_, kind) in warm.adapters.items() if kind != meta.peft_type != sparse.PEFT_TYPE]
+        if other:  # PEFT stacks adapters of one type on a layer: warm ones of another type go
+            _unload(pipe, other)
         try:
             if meta.peft_type == sparse.PEFT_TYPE:
                 sparse.inject(pipe, name, state_dict)
             else:
                 inject(pipe, name, state_dict, meta)
         except Exception as err:  # PEFT refused part-way (a layout it builds otherwise): take the half-adapter out
-            unload_adapters(pipe, [name])
+            _unload(pipe, [name])
             if isinstance(err, StudioError):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise StudioError(f"adapter {name!r} does not load into this pipeline ({first}); re-import it from its "
                               "original file") from None
         loaded[name] = 1.0
-    loaded.update(dict(zip(names, weights)))
-    set_weights(pipe, loaded)
-    sparse.set_weights(pipe, loaded)
-    return dict(loaded)
 
 
 def loaded_adapters(pipe: Any) -> dict[str, float]:
     return dict(_LOADED.get(pipe, {}))
 
 
+def release_adapters(pipe: Any, names: Sequence[str], *, library: Library | None = None) -> None:
+    """Take `names` out of the active set as `unload_adapters` does, but keep PEFT adapters warm for a later
+    `load_adapters` of the same files (module docstring); sparse ones, whose deltas sit in the base weights, are
+    unloaded."""
+    library = library or Library()
+    loaded, warm = _LOADED.setdefault(pipe, {}), _WARM.setdefault(pipe, Warm())
+    names = [n for n in names if n in loaded]
+    kinds = {n: _peft_type(pipe, n) for n in names}
+    _unload(pipe, [n for n, kind in kinds.items() if kind is None])
+    for name, kind in kinds.items():
+        if kind is not None:
+            loaded.pop(name)
+            warm.adapters[name] = (stamp(library.root / name), kind)
+            warm.adapters.move_to_end(name)
+    if len(warm.adapters) > WARM:
+        _unload(pipe, list(warm.adapters)[: len(warm.adapters) - WARM])
+    set_weights(pipe, loaded)
+    _settle(pipe)
+
+
+def forget_warm(pipe: Any | None = None) -> None:
+    """Unload the warm adapters of `pipe` (default: of every pipeline), to free their memory."""
+    for each in [pipe] if pipe is not None else list(_WARM):
+        warm = _WARM.get(each)
+        if warm is None:
+            continue
+        if warm.aside:
+            _WARM[each] = Warm()  # their layers are out of the model: dropped with them
+        else:
+            unload_adapters(each, list(warm.adapters))
+
+
+def _settle(pipe: Any) -> None:
+    """With nothing loaded, the warm adapters' layers go aside and the base modules are back in place."""
+    warm = _WARM.get(pipe)
+    if warm is not None and warm.adapters and not warm.aside and not _LOADED.get(pipe):
+        warm.set_aside(pipe)
+
+
+def _peft_type(pipe: Any, name: str) -> str | None:
+    """"LORA" or "LOKR" for a PEFT adapter `name` in the pipeline, None for anything else (sparse)."""
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if isinstance(model, torch.nn.Module):
+            for _, layer in _tuner_layers(model):
+                if name in getattr(layer, "lora_A", {}):
+                    return "LORA"
+                if any(name in getattr(layer, a) for a in layer.adapter_layer_names):
+                    return "LOKR"
+    return None
+
+
 def unload_adapters(pipe: Any, names: Sequence[str] | None = None) -> None:
-    """Remove adapters (default: all the studio loaded); modules with no adapter left get their base back."""
-    loaded = _LOADED.setdefault(pipe, {})
-    names = list(loaded) if names is None else list(names)
+    """Remove adapters (default: all the studio loaded, and the warm ones); modules with no adapter left get their
+    base back."""
+    _unload(pipe, names)
+    _settle(pipe)
+
+
+def _unload(pipe: Any, names: Sequence[str] | None) -> None:
+    loaded, warm = _LOADED.setdefault(pipe, {}), _WARM.setdefault(pipe, Warm())
+    if warm.aside and (names is None or set(names) & set(warm.adapters)):
+        _WARM[pipe] = warm = Warm()  # their layers are out of the model: dropped with them
+    names = list(loaded) + list(warm.adapters) if names is None else list(names)
+    for name in names:
+        warm.adapters.pop(name, None)
     sparse.remove(pipe, names)
     for component in COMPONENTS:
         model = getattr(pipe, component, None)

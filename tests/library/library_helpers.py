@@ -87,6 +87,7 @@ def make_kohya(
     lpb = pipe.unet.config.layers_per_block
     for i, (component, module) in enumerate(targets(kind)):
         layer = getattr(pipe, component).get_submodule(module)
+        layer = getattr(layer, "base_layer", layer)  # adapters kept warm in a cached pipeline wrap it
         r = rank + (i % 2)
         if isinstance(layer, torch.nn.Conv2d):
             down = torch.randn(r, layer.in_channels, *layer.kernel_size, generator=g) * 0.2
@@ -103,3 +104,43 @@ def make_kohya(
             )
     save_file(tensors, str(path), metadata=metadata)
     return tensors
+
+
+def make_lycoris(pipe, path, alpha_dtype=torch.float32) -> dict[str, tuple]:
+    """A LyCORIS LoKr file from known factors; returns module -> (w1, w2, scale) per LyCORIS's formula."""
+    g = torch.Generator().manual_seed(7)
+    tensors, expect = {}, {}
+    specs = {  # module: (w1 full?, w2 full?, rank, alpha)
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (True, False, 2, 3.0),  # 32x32 -> (4,8)(4,8)
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (True, True, 0, 7.0),  # alpha ignored
+        "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2": (False, False, 1, 0.5),  # 128 -> 32
+        "down_blocks.1.resnets.0.conv1": (True, True, 0, 1.0),  # conv 3x3, full factors
+    }
+    from peft.tuners.lokr.layer import factorization
+
+    for module, (full1, full2, r, alpha) in specs.items():
+        layer = pipe.unet.get_submodule(module)
+        out_dim = layer.weight.shape[0]
+        in_dim = layer.weight.shape[1]
+        (a, b), (c, d) = factorization(out_dim), factorization(in_dim)
+        k = tuple(layer.weight.shape[2:])
+        stem = to_kohya("unet", module, ldm=False)
+        if full1:
+            w1 = torch.randn(a, c, generator=g)
+            tensors[f"{stem}.lokr_w1"] = w1
+        else:
+            w1a, w1b = torch.randn(a, r, generator=g), torch.randn(r, c, generator=g)
+            tensors[f"{stem}.lokr_w1_a"], tensors[f"{stem}.lokr_w1_b"] = w1a, w1b
+            w1 = w1a @ w1b
+        if full2:
+            w2 = torch.randn(b, d, *k, generator=g) * 0.3
+            tensors[f"{stem}.lokr_w2"] = w2
+        else:
+            w2a, w2b = torch.randn(b, r, generator=g), torch.randn(r, d, generator=g) * 0.3
+            tensors[f"{stem}.lokr_w2_a"], tensors[f"{stem}.lokr_w2_b"] = w2a, w2b
+            w2 = w2a @ w2b
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=alpha_dtype)
+        scale = 1.0 if (full1 and full2) else alpha / r
+        expect[module] = (w1.double(), w2.double(), scale)
+    save_file(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya"})
+    return expect

@@ -7,15 +7,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from library_helpers import make_kohya
+from library_helpers import make_kohya, make_lycoris
 from peft import LoraConfig
 from peft.tuners.lokr.layer import LoKrLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tiny_models import BUILDERS
 
 from studio.errors import StudioError
 from studio.library import Library, delta_weight, export_adapter, import_adapter, load_adapters, unload_adapters
-from studio.library.formats.keys import to_kohya
 
 
 @pytest.fixture(scope="module")
@@ -56,50 +55,10 @@ def test_canonical_folder_is_read_by_diffusers_and_peft(tmp_path) -> None:
         assert (theirs.unet(x, 10, ctx_a).sample - ours.unet(x, 10, ctx_a).sample).abs().max() < 1e-5
 
 
-def _lycoris_file(pipe, path, alpha_dtype=torch.float32) -> dict[str, tuple]:
-    """A LyCORIS LoKr file from known factors; returns module -> (w1, w2, scale) per LyCORIS's formula."""
-    g = torch.Generator().manual_seed(7)
-    tensors, expect = {}, {}
-    specs = {  # module: (w1 full?, w2 full?, rank, alpha)
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (True, False, 2, 3.0),  # 32x32 -> (4,8)(4,8)
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (True, True, 0, 7.0),  # alpha ignored
-        "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2": (False, False, 1, 0.5),  # 128 -> 32
-        "down_blocks.1.resnets.0.conv1": (True, True, 0, 1.0),  # conv 3x3, full factors
-    }
-    from peft.tuners.lokr.layer import factorization
-
-    for module, (full1, full2, r, alpha) in specs.items():
-        layer = pipe.unet.get_submodule(module)
-        out_dim = layer.weight.shape[0]
-        in_dim = layer.weight.shape[1]
-        (a, b), (c, d) = factorization(out_dim), factorization(in_dim)
-        k = tuple(layer.weight.shape[2:])
-        stem = to_kohya("unet", module, ldm=False)
-        if full1:
-            w1 = torch.randn(a, c, generator=g)
-            tensors[f"{stem}.lokr_w1"] = w1
-        else:
-            w1a, w1b = torch.randn(a, r, generator=g), torch.randn(r, c, generator=g)
-            tensors[f"{stem}.lokr_w1_a"], tensors[f"{stem}.lokr_w1_b"] = w1a, w1b
-            w1 = w1a @ w1b
-        if full2:
-            w2 = torch.randn(b, d, *k, generator=g) * 0.3
-            tensors[f"{stem}.lokr_w2"] = w2
-        else:
-            w2a, w2b = torch.randn(b, r, generator=g), torch.randn(r, d, generator=g) * 0.3
-            tensors[f"{stem}.lokr_w2_a"], tensors[f"{stem}.lokr_w2_b"] = w2a, w2b
-            w2 = w2a @ w2b
-        tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=alpha_dtype)
-        scale = 1.0 if (full1 and full2) else alpha / r
-        expect[module] = (w1.double(), w2.double(), scale)
-    save_file(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya"})
-    return expect
-
-
 def test_lycoris_lokr_imports_exactly_and_matches_peft(tmp_path) -> None:
     pipe = BUILDERS["sd1"]()
     src = tmp_path / "lokr.safetensors"
-    expect = _lycoris_file(pipe, src)
+    expect = make_lycoris(pipe, src)
     entry = import_adapter(src, name="kron", pipe=pipe)
     assert entry.meta.peft_type == "LOKR"
     # LyCORIS -> library -> LyCORIS is bit exact, alpha included.
@@ -131,7 +90,7 @@ def test_lycoris_lokr_imports_exactly_and_matches_peft(tmp_path) -> None:
 
 def test_lokr_weights_and_mixed_type_refusal(tmp_path) -> None:
     pipe = BUILDERS["sd1"]()
-    _lycoris_file(pipe, tmp_path / "lokr.safetensors")
+    make_lycoris(pipe, tmp_path / "lokr.safetensors")
     make_kohya(pipe, tmp_path / "k.safetensors", "sd1", seed=8)
     import_adapter(tmp_path / "lokr.safetensors", name="kron")
     import_adapter(tmp_path / "k.safetensors", name="lora")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save
 
 from studio import atomic
@@ -65,7 +66,13 @@ def known_stems(pipe: Any, *, ldm: bool, layers_per_block: int, sdxl_te: bool) -
         model = getattr(pipe, component, None)
         if not isinstance(model, torch.nn.Module):
             continue
+        wrapped: list[str] = []  # PEFT layers (adapters loaded or kept warm): their base layer is the module
         for name, module in model.named_modules():
+            if any(name.startswith(f"{w}.") for w in wrapped):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                wrapped.append(name)
+                module = module.get_base_layer()
             if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
                 try:
                     stem = to_kohya(component, name, ldm=ldm, layers_per_block=layers_per_block, sdxl_te=sdxl_te)
