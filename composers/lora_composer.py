@@ -106,10 +106,10 @@ def parse_boxes(items: list[str], *, flag: str = "--box") -> dict[str, Box]:
     return boxes
 
 
-def guidance_level(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> int:
+def guidance_level(attention: dict[str, int], latent_hw: tuple[int, int]) -> int:
     """The paper's map level (latent / 4: 16x16 for SD1.5 at 512) if its maps keep 8 cells a side, else the
-    coarsest level that does (8x8 on the embedded base's 16x16 latent)."""
-    levels = sorted(set(attention_levels(unet).values()))
+    coarsest level that does (8x8 on the embedded base's 16x16 latent); `attention`: `attention_levels(unet)`."""
+    levels = sorted(set(attention.values()))
     fine = [lv for lv in levels if min(latent_hw) / 2**lv >= 8] or levels[:1]
     return 2 if 2 in fine else fine[-1]
 
@@ -218,7 +218,7 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
         step, total = step_of(pipe.scheduler, timestep)
         cfg = bool(getattr(pipe, "do_classifier_free_guidance", False)) and sample.shape[0] % 2 == 0
         batch = sample.shape[0] // 2 if cfg else sample.shape[0]
-        state.level = guidance_level(unet, tuple(sample.shape[-2:]))
+        state.level = guidance_level(levels, tuple(sample.shape[-2:]))  # levels read once: a walk of the UNet
         if step == 0:
             run.update(loss=math.inf, guiding=config.guidance)
         changed = False

@@ -5,8 +5,9 @@ adapted UNet layer, per-token region masks at any resolution, and latents a comp
   whatever is active, so a composer holds one pipeline and computes each concept's delta where it needs it
   (composers.md 2.3: LoRA-Composer's optimized branch computes `dW = up @ down` on the fly instead of N pipelines).
 - `install_region_deltas`: forward hooks adding `sum_n M_n(p) delta_n(x)` at each spatial position p of a layer's
-  output, `M_n` the box of concept n normalised by the number of boxes covering p. This is the per-token scale matrix
-  S of DESIGN.md section 7 (`y = x W^T + sum_k S[t, k] (x A_k^T) B_k^T`).
+  output, `M_n` the box of concept n normalised by the number of boxes covering p (on the base layer itself where no
+  adapter is active through PEFT). This is the per-token scale matrix S of DESIGN.md section 7
+  (`y = x W^T + sum_k S[t, k] (x A_k^T) B_k^T`).
 - `LatentEdit`: the pipeline steps its own `latents`; a composer that updates them inside the UNet call (latent
   guidance, re-initialisation) hands the new latents to the scheduler's next `step`, which starts from them.
 """
@@ -257,7 +258,31 @@ def install_region_deltas(
                 output = output + masks[n] * delta  # M_n(p) * (alpha / r) w B_n A_n x at each position p
         return output
 
-    return hook_lora_layers(unet, names, hook, "region_deltas", skip)
+    handle = Handle("region_deltas")
+    bare = set()
+    for path, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer) and id(module) in stacked and not skip(path) and not _active(module):
+            # Nothing else active here: the base layer itself runs, its stacked deltas hooked on; PEFT's forward
+            # (a Python call per layer and step, adapters all inactive) stays out of the step while installed.
+            base = module.get_base_layer()
+            stacked[id(base)] = stacked[id(module)]
+            _put(unet, path, base)
+            handle.add(lambda path=path, module=module: _put(unet, path, module))
+            handle.add(base.register_forward_hook(hook).remove)
+            bare.add(path)
+    handle.add(hook_lora_layers(unet, names, hook, "region_deltas", lambda n: n in bare or skip(n)).remove)
+    return handle
+
+
+def _active(layer: Any) -> bool:
+    """Whether a PEFT layer computes any adapter of its own (active, enabled, with weights here)."""
+    held = {n for a in layer.adapter_layer_names for n in getattr(layer, a)}
+    return not layer.disable_adapters and any(n in held for n in layer.active_adapters)
+
+
+def _put(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def install_sample_deltas(unet: torch.nn.Module, names: Sequence[str], rows: dict[str, slice]) -> Handle:

@@ -176,13 +176,13 @@ def release_adapters(pipe: Any, names: Sequence[str], *, library: Library | None
     library = library or Library()
     loaded, warm = _LOADED.setdefault(pipe, {}), _WARM.setdefault(pipe, Warm())
     names = [n for n in names if n in loaded]
-    kinds = {n: _peft_type(pipe, n) for n in names}
-    _unload(pipe, [n for n, kind in kinds.items() if kind is None])
+    kinds = _peft_types(pipe, names)
+    if len(kinds) < len(names):
+        _unload(pipe, [n for n in names if n not in kinds])
     for name, kind in kinds.items():
-        if kind is not None:
-            loaded.pop(name)
-            warm.adapters[name] = (stamp(library.root / name), kind)
-            warm.adapters.move_to_end(name)
+        loaded.pop(name)
+        warm.adapters[name] = (stamp(library.root / name), kind)
+        warm.adapters.move_to_end(name)
     if len(warm.adapters) > WARM:
         _unload(pipe, list(warm.adapters)[: len(warm.adapters) - WARM])
     set_weights(pipe, loaded)
@@ -208,17 +208,21 @@ def _settle(pipe: Any) -> None:
         warm.set_aside(pipe)
 
 
-def _peft_type(pipe: Any, name: str) -> str | None:
-    """"LORA" or "LOKR" for a PEFT adapter `name` in the pipeline, None for anything else (sparse)."""
+def _peft_types(pipe: Any, names: Sequence[str]) -> dict[str, str]:
+    """"LORA" or "LOKR" for each of `names` that is a PEFT adapter in the pipeline (not the sparse ones)."""
+    out: dict[str, str] = {}
     for component in COMPONENTS:
         model = getattr(pipe, component, None)
-        if isinstance(model, torch.nn.Module):
-            for _, layer in _tuner_layers(model):
-                if name in getattr(layer, "lora_A", {}):
-                    return "LORA"
-                if any(name in getattr(layer, a) for a in layer.adapter_layer_names):
-                    return "LOKR"
-    return None
+        for layer in model.modules() if isinstance(model, torch.nn.Module) else []:
+            if len(out) == len(names):
+                return out  # one walk, cut short once all are found
+            if isinstance(layer, BaseTunerLayer):
+                for name in names:
+                    if name in getattr(layer, "lora_A", {}):
+                        out[name] = "LORA"
+                    elif any(name in getattr(layer, a) for a in layer.adapter_layer_names):
+                        out[name] = "LOKR"
+    return out
 
 
 def unload_adapters(pipe: Any, names: Sequence[str] | None = None) -> None:

@@ -191,14 +191,19 @@ def test_stacked_region_deltas_equal_each_concepts_delta_in_its_box(monkeypatch)
     x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor(400)
     ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     outs = []
+    layers = dict(unet.named_modules())
+    probe = "down_blocks.0.resnets.0.conv1"
     with torch.no_grad():
         untrack = regions.track(unet)
         base = unet(x, t, ctx).sample
         for stacked in (True, False):
             monkeypatch.setattr(StackedDeltas, "fits", staticmethod(lambda layer, names, s=stacked: s))
             handle = install_region_deltas(unet, ["qa", "qb"], regions, lambda n: n.endswith("attn2.to_v"))
+            # stacked, with no adapter active through PEFT: the base layer runs itself, its deltas hooked on
+            assert (unet.get_submodule(probe) is layers[probe].base_layer) == stacked
             outs.append(unet(x, t, ctx).sample)
             handle.remove()
+            assert all(unet.get_submodule(p) is m for p, m in layers.items())  # every PEFT layer back in place
         untrack()
     assert not torch.allclose(outs[0], base, atol=1e-3)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)  # two calls equal the per-concept sum

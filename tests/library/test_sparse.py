@@ -132,3 +132,17 @@ def test_damaged_sparse_deltas_are_refused(tiny_dirs: dict[str, Path]) -> None:
     with pytest.raises(StudioError, match=r"unet.conv_in.weight has shape \[8, 4, 3, 3\]"):
         load_adapters(other, ["sp-a"])
     assert torch.equal(other.unet.down_blocks[0].resnets[0].norm1.bias, pipe.unet.down_blocks[0].resnets[0].norm1.bias)
+
+
+def test_a_released_sparse_adapter_is_unloaded_and_the_lora_beside_it_kept_warm(tiny_dirs: dict[str, Path]) -> None:
+    """Sparse deltas sit in the base weights, so they cannot wait outside the model as PEFT layers do."""
+    import studio.library.load as load
+
+    pipe = load_pipeline(tiny_dirs["sd1"])
+    base = {p: _tensor(pipe, p).detach().clone() for p in PARAMS}
+    _sparse(pipe, "sp-a", 0)
+    _lora(pipe, "lo")
+    load_adapters(pipe, ["sp-a", "lo"])
+    load.release_adapters(pipe, ["sp-a", "lo"])
+    assert list(load._WARM[pipe].adapters) == ["lo"] and load.loaded_adapters(pipe) == {}
+    assert all(torch.equal(_tensor(pipe, p), base[p]) for p in PARAMS)  # conv_in is its base module again
