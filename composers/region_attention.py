@@ -37,6 +37,26 @@ class RegionState:
         self.cross: list[list[torch.Tensor]] = [[] for _ in names]  # per concept: (B, L, 77) per layer
         self.self_maps: list[torch.Tensor] = []  # (B, L, L) per layer
         self._isolation: dict[int, torch.Tensor] = {}
+        self._cells: dict[tuple, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def cells(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The cells outside every box (L0,), and per concept its box's cells (L_n,) with their shares (L_n, 1),
+        at a map of `tokens` cells: the same at every step, so found once (on a GPU `nonzero` waits for the
+        device)."""
+        key = (tokens, like.device, like.dtype)
+        if key not in self._cells:
+            with torch.inference_mode(False):  # reused by the latent guidance's backward
+                self._cells[key] = self._find_cells(tokens, like)
+        return self._cells[key]
+
+    def _find_cells(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        weights = self.regions.at(self.regions.size_of(tokens)).flatten(1)  # (N, L), overlaps averaged
+        outside = (weights.sum(0) == 0).nonzero()[:, 0].to(like.device)
+        boxes = []
+        for w in weights:
+            cells = w.nonzero()[:, 0]
+            boxes.append((cells.to(like.device), w[cells, None].to(like)))
+        return outside, boxes
 
     def clear(self) -> None:
         self.cross = [[] for _ in self.names]
@@ -126,6 +146,7 @@ class RegionCrossAttnProcessor(_Base):
     def __init__(self, state: RegionState, name: str) -> None:
         super().__init__(state, name)
         self._kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._base_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         assert context is not None, "a cross-attention processor needs encoder_hidden_states"
@@ -166,20 +187,27 @@ class RegionCrossAttnProcessor(_Base):
         do = lora_delta(attn.to_out[0], name, h)
         return attn.to_out[0](h) if do is None else attn.to_out[0](h) + do  # (B, L', C)
 
+    def base_keys_values(self, attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global prompt's K, V (B, heads, 77, d), kept like `keys_values`."""
+        held = self._base_kv
+        if held is not None and held[0] is context:
+            return held[1], held[2]
+        k, v = _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context))
+        if not torch.is_grad_enabled():
+            self._base_kv = (context, k, v)
+        return k, v
+
     def attend_cells(self, attn: Any, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The same output, each attention over only the cells that use it (the paper's `Q_n = Q[M_n]`): the global
         prompt over the cells outside every box, concept n over box n's cells."""
-        weights = self.state.regions.at(self.state.regions.size_of(q.shape[2])).flatten(1)  # (N, L), overlaps averaged
-        outside = (weights.sum(0) == 0).nonzero()[:, 0]  # (L0,)
+        outside, boxes = self.state.cells(q.shape[2], q)  # (L0,), [((L_n,), (L_n, 1))]
         out = q.new_zeros(q.shape[0], q.shape[2], attn.to_out[0].out_features)  # (B, L, C)
         if len(outside):
-            qo = q[:, :, outside]
-            h0 = _attend(attn, qo, _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context)), None, None)
+            h0 = _attend(attn, q[:, :, outside], *self.base_keys_values(attn, context), None, None)
             out[:, outside] = attn.to_out[0](h0)
-        for n in range(len(self.state.names)):
-            cells = weights[n].nonzero()[:, 0]  # (L_n,)
+        for n, (cells, share) in enumerate(boxes):
             h = self.concept(attn, q[:, :, cells], context, n, None)  # (B, L_n, C)
-            out[:, cells] += weights[n, cells, None].to(h) * h
+            out[:, cells] += share * h
         return out
 
 
