@@ -190,7 +190,9 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
         handle.add(install_isolated_norms(unet, regions).remove)
     cross_only = (".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")
     if config.spatial_lora:
-        handle.add(install_region_deltas(unet, boxed, regions, lambda n: n.endswith(cross_only)).remove)
+        deltas = install_region_deltas(unet, boxed, regions, lambda n: n.endswith(cross_only))
+        handle.add(deltas.remove)
+        state.stacked = deltas.state  # the isolated self-attention projects through the fused kernel with them
     tokenizer = pipe.tokenizer
     groups, lasts = [], []
     for name in boxed:

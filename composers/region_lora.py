@@ -194,14 +194,16 @@ class StackedDeltas:
     scalings folded in. The masks act between the two because the up projection is position-wise (a linear map or
     a 1x1 convolution), so this equals the per-concept sum, in two calls instead of two per concept."""
 
-    def __init__(self, layer: Any, names: Sequence[str]) -> None:
+    def __init__(self, layer: Any, names: Sequence[str], boxes: Sequence[int] | None = None) -> None:
+        """`names` the concepts this layer holds; `boxes` their indices among the region masks (default 0, 1, ...)."""
+        boxes = list(range(len(names))) if boxes is None else list(boxes)
         a = [layer.lora_A[n] for n in names]
         b = [layer.lora_B[n] for n in names]
         self.conv = a[0] if isinstance(a[0], torch.nn.Conv2d) else None
         with torch.no_grad():
             self.down = torch.cat([m.weight for m in a])  # (R, in) or (R, in, k, k)
             self.up = torch.cat([m.weight * layer.scaling[n] for m, n in zip(b, names)], dim=1)  # (out, R[, 1, 1])
-        self.owner = torch.cat([torch.full((m.weight.shape[0],), i) for i, m in enumerate(a)])  # (R,) concept
+        self.owner = torch.cat([torch.full((m.weight.shape[0],), i) for i, m in zip(boxes, a)])  # (R,) its box
         self._masks: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
@@ -227,6 +229,12 @@ class StackedDeltas:
                 self._masks[key] = (m if z.ndim == 4 else m.flatten(1).T.contiguous()).to(z)
         return self._masks[key]
 
+    def factors(self, n_boxes: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Box n's concept as (A (r, in), B (out, r)), its scaling in B, or None where it has none here (linear
+        layers only)."""
+        rows = [self.owner == n for n in range(n_boxes)]
+        return [(self.down[r], self.up[:, r]) if r.any() else None for r in rows]
+
     def __call__(self, x: torch.Tensor, regions: RegionMasks) -> torch.Tensor:
         down, up = self.down.to(x), self.up.to(x)
         if self.conv is not None:
@@ -246,7 +254,7 @@ def install_region_deltas(
     for module in unet.modules():
         held = [n for n in names if n in getattr(module, "lora_A", {})]
         if isinstance(module, BaseTunerLayer) and held and StackedDeltas.fits(module, held):
-            stacked[id(module)] = StackedDeltas(module, held)
+            stacked[id(module)] = StackedDeltas(module, held, [list(names).index(n) for n in held])
 
     def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if id(module) in stacked:
@@ -271,6 +279,8 @@ def install_region_deltas(
             handle.add(base.register_forward_hook(hook).remove)
             bare.add(path)
     handle.add(hook_lora_layers(unet, names, hook, "region_deltas", lambda n: n in bare or skip(n)).remove)
+    bare_ids = {id(unet.get_submodule(path)) for path in bare}
+    handle.state = {i: d for i, d in stacked.items() if i in bare_ids}  # the base layers' own, for fused projections
     return handle
 
 
