@@ -128,3 +128,14 @@ def test_kohya_import_and_another_adapter_type_see_past_warm_adapters(tmp_path) 
         assert (pipe.unet(x, 10, ctx).sample - base).abs().max() > 1e-4
         load.unload_adapters(pipe)
         assert torch.equal(pipe.unet(x, 10, ctx).sample, base)
+
+
+def test_a_warm_adapter_deleted_from_the_library_is_a_clear_error(pipe) -> None:  # noqa: ANN001
+    from studio.errors import StudioError
+
+    add_random_adapter(pipe, "warm-d", seed=5)
+    _image(pipe, "a red star <lora:warm-d>")
+    Library().remove("warm-d")
+    with pytest.raises(StudioError, match="no adapter named 'warm-d'"):
+        _image(pipe, "a red star <lora:warm-d>")
+    assert load.loaded_adapters(pipe) == {} and not load._WARM[pipe].adapters and not _layers(pipe)
