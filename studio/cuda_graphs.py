@@ -28,33 +28,38 @@ _PLAIN_KWARGS = {"encoder_hidden_states", "timestep_cond", "cross_attention_kwar
                  "return_dict"}
 
 
-def _adapter_state(unet: nn.Module) -> tuple:
-    """What PEFT layers bake into a recorded graph: active adapters, their scales, merges, disabled flags, and the
-    addresses of the unmerged active adapters' tensors (a graph reads them by address: an adapter unloaded and loaded
-    again, as `<lora:...>` tags do every call, lives elsewhere)."""
+def tuner_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The UNet's PEFT layers (path, layer): one walk of the module tree, made once per call (not per step)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    return [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _adapter_state(layers: list[tuple[str, Any]]) -> tuple:
+    """What PEFT `layers` bake into a recorded graph: active adapters, their scales, merges, disabled flags, and the
+    addresses of the unmerged active adapters' tensors (a graph reads them by address: an adapter unloaded and loaded
+    again lives elsewhere). Read at every step, since callbacks may change scales and active adapters between steps
+    (LoRA Switch); the layers themselves are fixed for a call. Nothing for a UNet without PEFT layers."""
     state = []
-    for name, module in unet.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            scaling = getattr(module, "scaling", {})
-            live = () if module.merged or module.disable_adapters else tuple(
-                p.data_ptr() for a in module.adapter_layer_names for n in module.active_adapters
-                if n in getattr(module, a) for p in getattr(module, a)[n].parameters())
-            state.append((name, tuple(module.active_adapters), tuple(sorted(scaling.items())),
-                          tuple(module.merged_adapters), module.disable_adapters, live))
+    for name, module in layers:
+        scaling = getattr(module, "scaling", {})
+        live = () if module.merged or module.disable_adapters else tuple(
+            p.data_ptr() for a in module.adapter_layer_names for n in module.active_adapters
+            if n in getattr(module, a) for p in getattr(module, a)[n].parameters())
+        state.append((name, tuple(module.active_adapters), tuple(sorted(scaling.items())),
+                      tuple(module.merged_adapters), module.disable_adapters, live))
     return tuple(state)
 
 
 def eligible(unet: nn.Module) -> str | None:
-    """None when the UNet's step can be recorded as it stands, else why not (a composer's processor or hook)."""
-    processors = getattr(unet, "attn_processors", {})
-    odd = [n for n, p in processors.items() if type(p).__name__ not in _DEFAULT_PROCESSORS]
-    if odd:
-        return f"attention processor {type(processors[odd[0]]).__name__} at {odd[0]}"
+    """None when the UNet's step can be recorded as it stands, else why not (a composer's processor or hook). One
+    walk of the module tree (diffusers' `attn_processors` is a second one)."""
     for name, module in unet.named_modules():
         if module._forward_hooks or module._forward_pre_hooks:
             return f"a forward hook on {name or 'the UNet'}"
+        processor = getattr(module, "processor", None) if hasattr(module, "set_processor") else None
+        if processor is not None and type(processor).__name__ not in _DEFAULT_PROCESSORS:
+            return f"attention processor {type(processor).__name__} at {name}.processor"
     return None
 
 
@@ -66,6 +71,7 @@ class UNetGraphs:
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
+        self.layers = tuner_layers(unet)  # refreshed by `graphed_unet` at every call
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> Any:
@@ -78,7 +84,7 @@ class UNetGraphs:
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t  # (B,), as the UNet makes it
         inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states,
                   **{f"added.{k}": v for k, v in sorted(extra.items())}}
-        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), _adapter_state(self.unet))
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), _adapter_state(self.layers))
         if key not in self.graphs:
             self.graphs[key] = self._record(inputs)
             while len(self.graphs) > MAX_GRAPHS:
@@ -126,6 +132,7 @@ def graphed_unet(pipe: Any, enabled: bool = True) -> Iterator[UNetGraphs | None]
     graphs = unet.__dict__.get("_studio_graphs")
     if graphs is None:
         graphs = unet.__dict__["_studio_graphs"] = UNetGraphs(unet, unet.forward)
+    graphs.layers = tuner_layers(unet)  # a walk of the whole tree at every step was 3 ms of host time (2 CPU cores)
     unet.forward = graphs  # an instance attribute: nn.Module.__call__ finds it before the class's forward
     try:
         yield graphs

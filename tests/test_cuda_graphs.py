@@ -74,7 +74,7 @@ def test_a_reloaded_adapter_is_a_new_recording_unless_merged(tiny_dirs: dict) ->
     from composer_helpers import add_random_adapter
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from studio.cuda_graphs import _adapter_state
+    from studio.cuda_graphs import _adapter_state, tuner_layers
     from studio.generate import cached_pipeline
     from studio.library.load import load_adapters, unload_adapters
 
@@ -84,18 +84,18 @@ def test_a_reloaded_adapter_is_a_new_recording_unless_merged(tiny_dirs: dict) ->
     def loaded() -> tuple[tuple, list[torch.Tensor]]:
         load_adapters(pipe, ["graph-tag"], [0.8])
         held = [p for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer) for p in m.lora_A.parameters()]
-        return _adapter_state(pipe.unet), held  # `held` keeps the tensors' memory from being reused
+        return _adapter_state(tuner_layers(pipe.unet)), held  # `held` keeps the tensors' memory from being reused
 
     try:
         first, kept = loaded()
-        assert _adapter_state(pipe.unet) == first  # the same adapter, the same recording
+        assert _adapter_state(tuner_layers(pipe.unet)) == first  # the same adapter, the same recording
         unload_adapters(pipe, ["graph-tag"])
         second, _ = loaded()
         assert second != first  # loaded again: its tensors live elsewhere
         layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
         for m in layers:
             m.merge()
-        merged = _adapter_state(pipe.unet)
+        merged = _adapter_state(tuner_layers(pipe.unet))
         for m in layers:
             m.unmerge()
         unload_adapters(pipe, ["graph-tag"])
@@ -103,7 +103,7 @@ def test_a_reloaded_adapter_is_a_new_recording_unless_merged(tiny_dirs: dict) ->
         layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]  # new layers after the reload
         for m in layers:
             m.merge()
-        assert _adapter_state(pipe.unet) == merged  # merged, the graph reads only the base weights
+        assert _adapter_state(tuner_layers(pipe.unet)) == merged  # merged, the graph reads only the base weights
         for m in layers:
             m.unmerge()
     finally:

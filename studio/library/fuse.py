@@ -9,6 +9,10 @@ generation where a copy fits in `BUDGET` and nothing may change the adapters dur
 processors, hooks or forward wrapper; a trained adapter); elsewhere the adapters run unmerged as before. On two CPU
 cores, studio-tiny with a DreamBooth-LoRA adapter at its defaults took 1.21 s a tagged 20-step image merged against
 1.52 s unmerged (0.81 s without the adapter; median of 7 in one run, 2 threads).
+
+While merged, the base modules run in the PEFT layers' place (`take_out`): the model is the plain one with other
+weights, so PEFT's per-layer Python is gone from every step, and on a GPU the CUDA graph recorded for plain
+generation replays a tagged one too (`studio.cuda_graphs` keys graphs on the PEFT layers present).
 """
 
 from __future__ import annotations
@@ -21,27 +25,38 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from studio.library.warm import tuner_children
+
 
 BUDGET = 1 << 30  # bytes of weight copies a merged call may hold
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def merge_exactly(model: nn.Module, names: Sequence[str]) -> Callable[[], None]:
-    """Merge the active scaled deltas of `names` into `model`'s base weights; returns the exact undo."""
+def merge_exactly(model: nn.Module, names: Sequence[str], *, take_out: bool = False) -> Callable[[], None]:
+    """Merge the active scaled deltas of `names` into `model`'s base weights; returns the exact undo. With `take_out`,
+    a merged PEFT layer computes its base module's forward alone (PEFT's merged branch), so the base module takes its
+    place until the undo: a plain forward call instead of PEFT's per-call bookkeeping, and
+    a CUDA graph recorded for the plain model replays it (its weights are the same tensors, merged in place)."""
     saved: list[tuple[BaseTunerLayer, dict[str, torch.Tensor]]] = []
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer) or module.disable_adapters:
+    out: list[tuple[nn.Module, str, BaseTunerLayer]] = []
+    for _, parent, attr, module in tuner_children(model):
+        if module.disable_adapters:
             continue
-        present = [n for n in names if n in module.active_adapters
-                   and any(n in getattr(module, a, {}) for a in module.adapter_layer_names)]
+        present = [n for n in _held(module) if n in names]
         if not present:
             continue
         base = module.get_base_layer()
         saved.append((module, {k: v.detach().clone() for k, v in base.named_parameters(recurse=False)}))
         with torch.no_grad():
             module.merge(adapter_names=present)
+        if take_out and module.merged:  # PEFT's merged branch: `base_layer(x)` alone
+            out.append((parent, attr, module))
+    for parent, attr, module in out:
+        setattr(parent, attr, module.get_base_layer())
 
     def undo() -> None:
+        for parent, attr, module in out:
+            setattr(parent, attr, module)
         for module, params in saved:
             base = module.get_base_layer()
             with torch.no_grad():
@@ -52,9 +67,14 @@ def merge_exactly(model: nn.Module, names: Sequence[str]) -> Callable[[], None]:
     return undo
 
 
+def _held(module: BaseTunerLayer) -> list[str]:
+    """The active adapters that `module` holds."""
+    return [n for n in module.active_adapters if any(n in getattr(module, a, {}) for a in module.adapter_layer_names)]
+
+
 def _active(model: nn.Module) -> list[BaseTunerLayer]:
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters and not m.merged
-            and any(n in getattr(m, a, {}) for n in m.active_adapters for a in m.adapter_layer_names)]
+    return [m for m in model.modules()
+            if isinstance(m, BaseTunerLayer) and not m.disable_adapters and not m.merged and _held(m)]
 
 
 def why_not_merge(pipe: Any, layers: list[BaseTunerLayer]) -> str | None:
@@ -80,14 +100,15 @@ def merged_for_call(pipe: Any) -> Iterator[bool]:
     """Within the block the active adapters are merged into the weights (yields True), unless `why_not_merge` finds
     a reason (yields False); the weights are the same bits afterwards."""
     models = [m for m in (getattr(pipe, c, None) for c in COMPONENTS) if isinstance(m, nn.Module)]
-    layers = [layer for model in models for layer in _active(model)]
+    found = [(model, active) for model in models if (active := _active(model))]
+    layers = [layer for _, active in found for layer in active]
     if not layers or why_not_merge(pipe, layers) is not None:
         yield False
         return
     undos = []
     try:
-        for model in models:
-            undos.append(merge_exactly(model, sorted({n for m in _active(model) for n in m.active_adapters})))
+        for model, active in found:
+            undos.append(merge_exactly(model, sorted({n for m in active for n in m.active_adapters}), take_out=True))
         yield True
     finally:
         for undo in undos:

@@ -185,7 +185,9 @@ def release_adapters(pipe: Any, names: Sequence[str], *, library: Library | None
         warm.adapters.move_to_end(name)
     if len(warm.adapters) > WARM:
         _unload(pipe, list(warm.adapters)[: len(warm.adapters) - WARM])
-    set_weights(pipe, loaded)
+    if loaded or not warm.adapters:
+        set_weights(pipe, loaded)
+    # else every PEFT layer goes aside as it is: `load_adapters` sets the weights again when it puts them back
     _settle(pipe)
 
 

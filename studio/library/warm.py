@@ -45,10 +45,10 @@ class Warm:
         """Put every component's base modules back in place of its PEFT layers (which hold only warm adapters)."""
         self.layers, self.attrs = {}, {}
         for component, model in _models(pipe):
-            held = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-            for path, layer in held:
-                _replace(model, path, layer.get_base_layer())
-            self.layers[component] = held
+            held = tuner_children(model)
+            for _, parent, attr, layer in held:
+                setattr(parent, attr, layer.get_base_layer())
+            self.layers[component] = [(path, layer) for path, _, _, layer in held]
             self.attrs[component] = {a: model.__dict__.pop(a) for a in _PEFT_ATTRS if a in model.__dict__}
 
     def put_back(self, pipe: Any) -> bool:
@@ -56,16 +56,16 @@ class Warm:
         if self.layers is None:
             return True
         models = dict(_models(pipe))
+        found = {c: dict(models[c].named_modules()) if c in models else {} for c in self.layers}  # one walk each
         for component, held in self.layers.items():
-            model = models.get(component)
             for path, layer in held:
                 base = layer.get_base_layer()
-                current = _get(model, path) if model is not None else None
-                if current is not base or not _same_place(layer, base):
+                if found[component].get(path) is not base or not _same_place(layer, base):
                     return False
         for component, held in self.layers.items():
             for path, layer in held:
-                _replace(models[component], path, layer)
+                parent_path, _, attr = path.rpartition(".")
+                setattr(found[component][parent_path], attr, layer)
             models[component].__dict__.update(self.attrs.get(component, {}))
         self.layers, self.attrs = None, {}
         return True
@@ -79,16 +79,17 @@ def _models(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
     return [(c, m) for c in COMPONENTS if isinstance(m := getattr(pipe, c, None), torch.nn.Module)]
 
 
-def _get(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _replace(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+def tuner_children(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, BaseTunerLayer]]:
+    """Each PEFT layer of `model` as (path, parent, attribute, layer), in one walk: the parent is at hand to put
+    another module in the layer's place (`setattr(parent, attribute, module)`)."""
+    seen: dict[str, torch.nn.Module] = {}
+    out = []
+    for path, module in model.named_modules():  # parents come before their children
+        seen[path] = module
+        if isinstance(module, BaseTunerLayer):
+            parent_path, _, attr = path.rpartition(".")
+            out.append((path, seen[parent_path], attr, module))
+    return out
 
 
 def _same_place(layer: BaseTunerLayer, base: torch.nn.Module) -> bool:

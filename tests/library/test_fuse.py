@@ -32,9 +32,9 @@ def test_merged_generation_equals_unmerged_and_restores_the_weights(pipe, monkey
     config = GenerateConfig(prompt="a red star <lora:fuse-a:0.8>", model=pipe.name_or_path, seed=4, steps=3)
     load_adapters(pipe, ["fuse-b"], [0.5])  # the caller's adapter: merged with the tagged one for the call
     before = _weights(pipe)
-    seen = []  # during each call (the text encoder runs inside it): whether the UNet's adapters were merged
-    pipe.text_encoder.register_forward_hook(
-        lambda *args: seen.append(any(m.merged for m in pipe.unet.modules() if isinstance(m, fuse.BaseTunerLayer))))
+    seen = []  # during each call (the text encoder runs inside it): the UNet's PEFT layers, unmerged
+    pipe.text_encoder.register_forward_hook(lambda *args: seen.append(
+        sum(not m.merged for m in pipe.unet.modules() if isinstance(m, fuse.BaseTunerLayer))))
 
     def image(budget: int) -> np.ndarray:
         monkeypatch.setattr(fuse, "BUDGET", budget)
@@ -44,7 +44,8 @@ def test_merged_generation_equals_unmerged_and_restores_the_weights(pipe, monkey
         unmerged, merged = image(0), image(1 << 30)
     finally:
         pipe.text_encoder._forward_hooks.clear()
-    assert seen == [False, False, True, True]  # prompt and negative prompt, unmerged then merged
+    held = seen[0]
+    assert held > 0 and seen == [held, held, 0, 0]  # prompt and negative; merged, the base modules run in their place
     np.testing.assert_allclose(merged, unmerged, atol=1e-5)
     plain = GenerateConfig(prompt="a red star", model=pipe.name_or_path, seed=4, steps=3)
     unload_adapters(pipe, ["fuse-b"])
@@ -79,3 +80,29 @@ def test_nothing_is_merged_where_the_adapters_may_change_during_the_call(pipe,  
         assert fuse.why_not_merge(pipe, layers) == "an adapter is being trained"
     finally:
         lora_b.requires_grad_(False)
+
+
+def test_merged_layers_are_taken_out_for_the_call_and_put_back_after(pipe) -> None:  # noqa: ANN001
+    load_adapters(pipe, ["fuse-a", "fuse-b"], [0.7, -0.4])
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(sample, 10, text).sample
+
+    def peft_layers() -> list:
+        return [m for m in unet.modules() if isinstance(m, fuse.BaseTunerLayer)]
+
+    unmerged, layers, before = run(), peft_layers(), _weights(pipe)
+    undo = fuse.merge_exactly(unet, ["fuse-a", "fuse-b"], take_out=True)
+    assert peft_layers() == []  # the base modules, merged in place, run in their stead
+    assert not torch.equal(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight,
+                           before["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.base_layer.weight"])
+    torch.testing.assert_close(run(), unmerged, rtol=1e-4, atol=1e-5)
+    undo()
+    assert peft_layers() == layers and torch.equal(run(), unmerged)
+    after = _weights(pipe)
+    assert all(torch.equal(before[k], after[k]) for k in before)
