@@ -71,7 +71,7 @@ class UNetGraphs:
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
-        self.layers = tuner_layers(unet)  # refreshed by `graphed_unet` at every call
+        self.layers: list[tuple[str, nn.Module]] = []  # the PEFT layers, read by `graphed_unet` at every call
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> Any:
