@@ -3,17 +3,17 @@
 - Generation: milliseconds per image at batch 1, 16 and 128 (20 steps, the model's guidance), with each denoising
   step replayed as a recorded CUDA graph and with plain launches (`--no-cuda-graphs`); median of `--runs` timed
   calls after a warm-up call that also records the graphs, CUDA synchronised around each call.
+- Composition (`--no-composition` skips it): milliseconds per image at batch 1 with one adapter by its tag and with
+  two adapters in their boxes by LoRA-Composer (the bar: at most 1.25x the one adapter), and a batch of one-image
+  jobs with four adapters as one batched call (`studio batch --group`) against one call per job. The adapters are
+  DreamBooth-LoRA at its default targets with random weights, written to a temporary library.
 - Training: DreamBooth-LoRA on a Shapes World emblem at the defaults on the GPU, with the UNet's forward and backward
   recorded as CUDA graphs (`studio train --cuda-graphs`, `trainers.graphs`) and with plain launches: seconds per
   optimizer step from a run of `--train-steps` steps and one a quarter as long (after a warm-up run that caches the
   class images), and a default-length run's seconds projected from them (class images from the cache).
 
-- Composition (`--no-composition` skips it): milliseconds per image at batch 1 with one adapter by its tag and with
-  two adapters in their boxes by LoRA-Composer (the bar: at most 1.25x the one adapter), and a batch of one-image
-  jobs with four adapters as one batched call (`studio batch --group`) against one call per job. The adapters are
-  DreamBooth-LoRA at its default targets with random weights, written to a temporary library.
-
-Writes `gpu-bench.json` and `gpu-bench.md` to `--out`.
+Writes `gpu-bench.json` and `gpu-bench.md` to `--out` after each section, in this order: a section that fails is
+recorded with its error while the others still run, and a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -204,47 +204,75 @@ def _library(root: str):  # -> studio.library.Library
 
 
 def run(args: argparse.Namespace) -> int:
+    """Each section in turn (generation, composition, training), the report rewritten after each: a section that
+    fails is recorded with its error and the others still run, and a run cut short keeps what it measured. Exit 1
+    when a section failed."""
+    import traceback
+
     from studio.errors import StudioError
 
     if not torch.cuda.is_available():
         raise StudioError("studio bench gpu needs a CUDA device; `studio bench generate` measures the CPU")
-    report = {"device": torch.cuda.get_device_name(), "model": args.model, "steps": args.steps, "runs": args.runs,
-              "generation": generation(args.model, args.batch, args.runs, args.steps)}
-    if args.train_steps:
-        report["training"] = training(args.model, args.train_steps)
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": args.model, "steps": args.steps,
+                              "runs": args.runs}
+    sections = [("generation", lambda: generation(args.model, args.batch, args.runs, args.steps))]
     if args.composition:
-        report["composition"] = composition(args.model, "cuda", args.runs, args.steps)
+        sections.append(("composition", lambda: composition(args.model, "cuda", args.runs, args.steps)))
+    if args.train_steps:
+        sections.append(("training", lambda: training(args.model, args.train_steps)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# studio bench gpu ({report['device']}, {args.steps} steps, median of {args.runs})", "",
-             "| batch | ms/image, CUDA graphs | ms/image, plain | speed-up |", "|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['graphs']} | {r['plain']} | {r['speedup']}x |" for r in report["generation"]]
-    first = report["generation"][0]
-    if "ms_per_step" in first:
-        lines += ["", f"Batch 1 with graphs: {first['ms_per_step']} ms per denoising step and {first['fixed_ms']} ms "
-                      "fixed per call (prompt encoding, set-up, VAE decode; from a 2-step call beside the full one)."]
-    if "training" in report:
-        t = report["training"]
-        lines += ["", f"Training (DreamBooth-LoRA, world emblem, {t['steps']} steps timed; a default run is "
-                      f"{t['default_steps']} steps):", "",
-                  "| UNet step | s/step | default run, projected s | fixed s |", "|---|---|---|---|"]
-        lines += [f"| {label} | {t[mode]['s_per_step']} | {t[mode]['projected_default_run_s']} | "
-                  f"{t[mode]['fixed_s']} |" for mode, label in (("graphs", "CUDA graphs"), ("plain", "plain"))]
-        lines += ["", f"Speed-up per step: {t['speedup']}x."]
-    if "composition" in report:
-        c = report["composition"]
+    failed = []
+    for name, measure in sections:
+        try:
+            report[name] = measure()
+        except Exception as err:  # noqa: BLE001 - one section's failure must not cost the others their numbers
+            traceback.print_exc()
+            report[name] = {"error": f"{type(err).__name__}: {err}".strip().splitlines()[0]}
+            failed.append(name)
+        _write(out, report)
+    print(markdown(report))
+    return 1 if failed else 0
+
+
+def _write(out: Path, report: dict) -> None:
+    from studio.atomic import write_json, write_text
+
+    write_json(out / "gpu-bench.json", report)
+    write_text(out / "gpu-bench.md", markdown(report) + "\n")
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown tables; a failed section as its error."""
+    lines = [f"# studio bench gpu ({report['device']}, {report['steps']} steps, median of {report['runs']})"]
+    for name in ("generation", "composition", "training"):
+        if isinstance(report.get(name), dict) and "error" in report[name]:
+            lines += ["", f"{name.capitalize()} failed: {report[name]['error']}"]
+    rows = report.get("generation")
+    if isinstance(rows, list):
+        lines += ["", "| batch | ms/image, CUDA graphs | ms/image, plain | speed-up |", "|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['graphs']} | {r['plain']} | {r['speedup']}x |" for r in rows]
+        if "ms_per_step" in rows[0]:
+            lines += ["", f"Batch 1 with graphs: {rows[0]['ms_per_step']} ms per denoising step and "
+                          f"{rows[0]['fixed_ms']} ms fixed per call (prompt encoding, set-up, VAE decode; from a "
+                          "2-step call beside the full one)."]
+    c = report.get("composition", {})
+    if "single_ms" in c:
         lines += ["", "| batch 1 | ms/image |", "|---|---|", f"| one adapter (tag) | {c['single_ms']} |",
                   f"| one adapter (tag), injected afresh every call | {c['single_cold_ms']} ({c['warm_speedup']}x "
                   "the warm one) |",
                   f"| two adapters in boxes (lora_composer) | {c['lora_composer_ms']} ({c['lora_composer_ratio']}x) |",
                   "", f"{c['jobs']} one-image jobs, four adapters: {c['mixed_grouped_ms']} ms/image in one batched "
                   f"call, {c['mixed_alone_ms']} one call per job ({c['mixed_speedup']}x)."]
-    from studio.atomic import write_json, write_text
-
-    write_json(out / "gpu-bench.json", report)
-    write_text(out / "gpu-bench.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    t = report.get("training", {})
+    if "speedup" in t:
+        lines += ["", f"Training (DreamBooth-LoRA, world emblem, {t['steps']} steps timed; a default run is "
+                      f"{t['default_steps']} steps):", "",
+                  "| UNet step | s/step | default run, projected s | fixed s |", "|---|---|---|---|"]
+        lines += [f"| {label} | {t[mode]['s_per_step']} | {t[mode]['projected_default_run_s']} | "
+                  f"{t[mode]['fixed_s']} |" for mode, label in (("graphs", "CUDA graphs"), ("plain", "plain"))]
+        lines += ["", f"Speed-up per step: {t['speedup']}x."]
+    return "\n".join(lines)
 
 
 def register_bench(benches: argparse._SubParsersAction) -> None:

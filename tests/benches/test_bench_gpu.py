@@ -44,3 +44,41 @@ def test_the_composition_rows_run_side_by_side(tiny_dirs: dict) -> None:
     assert abs(row["lora_composer_ratio"] - row["lora_composer_ms"] / row["single_ms"]) < 0.02
     assert abs(row["warm_speedup"] - row["single_cold_ms"] / row["single_ms"]) < 0.02
     assert abs(row["mixed_speedup"] - row["mixed_alone_ms"] / row["mixed_grouped_ms"]) < 0.02
+
+
+def test_a_failed_section_is_reported_and_the_others_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sections' own measurements are replaced here (they need CUDA): what is tested is the run around them."""
+    import benches.gpu as gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test device")
+    rows = [{"batch": 1, "graphs": 2.0, "plain": 5.0, "speedup": 2.5}]
+    monkeypatch.setattr(gpu, "generation", lambda *a: rows)
+
+    def broken(*args: object) -> dict:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    monkeypatch.setattr(gpu, "composition", broken)
+    timing = {"graphs": {"s_per_step": 0.01, "projected_default_run_s": 9.0, "fixed_s": 2.0},
+              "plain": {"s_per_step": 0.03, "projected_default_run_s": 23.0, "fixed_s": 2.0},
+              "speedup": 3.0, "steps": 8, "default_steps": 700}
+    monkeypatch.setattr(gpu, "training", lambda *a: timing)
+    assert main(["bench", "gpu", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert report["generation"] == rows and report["training"] == timing
+    assert report["composition"] == {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    text = (tmp_path / "gpu-bench.md").read_text()
+    assert "Composition failed: RuntimeError: CUDA error" in text and "| CUDA graphs | 0.01 | 9.0 | 2.0 |" in text
+
+    def stopped(*args: object) -> dict:
+        raise KeyboardInterrupt  # a run cut short (Ctrl-C, a time limit)
+
+    rows_two = {"single_ms": 30.0, "single_cold_ms": 90.0, "warm_speedup": 3.0, "lora_composer_ms": 36.0,
+                "lora_composer_ratio": 1.2, "jobs": 4, "mixed_grouped_ms": 5.0, "mixed_alone_ms": 30.0,
+                "mixed_speedup": 6.0}
+    monkeypatch.setattr(gpu, "composition", lambda *a: rows_two)
+    monkeypatch.setattr(gpu, "training", stopped)
+    assert main(["bench", "gpu", "--out", str(tmp_path)]) == 130  # the CLI's exit status for an interrupt
+    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert report["generation"] == rows and report["composition"] == rows_two and "training" not in report
+    assert "| two adapters in boxes (lora_composer) | 36.0 (1.2x) |" in (tmp_path / "gpu-bench.md").read_text()
