@@ -52,11 +52,15 @@ def _adapter_state(layers: list[tuple[str, Any]]) -> tuple:
 
 
 def eligible(unet: nn.Module) -> str | None:
-    """None when the UNet's step can be recorded as it stands, else why not (a composer's processor or hook). One
-    walk of the module tree (diffusers' `attn_processors` is a second one)."""
+    """None when the UNet's step can be recorded as it stands, else why not: a composer's processor, hook or forward
+    wrapper (LoRA Switch, Composite, CMLoRA, AutoLoRA's gates and a scheduled merge wrap `forward` on the instance
+    to work per step; a recording would bypass the UNet's wrapper and freeze a layer's). One walk of the module tree
+    (diffusers' `attn_processors` is a second one)."""
     for name, module in unet.named_modules():
         if module._forward_hooks or module._forward_pre_hooks:
             return f"a forward hook on {name or 'the UNet'}"
+        if "forward" in module.__dict__:
+            return f"a forward wrapper on {name or 'the UNet'}"
         processor = getattr(module, "processor", None) if hasattr(module, "set_processor") else None
         if processor is not None and type(processor).__name__ not in _DEFAULT_PROCESSORS:
             return f"attention processor {type(processor).__name__} at {name}.processor"

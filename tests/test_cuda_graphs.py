@@ -109,3 +109,28 @@ def test_a_reloaded_adapter_is_a_new_recording_unless_merged(tiny_dirs: dict) ->
     finally:
         unload_adapters(pipe)
     assert kept
+
+
+def test_a_composer_that_works_per_step_keeps_the_unet_off_recordings() -> None:
+    """A recording replays one step's launches: it would bypass LoRA Switch's, Composite's, CMLoRA's and a scheduled
+    merge's forward wrapper and freeze AutoLoRA's gated layers. Only a merge with fixed weights may be recorded."""
+    from composer_helpers import add_random_adapter
+
+    import composers
+    from composers import AdapterSet, AutoLoRAConfig, MergeConfig, SwitchConfig
+
+    pipe = BUILDERS["sd1"]()
+    add_random_adapter(pipe, "graph-a", 1)
+    add_random_adapter(pipe, "graph-b", 2)
+    scheduled = AdapterSet.parse("graph-a:0.8,graph-b")
+    scheduled.schedules = [composers.parse_schedule("linear:1:0"), composers.parse_schedule("constant")]
+    cases = [("merge", MergeConfig(), None), ("merge", MergeConfig(fused=True), None),
+             ("merge", None, "forward wrapper on the UNet"), ("switch", SwitchConfig(), "forward wrapper on the UNet"),
+             ("composite", None, "forward wrapper on the UNet"), ("cmlora", None, "forward wrapper on the UNet"),
+             ("autolora", AutoLoRAConfig(global_rank=0), "forward wrapper on ")]
+    for composer, config, reason in cases:
+        adapters = scheduled if composer == "merge" and config is None else AdapterSet.parse("graph-a:0.8,graph-b")
+        with composers.apply(pipe, adapters, composer, config):
+            found = eligible(pipe.unet)
+            assert (found is None) if reason is None else (reason in (found or "")), (composer, config, found)
+        assert eligible(pipe.unet) is None

@@ -81,10 +81,7 @@ def why_not_merge(pipe: Any, layers: list[BaseTunerLayer]) -> str | None:
     """None when `layers` can be merged for one plain generation, else why not."""
     from studio.cuda_graphs import eligible
 
-    unet = pipe.unet
-    if "forward" in unet.__dict__:
-        return "the UNet's forward is wrapped (a composer)"
-    reason = eligible(unet)
+    reason = eligible(pipe.unet)  # a composer's processors, hooks or forward wrappers
     if reason is not None:
         return reason
     if any(p.requires_grad for m in layers for a in m.adapter_layer_names for p in getattr(m, a).parameters()):
