@@ -3,9 +3,11 @@
 A small model such as `studio-tiny` spends a step of batch 1 launching kernels, not computing: hundreds of launches
 of a few microseconds each, with the host in between. PyTorch's CUDA graphs (`torch.cuda.CUDAGraph`, "CUDA Graphs"
 in the PyTorch docs) record those launches once and replay them with one call. A graph is a fixed program over fixed
-buffers, so it is recorded per input shape and per adapter state (PEFT's scales are numbers baked into the recorded
-kernels) and used only where nothing else changes the computation between steps: default attention processors, no
-forward hooks, no extra UNet inputs. Anywhere else the UNet runs as it always does.
+buffers, so it is recorded per input shape, per adapter state (PEFT's scales are numbers baked into the recorded
+kernels) and per place of the weights in memory, and used only where nothing else changes the computation between
+steps: default attention processors, no forward hooks or wrappers, no extra UNet inputs. Anywhere else the UNet runs
+as it always does. A tagged call merges its adapters into the weights in place and runs the base modules
+(`studio.library.fuse`), so the recording of plain generation replays it too.
 
 `graphed_unet(pipe)` is a context manager around a pipeline call; recorded graphs are kept on the UNet for the next
 call (at most `MAX_GRAPHS`, least recently used first out).
@@ -33,6 +35,13 @@ def tuner_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def addresses(unet: nn.Module) -> int:
+    """A fingerprint of where the UNet's parameters and buffers live. A recording reads them by address: weights
+    changed in place (a merge, a sparse adapter) are read as they are, but a model moved away and back lives
+    elsewhere, and an old recording would read freed memory. Taken once per call."""
+    return hash(tuple(t.data_ptr() for t in (*unet.parameters(), *unet.buffers())))
 
 
 def _adapter_state(layers: list[tuple[str, Any]]) -> tuple:
@@ -76,6 +85,7 @@ class UNetGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
         self.layers: list[tuple[str, nn.Module]] = []  # the PEFT layers, read by `graphed_unet` at every call
+        self.weights = 0  # `addresses(unet)`, likewise
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> Any:
@@ -88,7 +98,8 @@ class UNetGraphs:
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t  # (B,), as the UNet makes it
         inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states,
                   **{f"added.{k}": v for k, v in sorted(extra.items())}}
-        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), _adapter_state(self.layers))
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), _adapter_state(self.layers),
+               self.weights)
         if key not in self.graphs:
             self.graphs[key] = self._record(inputs)
             while len(self.graphs) > MAX_GRAPHS:
@@ -137,6 +148,7 @@ def graphed_unet(pipe: Any, enabled: bool = True) -> Iterator[UNetGraphs | None]
     if graphs is None:
         graphs = unet.__dict__["_studio_graphs"] = UNetGraphs(unet, unet.forward)
     graphs.layers = tuner_layers(unet)  # a walk of the whole tree at every step was 3 ms of host time (2 CPU cores)
+    graphs.weights = addresses(unet)
     unet.forward = graphs  # an instance attribute: nn.Module.__call__ finds it before the class's forward
     try:
         yield graphs

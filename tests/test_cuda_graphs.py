@@ -134,3 +134,18 @@ def test_a_composer_that_works_per_step_keeps_the_unet_off_recordings() -> None:
             found = eligible(pipe.unet)
             assert (found is None) if reason is None else (reason in (found or "")), (composer, config, found)
         assert eligible(pipe.unet) is None
+
+
+def test_recordings_are_keyed_on_where_the_weights_live() -> None:
+    """A merge in place keeps a recording valid; a model moved away and back lives elsewhere (an old recording would
+    read freed memory)."""
+    from studio.cuda_graphs import addresses
+
+    unet = BUILDERS["sd1"]().unet
+    first = addresses(unet)
+    with torch.no_grad():
+        unet.conv_in.weight.add_(1.0)  # what a merge does
+    assert addresses(unet) == first
+    kept = [t.data for t in (*unet.parameters(), *unet.buffers())]  # their memory is not reused by the move back
+    unet.to(torch.float64).to(torch.float32)
+    assert addresses(unet) != first and len(kept) > 0
