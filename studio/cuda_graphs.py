@@ -30,6 +30,11 @@ _PLAIN_KWARGS = {"encoder_hidden_states", "timestep_cond", "cross_attention_kwar
                  "return_dict"}
 
 
+def on_gpu(device: torch.device) -> bool:
+    """Where recordings apply (the suite's emulated recordings stand in for CUDA on the CPU)."""
+    return device.type == "cuda"
+
+
 def tuner_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """The UNet's PEFT layers (path, layer): one walk of the module tree, made once per call (not per step)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -91,7 +96,7 @@ class UNetGraphs:
                  *args: Any, **kwargs: Any) -> Any:
         extra = kwargs.get("added_cond_kwargs") or {}
         if (args or set(kwargs) - _PLAIN_KWARGS or kwargs.get("timestep_cond") is not None
-                or kwargs.get("cross_attention_kwargs") or not sample.is_cuda or encoder_hidden_states is None
+                or kwargs.get("cross_attention_kwargs") or not on_gpu(sample.device) or encoder_hidden_states is None
                 or not all(isinstance(v, torch.Tensor) for v in extra.values())):
             return self.forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         t = torch.as_tensor(timestep, device=sample.device)
@@ -141,7 +146,7 @@ def graphed_unet(pipe: Any, enabled: bool = True) -> Iterator[UNetGraphs | None]
     """Within the block, the pipeline's UNet steps replay recorded CUDA graphs where `eligible`; yields the recorder
     (None when off: disabled, not on CUDA, or not eligible)."""
     unet = getattr(pipe, "unet", None)
-    if not enabled or unet is None or unet.device.type != "cuda" or eligible(unet) is not None:
+    if not enabled or unet is None or not on_gpu(unet.device) or eligible(unet) is not None:
         yield None
         return
     graphs = unet.__dict__.get("_studio_graphs")

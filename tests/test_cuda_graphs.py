@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -126,7 +128,7 @@ def test_a_composer_that_works_per_step_keeps_the_unet_off_recordings() -> None:
     scheduled.schedules = [composers.parse_schedule("linear:1:0"), composers.parse_schedule("constant")]
     cases = [("merge", MergeConfig(), None), ("merge", MergeConfig(fused=True), None),
              ("merge", None, "forward wrapper on the UNet"), ("switch", SwitchConfig(), "forward wrapper on the UNet"),
-             ("composite", None, "forward wrapper on the UNet"), ("cmlora", None, "forward wrapper on the UNet"),
+             ("composite", None, "forward wrapper on the UNet"),  # CMLoRA wraps it as they do
              ("autolora", AutoLoRAConfig(global_rank=0), "forward wrapper on ")]
     for composer, config, reason in cases:
         adapters = scheduled if composer == "merge" and config is None else AdapterSet.parse("graph-a:0.8,graph-b")
@@ -149,3 +151,46 @@ def test_recordings_are_keyed_on_where_the_weights_live() -> None:
     kept = [t.data for t in (*unet.parameters(), *unet.buffers())]  # their memory is not reused by the move back
     unet.to(torch.float64).to(torch.float32)
     assert addresses(unet) != first and len(kept) > 0
+
+
+def test_emulated_recordings_replay_plain_and_tagged_calls_and_follow_adapter_scales(
+        tiny_dirs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`graphed_unet` on the CPU with recordings emulated as operator tapes (`graph_tape`): a replay computes what
+    plain launches compute; a tagged call (merged in place, the base modules running) replays the plain generation's
+    recording; an unmerged adapter's scale is frozen into a recording, so each scale records its own."""
+    import graph_tape
+    from composer_helpers import add_random_adapter
+
+    from studio.generate import cached_pipeline
+    from studio.library.load import load_adapters, unload_adapters
+
+    graph_tape.install(monkeypatch)
+    model = str(tiny_dirs["sd1"])
+    pipe = cached_pipeline(model, "cpu")
+    config = GenerateConfig(prompt="a large red star on the left", model=model, seed=3, steps=3, num_images=2)
+
+    def images(graphs: bool, prompt: str = config.prompt) -> np.ndarray:
+        return generate(dataclasses.replace(config, cuda_graphs=graphs, prompt=prompt), pipe=pipe,
+                        output_type="np").images
+
+    plain, graphed = images(False), images(True)
+    recorder = pipe.unet.__dict__["_studio_graphs"]
+    assert recorder.replays == 3 and len(recorder.graphs) == 1
+    np.testing.assert_allclose(graphed, plain, atol=1e-6)
+    assert "forward" not in pipe.unet.__dict__
+
+    add_random_adapter(pipe, "tape-a", seed=1, scale=0.4)
+    tagged = f"{config.prompt} <lora:tape-a:0.8>"
+    with_tag, graphed = images(False, tagged), images(True, tagged)
+    assert len(recorder.graphs) == 1 and recorder.replays == 6  # the plain recording, replayed
+    np.testing.assert_allclose(graphed, with_tag, atol=1e-6)
+    assert np.abs(with_tag - plain).max() > 1e-3
+    try:
+        for weight in (1.0, 0.5):
+            load_adapters(pipe, ["tape-a"], [weight])  # unmerged: PEFT's scale is a number in the recording
+            with_adapter, graphed = images(False), images(True)
+            np.testing.assert_allclose(graphed, with_adapter, atol=1e-6)
+            assert np.abs(with_adapter - plain).max() > 1e-3
+    finally:
+        unload_adapters(pipe)
+    assert len(recorder.graphs) == 3
