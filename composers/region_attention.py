@@ -36,7 +36,7 @@ class RegionState:
         self.capture = False
         self.cross: list[list[torch.Tensor]] = [[] for _ in names]  # per concept: (B, L, 77) per layer
         self.self_maps: list[torch.Tensor] = []  # (B, L, L) per layer
-        self._isolation: dict[int, torch.Tensor] = {}
+        self._isolation: dict[tuple, torch.Tensor] = {}
         self._cells: dict[tuple, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.stacked: dict[int, Any] = {}  # id(base layer) -> its StackedDeltas, when the spatial deltas are hooked
 
@@ -69,12 +69,14 @@ class RegionState:
         region = self.region_embeds[n].to(negative).expand(batch - self.uncond, -1, -1)  # (B_c, 77, D)
         return torch.cat([negative[: self.uncond], region])  # (B, 77, D)
 
-    def isolation(self, tokens: int) -> torch.Tensor:
-        """(L, L) additive mask: -inf for a query in box k and a key in box j != k outside box k (§3.4)."""
-        if tokens not in self._isolation:
+    def isolation(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """(L, L) additive mask: -inf for a query in box k and a key in box j != k outside box k (§3.4); on `like`'s
+        device, in its dtype (built once: an SD1.5 map of 4,096 cells makes it 64 MB)."""
+        key = (tokens, like.device, like.dtype)
+        if key not in self._isolation:
             with torch.inference_mode(False):
-                self._isolation[tokens] = self._isolation_mask(tokens)
-        return self._isolation[tokens]
+                self._isolation[key] = self._isolation_mask(tokens).to(like)
+        return self._isolation[key]
 
     def _isolation_mask(self, tokens: int) -> torch.Tensor:
         inside = self.regions.at(self.regions.size_of(tokens)).flatten(1) > 0  # (N, L)
@@ -229,7 +231,7 @@ class IsolatedSelfAttnProcessor(_Base):
         self._packs: dict[tuple, tuple[Any, Any] | None] = {}
 
     def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        mask = self.state.isolation(hs.shape[1])  # (L, L)
+        mask = self.state.isolation(hs.shape[1], hs)  # (L, L)
         record = self.record(self.state.self_maps)
         packs = self._fused(attn, hs)
         if packs is None:
@@ -238,7 +240,7 @@ class IsolatedSelfAttnProcessor(_Base):
         from lora_kernels.dispatch import projections
 
         regions = self.state.regions
-        s = regions.at(regions.size_of(hs.shape[1])).flatten(1).T[None].to(hs)  # (1, L, N): S, overlaps averaged
+        s = regions.at(regions.size_of(hs.shape[1]), hs).flatten(1).T[None]  # (1, L, N): S, overlaps averaged
         q, k, v = (_heads(attn, t) for t in projections(hs, packs[0], s))
         (out,) = projections(_attend(attn, q, k, v, mask, record), packs[1], s)
         return out

@@ -52,14 +52,16 @@ class RegionMasks:
     def __init__(self, boxes: Sequence[Box]) -> None:
         self.boxes = list(boxes)
         self.latent_hw: tuple[int, int] | None = None  # set by a pre-hook on every UNet call
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
-    def at(self, size: tuple[int, int]) -> torch.Tensor:
-        """(N, h, w) masks, each divided by the number of boxes covering the cell (overlaps are averaged)."""
-        if size not in self._cache:  # built outside inference mode: the latent guidance backpropagates through it
+    def at(self, size: tuple[int, int], like: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, h, w) masks, each divided by the number of boxes covering the cell (overlaps are averaged); on `like`'s
+        device and in its dtype when given, kept there (on a GPU a copy at every call would wait for the host)."""
+        key = size if like is None else (size, like.device, like.dtype)
+        if key not in self._cache:  # built outside inference mode: the latent guidance backpropagates through it
             with torch.inference_mode(False):
-                self._cache[size] = self._normalised(size)
-        return self._cache[size]
+                self._cache[key] = self._normalised(size) if like is None else self.at(size).to(like)
+        return self._cache[key]
 
     def _normalised(self, size: tuple[int, int]) -> torch.Tensor:
         masks = torch.stack([box_mask(b, size) for b in self.boxes])  # (N, h, w)
@@ -78,9 +80,8 @@ class RegionMasks:
     def for_output(self, output: torch.Tensor) -> torch.Tensor:
         """Masks shaped to broadcast over `output`: (N, 1, 1, H, W) for (B, C, H, W), (N, 1, L, 1) for (B, L, C)."""
         if output.ndim == 4:
-            return self.at(tuple(output.shape[-2:]))[:, None, None].to(output)  # (N, 1, 1, H, W)
-        masks = self.at(self.size_of(output.shape[1]))
-        return masks.flatten(1)[:, None, :, None].to(output)  # (N, 1, L, 1)
+            return self.at(tuple(output.shape[-2:]), output)[:, None, None]  # (N, 1, 1, H, W)
+        return self.at(self.size_of(output.shape[1]), output).flatten(1)[:, None, :, None]  # (N, 1, L, 1)
 
     def track(self, unet: torch.nn.Module) -> Callable[[], None]:
         def record(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

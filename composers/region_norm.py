@@ -37,10 +37,11 @@ def box_statistics(inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (keep / keep.sum(1, keepdim=True)).T.contiguous(), share
 
 
-def isolated_group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor, inside: torch.Tensor,
+def isolated_group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor, inside: torch.Tensor | None,
                         statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """GroupNorm of (B, C, H, W) `x` with per-box statistics; `inside` (N, H, W) 0/1 box masks (`statistics`: their
-    `box_statistics`, when cached), in about 15 operator calls whatever the number of boxes."""
+    `box_statistics`, when cached; then `inside` may be None), in about 15 operator calls whatever the number of
+    boxes."""
     b, c, h, w = x.shape
     average, share = (statistics or box_statistics(inside))
     average, share = average.to(x), share.to(x)
@@ -66,12 +67,11 @@ def install_isolated_norms(unet: torch.nn.Module, regions: RegionMasks) -> Handl
         if x.ndim != 4 or len(regions.boxes) < 2 or regions.latent_hw is None:
             return torch.nn.GroupNorm.forward(module, x)
         size = tuple(x.shape[-2:])
-        inside = regions.at(size) > 0  # (N, h, w)
         key = (size, x.dtype, x.device)
         if key not in cache:
             with torch.inference_mode(False):  # reused by the latent guidance's backward
-                cache[key] = tuple(t.to(x) for t in box_statistics(inside))
-        return isolated_group_norm(module, x, inside, cache[key])
+                cache[key] = tuple(t.to(x) for t in box_statistics(regions.at(size) > 0))  # (N, h, w) boxes
+        return isolated_group_norm(module, x, None, cache[key])
 
     handle = Handle("isolated_norms")
     for module in unet.modules():
