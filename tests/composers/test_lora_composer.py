@@ -127,6 +127,22 @@ def test_reinitialisation_moves_the_best_window_into_the_box_and_keeps_the_stati
     assert torch.allclose(out.mean(), z.mean(), atol=1e-5) and torch.allclose(out.std(), z.std(), atol=1e-5)
 
 
+def test_masks_are_made_once_on_the_latents_device_and_dtype() -> None:
+    """What every step reads (box masks, the isolation mask) is built once where the latents are: on a GPU a copy
+    from the host at every call waits for it."""
+    regions = RegionMasks([(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)])
+    regions.latent_hw = (8, 8)
+    state = RegionState(["qa", "qb"], regions, [], 0, {})
+    like = torch.zeros(1, 64, 4, dtype=torch.float64)
+    mask = state.isolation(64, like)  # (L, L)
+    assert mask.dtype == torch.float64 and state.isolation(64, like) is mask
+    assert mask[0, 7].item() == float("-inf") and mask[0, 3].item() == 0  # a left cell cannot see a right cell
+    boxes = regions.at((8, 8), like)
+    assert boxes.dtype == torch.float64 and regions.at((8, 8), like) is boxes
+    assert torch.equal(boxes, regions.at((8, 8)).double())
+    assert regions.for_output(like).dtype == torch.float64  # (N, 1, L, 1), a view of the kept masks
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_generation_is_guided_and_removal_restores_the_pipeline(kind: str) -> None:
     pipe = _pipe(kind)
