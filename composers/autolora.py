@@ -61,9 +61,11 @@ class AutoLoRAConfig:
 
 
 def time_features(t: torch.Tensor) -> torch.Tensor:
-    """phi(t): (TIME_FEATURES,) cosines of the timestep (0..1000)."""
-    k = torch.arange(1, TIME_FEATURES + 1, dtype=torch.float32)
-    return torch.cos(math.pi * k * float(t) / 1000.0)
+    """phi(t): (TIME_FEATURES,) cosines of the timestep (0..1000), on its device (on a GPU, `float(t)` would wait
+    for it, and every gate would copy phi from the host)."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)[0]
+    k = torch.arange(1, TIME_FEATURES + 1, dtype=torch.float32, device=t.device)
+    return torch.cos(math.pi * k * t / 1000.0)
 
 
 class Gate(nn.Module):
@@ -220,7 +222,7 @@ def install(unet: nn.Module, names: list[str], fusion: GatedFusion, global_rank:
     handle = Handle("autolora", state=state)
 
     def unet_forward(original: Any, sample: torch.Tensor, timestep: Any, *args: Any, **kw: Any) -> Any:
-        state["phi"] = time_features(torch.as_tensor(timestep).flatten()[0])
+        state["phi"] = time_features(torch.as_tensor(timestep, device=sample.device))
         return original(sample, timestep, *args, **kw)
 
     handle.add(wrap_forward(unet, unet_forward))
