@@ -59,6 +59,7 @@ from composers.region_lora import (
 from composers.region_norm import install_isolated_norms
 from composers.regions import Box, attention_levels
 from studio.configs import check_numbers
+from studio.cuda_graphs import recordable, step_runner
 from studio.errors import StudioError
 
 
@@ -252,9 +253,11 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
         if changed:
             sample = torch.cat([z, z]) if cfg else z
             edit.set(pipe.scheduler, z / c)
-        return original(sample, timestep, *args, **kw)
+        return step_runner(unet, original)(sample, timestep, *args, **kw)  # a CUDA graph's replay where recorded
 
     handle.add(wrap_forward(unet, forward))
+    if not config.guidance:  # the step itself reads only tensors fixed for the generation, and these numbers
+        handle.add(recordable(unet, lambda: (state.uncond, state.level, state.capture)))
     handle.state = state
     return handle
 

@@ -6,7 +6,8 @@ in the PyTorch docs) record those launches once and replay them with one call. A
 buffers, so it is recorded per input shape, per adapter state (PEFT's scales are numbers baked into the recorded
 kernels) and per place of the weights in memory, and used only where nothing else changes the computation between
 steps: default attention processors, no forward hooks or wrappers, no extra UNet inputs. Anywhere else the UNet runs
-as it always does. A tagged call merges its adapters into the weights in place and runs the base modules
+as it always does, unless a composer vouches for what it installed (`recordable`: LoRA-Composer's boxes). A tagged
+call merges its adapters into the weights in place and runs the base modules
 (`studio.library.fuse`), so the recording of plain generation replays it too.
 
 `graphed_unet(pipe)` is a context manager around a pipeline call; recorded graphs are kept on the UNet for the next
@@ -16,8 +17,11 @@ call (at most `MAX_GRAPHS`, least recently used first out).
 from __future__ import annotations
 
 import contextlib
+import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -81,6 +85,38 @@ def eligible(unet: nn.Module) -> str | None:
     return None
 
 
+@dataclass
+class Recordable:
+    """A composer's word that the UNet call its forward wrapper makes at each step can be recorded: what it installed
+    (processors, hooks, replaced forwards) reads only tensors fixed while it is installed, and Python state that
+    `key()` returns; no host synchronisation, no copy from the host. `runner` is the recorder within `graphed_unet`."""
+
+    key: Callable[[], tuple]
+    token: object = field(default_factory=object)  # this installation: its recordings serve no other
+    runner: Any = None
+
+
+def recordable(unet: nn.Module, key: Callable[[], tuple]) -> Callable[[], None]:
+    """Declare the installed composer's steps recordable (`Recordable`); returns the undo, which also drops the
+    recordings made meanwhile (they read the composer's tensors)."""
+    entry = unet.__dict__["_studio_recordable"] = Recordable(key)
+
+    def undo() -> None:
+        if unet.__dict__.get("_studio_recordable") is entry:
+            del unet.__dict__["_studio_recordable"]
+        graphs = unet.__dict__.get("_studio_graphs")
+        if graphs is not None:
+            graphs.forget(entry.token)
+
+    return undo
+
+
+def step_runner(unet: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
+    """What a recordable composer's wrapper calls for the step: the recorder within `graphed_unet`, else `original`."""
+    entry = unet.__dict__.get("_studio_recordable")
+    return entry.runner if entry is not None and entry.runner is not None else original
+
+
 class UNetGraphs:
     """Recorded steps of one UNet, keyed by input shapes and adapter state; `__call__` has the UNet's signature."""
 
@@ -91,6 +127,8 @@ class UNetGraphs:
         self.replays = 0
         self.layers: list[tuple[str, nn.Module]] = []  # the PEFT layers, read by `graphed_unet` at every call
         self.weights = 0  # `addresses(unet)`, likewise
+        self.recordable: Recordable | None = None  # the installed composer's, within `graphed_unet`
+        self.failed: dict[tuple, str] = {}  # keys whose recording failed -> why: plain launches for them
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> Any:
@@ -103,10 +141,19 @@ class UNetGraphs:
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t  # (B,), as the UNet makes it
         inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states,
                   **{f"added.{k}": v for k, v in sorted(extra.items())}}
+        composer = None if self.recordable is None else (self.recordable.token, self.recordable.key())
         key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), _adapter_state(self.layers),
-               self.weights)
+               self.weights, composer)
+        if key in self.failed:
+            return self.forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         if key not in self.graphs:
-            self.graphs[key] = self._record(inputs)
+            try:
+                self.graphs[key] = self._record(inputs)
+            except RuntimeError as error:  # something in the step cannot be recorded: plain launches for it
+                self.failed[key] = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                warnings.warn(f"the UNet's step could not be recorded as a CUDA graph ({self.failed[key]}); it runs "
+                              "with plain launches", stacklevel=2)
+                return self.forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
@@ -121,6 +168,12 @@ class UNetGraphs:
 
             return UNet2DConditionOutput(sample=out)
         return (out,)
+
+    def forget(self, token: object) -> None:
+        """Drop the recordings made for a composer's installation `token`."""
+        for key in [k for k in (*self.graphs, *self.failed) if k[-1] is not None and k[-1][0] is token]:
+            self.graphs.pop(key, None)
+            self.failed.pop(key, None)
 
     def _run(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
         added = {k.split(".", 1)[1]: v for k, v in static.items() if k.startswith("added.")}
@@ -143,17 +196,27 @@ class UNetGraphs:
 
 @contextlib.contextmanager
 def graphed_unet(pipe: Any, enabled: bool = True) -> Iterator[UNetGraphs | None]:
-    """Within the block, the pipeline's UNet steps replay recorded CUDA graphs where `eligible`; yields the recorder
-    (None when off: disabled, not on CUDA, or not eligible)."""
+    """Within the block, the pipeline's UNet steps replay recorded CUDA graphs where `eligible`, or where an
+    installed composer declared its steps `recordable`; yields the recorder (None when off: disabled, not on CUDA,
+    or neither)."""
     unet = getattr(pipe, "unet", None)
-    if not enabled or unet is None or not on_gpu(unet.device) or eligible(unet) is not None:
+    entry = None if unet is None else unet.__dict__.get("_studio_recordable")
+    if (not enabled or unet is None or not on_gpu(unet.device)
+            or (entry is None and eligible(unet) is not None)):
         yield None
         return
     graphs = unet.__dict__.get("_studio_graphs")
-    if graphs is None:
-        graphs = unet.__dict__["_studio_graphs"] = UNetGraphs(unet, unet.forward)
+    if graphs is None:  # the class's forward, whatever wraps the instance's now
+        graphs = unet.__dict__["_studio_graphs"] = UNetGraphs(unet, types.MethodType(type(unet).forward, unet))
     graphs.layers = tuner_layers(unet)  # a walk of the whole tree at every step was 3 ms of host time (2 CPU cores)
     graphs.weights = addresses(unet)
+    if entry is not None:  # the composer's wrapper stays and calls the recorder for its step (`step_runner`)
+        graphs.recordable, entry.runner = entry, graphs
+        try:
+            yield graphs
+        finally:
+            graphs.recordable, entry.runner = None, None
+        return
     unet.forward = graphs  # an instance attribute: nn.Module.__call__ finds it before the class's forward
     try:
         yield graphs

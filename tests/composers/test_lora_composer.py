@@ -3,6 +3,9 @@ re-initialisation and guidance, exact removal, and the CLI's boxes."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +257,29 @@ def test_isolated_self_attention_through_the_fused_projection_equals_the_hooked_
                               pipe=pipe, output_type="np").images
     assert fused and all(fused)  # every attn1 projection is a bare base layer with its stacked deltas
     assert max(worst) < (2e-3 if kind == "cuda" else 1e-5) and np.isfinite(image).all()  # Triton's fp32 dot: TF32
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_recorded_steps_compose_as_plain_launches_and_go_with_the_composer(kind: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA-Composer's steps recorded as CUDA graphs (emulated as operator tapes on the CPU, `graph_tape`: Python
+    frozen at the recording, host syncs refused) compose what plain launches do, one recording per step shape; its
+    recordings go when the composer is removed, and with latent guidance (autograd) nothing is recorded."""
+    import graph_tape
+
+    graph_tape.install(monkeypatch)
+    pipe = _pipe(kind)
+    config = GenerateConfig(prompt=PROMPT, steps=4, size="32x32", num_images=2, seed=5)
+
+    def composed(graphs: bool, **kw: Any) -> np.ndarray:
+        run = dataclasses.replace(config, cuda_graphs=graphs)
+        return composers.compose(run, AdapterSet.parse("qa,qb"), "lora_composer", _config(**kw), pipe=pipe,
+                                 output_type="np").images
+
+    plain, recorded = composed(False), composed(True)
+    recorder = pipe.unet.__dict__["_studio_graphs"]
+    assert recorder.replays == 4 and not recorder.graphs and not recorder.failed  # 4 steps; dropped at removal
+    np.testing.assert_allclose(recorded, plain, atol=1e-6)
+    assert "_studio_recordable" not in pipe.unet.__dict__ and "forward" not in pipe.unet.__dict__
+    composed(True, guidance=True)
+    assert recorder.replays == 4  # guided steps run plain
