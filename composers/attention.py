@@ -1,7 +1,8 @@
 """Attention-processor installation, and cross-attention map capture at chosen UNet levels.
 
-`install_processors(unet, {name: processor})` swaps only the named entries of the full processor dict (so diffusers'
-count check passes) and its handle restores the original processor objects, which makes removal exact.
+`install_processors(unet, {name: processor})` swaps only the named processors, through each attention module's own
+`set_processor` (diffusers' `set_attn_processor` walks the whole UNet three times for a full dict), and its handle
+restores the original processor objects, which makes removal exact.
 `capture_attention(unet, levels)` installs `CaptureAttnProcessor` on the cross-attention layers (`attn2`) at those
 levels only and keeps SDPA elsewhere (composers.md section 9, item 2). Maps are `softmax(Q K^T / sqrt(d))`
 averaged over heads, reshaped to the layer's spatial grid: `(B, h, w, tokens)`; each row over tokens sums to 1.
@@ -21,12 +22,25 @@ from composers.regions import attention_levels, level_size
 
 def install_processors(unet: torch.nn.Module, replacements: dict[str, Any]) -> Handle:
     """Replace the named attention processors of `unet`; `Handle.remove()` puts the originals back."""
-    originals = dict(unet.attn_processors)
-    unknown = sorted(set(replacements) - set(originals))
-    if unknown:
-        raise KeyError(f"no attention processor named {unknown[0]!r}; names look like {next(iter(originals))!r}")
-    unet.set_attn_processor({**originals, **replacements})
-    return Handle("processors", [lambda: unet.set_attn_processor(originals)])
+    modules = {}
+    for name in replacements:
+        try:
+            module = unet.get_submodule(name.removesuffix(".processor"))
+        except AttributeError:
+            module = None
+        if not name.endswith(".processor") or not hasattr(module, "set_processor"):
+            raise KeyError(f"no attention processor named {name!r}; names look like "
+                           f"{next(iter(unet.attn_processors))!r}")
+        modules[name] = module
+    originals = {name: module.processor for name, module in modules.items()}
+    for name, module in modules.items():
+        module.set_processor(replacements[name])
+
+    def restore() -> None:
+        for name, module in modules.items():
+            module.set_processor(originals[name])
+
+    return Handle("processors", [restore])
 
 
 class AttentionStore:
