@@ -19,6 +19,7 @@ recorded with its error while the others still run, and a run cut short keeps wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -133,8 +134,9 @@ def _random_adapters(model: str, root: str, n: int) -> list[str]:
 
 def composition(model: str, device: str, runs: int, steps: int, jobs: int = 16) -> dict:
     """Milliseconds per image, side by side: one adapter by its tag (batch 1), kept warm between calls and loaded
-    afresh each call; two adapters in their boxes with LoRA-Composer (batch 1); `jobs` one-image jobs with four
-    adapters, one batched call (`studio batch --group`) and one call per job."""
+    afresh each call; two adapters in their boxes with LoRA-Composer (batch 1), its steps recorded as CUDA graphs
+    (on a GPU) and with plain launches; `jobs` one-image jobs with four adapters, one batched call (`studio batch
+    --group`) and one call per job."""
     import os
 
     import composers
@@ -171,6 +173,9 @@ def composition(model: str, device: str, runs: int, steps: int, jobs: int = 16) 
             finally:
                 load.WARM = keep
             regional = timed(lambda: composers.compose(two, pair, "lora_composer", pipe=pipe, output_type="pt"))
+            unrecorded = dataclasses.replace(two, cuda_graphs=False)  # its steps with plain launches
+            regional_plain = timed(lambda: composers.compose(unrecorded, pair, "lora_composer", pipe=pipe,
+                                                             output_type="pt"))
             lines = [json.dumps({"prompt": f"a large {TRIGGERS[i % 4]} emblem <lora:{names[i % 4]}:{0.5 + i % 3 / 4}>",
                                  "seed": i, "model": model, "steps": steps, "device": device}) for i in range(jobs)]
             job_file = Path(root) / "jobs.jsonl"
@@ -187,7 +192,8 @@ def composition(model: str, device: str, runs: int, steps: int, jobs: int = 16) 
             os.environ.pop("STUDIO_LIBRARY") if before is None else os.environ.update(STUDIO_LIBRARY=before)
     return {"single_ms": round(1000 * single, 1), "single_cold_ms": round(1000 * cold, 1),
             "warm_speedup": round(cold / single, 2), "lora_composer_ms": round(1000 * regional, 1),
-            "lora_composer_ratio": round(regional / single, 2), "jobs": jobs,
+            "lora_composer_ratio": round(regional / single, 2),
+            "lora_composer_plain_ms": round(1000 * regional_plain, 1), "jobs": jobs,
             "mixed_grouped_ms": round(1000 * grouped / jobs, 2), "mixed_alone_ms": round(1000 * alone / jobs, 2),
             "mixed_speedup": round(alone / grouped, 2)}
 
@@ -262,6 +268,7 @@ def markdown(report: dict) -> str:
                   f"| one adapter (tag), injected afresh every call | {c['single_cold_ms']} ({c['warm_speedup']}x "
                   "the warm one) |",
                   f"| two adapters in boxes (lora_composer) | {c['lora_composer_ms']} ({c['lora_composer_ratio']}x) |",
+                  f"| the same, steps with plain launches | {c.get('lora_composer_plain_ms', '-')} |",
                   "", f"{c['jobs']} one-image jobs, four adapters: {c['mixed_grouped_ms']} ms/image in one batched "
                   f"call, {c['mixed_alone_ms']} one call per job ({c['mixed_speedup']}x)."]
     t = report.get("training", {})

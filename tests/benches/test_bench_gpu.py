@@ -42,6 +42,7 @@ def test_the_composition_rows_run_side_by_side(tiny_dirs: dict) -> None:
     row = composition(str(tiny_dirs["sd1"]), "cpu", runs=1, steps=1, jobs=2)
     assert row["single_ms"] > 0 and row["lora_composer_ms"] > 0 and row["mixed_grouped_ms"] > 0
     assert abs(row["lora_composer_ratio"] - row["lora_composer_ms"] / row["single_ms"]) < 0.02
+    assert row["lora_composer_plain_ms"] > 0
     assert abs(row["warm_speedup"] - row["single_cold_ms"] / row["single_ms"]) < 0.02
     assert abs(row["mixed_speedup"] - row["mixed_alone_ms"] / row["mixed_grouped_ms"]) < 0.02
 
@@ -74,11 +75,13 @@ def test_a_failed_section_is_reported_and_the_others_run(tmp_path: Path, monkeyp
         raise KeyboardInterrupt  # a run cut short (Ctrl-C, a time limit)
 
     rows_two = {"single_ms": 30.0, "single_cold_ms": 90.0, "warm_speedup": 3.0, "lora_composer_ms": 36.0,
-                "lora_composer_ratio": 1.2, "jobs": 4, "mixed_grouped_ms": 5.0, "mixed_alone_ms": 30.0,
-                "mixed_speedup": 6.0}
+                "lora_composer_ratio": 1.2, "lora_composer_plain_ms": 90.0, "jobs": 4, "mixed_grouped_ms": 5.0,
+                "mixed_alone_ms": 30.0, "mixed_speedup": 6.0}
     monkeypatch.setattr(gpu, "composition", lambda *a: rows_two)
     monkeypatch.setattr(gpu, "training", stopped)
     assert main(["bench", "gpu", "--out", str(tmp_path)]) == 130  # the CLI's exit status for an interrupt
     report = json.loads((tmp_path / "gpu-bench.json").read_text())
     assert report["generation"] == rows and report["composition"] == rows_two and "training" not in report
-    assert "| two adapters in boxes (lora_composer) | 36.0 (1.2x) |" in (tmp_path / "gpu-bench.md").read_text()
+    text = (tmp_path / "gpu-bench.md").read_text()
+    assert "| two adapters in boxes (lora_composer) | 36.0 (1.2x) |" in text
+    assert "| the same, steps with plain launches | 90.0 |" in text
