@@ -259,16 +259,14 @@ def test_isolated_self_attention_through_the_fused_projection_equals_the_hooked_
     assert max(worst) < (2e-3 if kind == "cuda" else 1e-5) and np.isfinite(image).all()  # Triton's fp32 dot: TF32
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_recorded_steps_compose_as_plain_launches_and_go_with_the_composer(kind: str,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recorded_steps_compose_as_plain_launches_and_go_with_the_composer(monkeypatch: pytest.MonkeyPatch) -> None:
     """LoRA-Composer's steps recorded as CUDA graphs (emulated as operator tapes on the CPU, `graph_tape`: Python
     frozen at the recording, host syncs refused) compose what plain launches do, one recording per step shape; its
     recordings go when the composer is removed, and with latent guidance (autograd) nothing is recorded."""
     import graph_tape
 
     graph_tape.install(monkeypatch)
-    pipe = _pipe(kind)
+    pipe = _pipe()
     config = GenerateConfig(prompt=PROMPT, steps=4, size="32x32", num_images=2, seed=5)
 
     def composed(graphs: bool, **kw: Any) -> np.ndarray:
