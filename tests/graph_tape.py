@@ -21,8 +21,9 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-         torch.ops.aten.masked_select.default}
+# Operators whose result the host waits for (under inference mode `item` and `is_nonzero` arrive undecomposed).
+SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.is_nonzero.default,
+         torch.ops.aten.equal.default, torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
 
 
 class TapeGraph:

@@ -194,3 +194,39 @@ def test_emulated_recordings_replay_plain_and_tagged_calls_and_follow_adapter_sc
     finally:
         unload_adapters(pipe)
     assert len(recorder.graphs) == 3
+
+
+def test_a_step_that_cannot_be_recorded_runs_with_plain_launches(tiny_dirs: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A composer that vouched for its step but waits on the device inside it (here `float(tensor)`, refused while
+    recording as CUDA refuses it): a warning, then plain launches for that step's shape, and the same image."""
+    import graph_tape
+
+    from composers.activation import wrap_forward
+    from studio.cuda_graphs import recordable, step_runner
+    from studio.generate import cached_pipeline
+
+    graph_tape.install(monkeypatch)
+    model = str(tiny_dirs["sd1"])
+    pipe = cached_pipeline(model, "cpu")
+    config = GenerateConfig(prompt="a large red star on the left", model=model, seed=3, steps=2)
+    plain = generate(dataclasses.replace(config, cuda_graphs=False), pipe=pipe, output_type="np").images
+    conv = pipe.unet.conv_in
+    conv.forward = lambda x: torch.nn.Conv2d.forward(conv, x) + 0 * float(x.abs().max())  # a host sync
+    undo = [wrap_forward(pipe.unet, lambda original, *a, **kw: step_runner(pipe.unet, original)(*a, **kw)),
+            recordable(pipe.unet, lambda: ())]
+    earlier = pipe.unet.__dict__.get("_studio_graphs")  # the cached pipeline may hold other tests' recordings
+    replays = 0 if earlier is None else earlier.replays
+    try:
+        with pytest.warns(UserWarning, match="could not be recorded"):
+            graphed = generate(config, pipe=pipe, output_type="np").images
+        recorder = pipe.unet.__dict__["_studio_graphs"]
+        assert len(recorder.failed) == 1 and recorder.replays == replays
+        assert not [key for key in recorder.graphs if key[-1] is not None]  # nothing recorded for the composer
+        assert "synchronises with the host" in next(iter(recorder.failed.values()))
+    finally:
+        for step in reversed(undo):
+            step()
+        del conv.forward
+    np.testing.assert_allclose(graphed, plain, atol=1e-6)
+    assert not recorder.failed  # gone with the composer's installation
