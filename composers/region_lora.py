@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from composers.handle import Handle
 from composers.regions import Box, box_mask, level_size
 from studio.errors import StudioError
+from studio.library.warm import tuner_children
 
 
 def lora_delta(layer: Any, name: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -268,19 +269,19 @@ def install_region_deltas(
         return output
 
     handle = Handle("region_deltas")
-    bare = set()
-    for path, module in list(unet.named_modules()):
-        if isinstance(module, BaseTunerLayer) and id(module) in stacked and not skip(path) and not _active(module):
+    bare: dict[str, int] = {}  # path -> id of the base layer put in its place
+    for path, parent, attr, module in tuner_children(unet):
+        if id(module) in stacked and not skip(path) and not _active(module):
             # Nothing else active here: the base layer itself runs, its stacked deltas hooked on; PEFT's forward
             # (a Python call per layer and step, adapters all inactive) stays out of the step while installed.
             base = module.get_base_layer()
             stacked[id(base)] = stacked[id(module)]
-            _put(unet, path, base)
-            handle.add(lambda path=path, module=module: _put(unet, path, module))
+            setattr(parent, attr, base)
+            handle.add(lambda parent=parent, attr=attr, module=module: setattr(parent, attr, module))
             handle.add(base.register_forward_hook(hook).remove)
-            bare.add(path)
+            bare[path] = id(base)
     handle.add(hook_lora_layers(unet, names, hook, "region_deltas", lambda n: n in bare or skip(n)).remove)
-    bare_ids = {id(unet.get_submodule(path)) for path in bare}
+    bare_ids = set(bare.values())
     handle.state = {i: d for i, d in stacked.items() if i in bare_ids}  # the base layers' own, for fused projections
     return handle
 
@@ -289,11 +290,6 @@ def _active(layer: Any) -> bool:
     """Whether a PEFT layer computes any adapter of its own (active, enabled, with weights here)."""
     held = {n for a in layer.adapter_layer_names for n in getattr(layer, a)}
     return not layer.disable_adapters and any(n in held for n in layer.active_adapters)
-
-
-def _put(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def install_sample_deltas(unet: torch.nn.Module, names: Sequence[str], rows: dict[str, slice]) -> Handle:
