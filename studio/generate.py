@@ -29,7 +29,7 @@ from PIL import Image
 from studio.configs import check_numbers
 from studio.cuda_graphs import graphed_unet
 from studio.errors import Cancelled, OutOfMemory, StudioError
-from studio.memory import MemoryPlan, is_out_of_memory, memory_savers, plan_memory, release_memory
+from studio.memory import MemoryPlan, is_out_of_memory, memory_savers, parameter_of, plan_memory, release_memory
 from studio.models import DEFAULT_MODEL, load_pipeline
 from studio.prompt_tags import split_lora_tags
 from studio.prompts import encode_prompt
@@ -171,7 +171,7 @@ def memory_plan(config: GenerateConfig, pipe: DiffusionPipeline, free_memory: in
     (`studio.memory.plan_memory`); the CLI asks before its progress bar, `generate` before any work."""
     width, height = parse_size(config.size) if config.size else native_size(pipe)
     guidance = config.guidance if config.guidance is not None else model_guidance(pipe)
-    where = str(pipe.device)  # a caller's pipeline (a training run's) may live elsewhere than config.device
+    where = str(parameter_of(pipe.unet).device)  # a caller's pipeline (a training run's) may live elsewhere
     return plan_memory(pipe, width, height, config.num_images, guidance > 1.0, where,
                        attention_slicing=config.attention_slicing, vae_tiling=config.vae_tiling, free=free_memory)
 

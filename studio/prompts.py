@@ -17,6 +17,8 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from transformers import PreTrainedTokenizerBase
 
+from studio.memory import parameter_of
+
 
 @dataclass
 class PromptEmbeds:
@@ -104,7 +106,7 @@ def encode_prompt(
         negatives = None if negative_prompt is None else list(negative_prompt)
     if negatives is not None and len(negatives) != len(prompts):
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    dtype = pipe.unet.dtype
+    dtype = parameter_of(pipe.unet).dtype
 
     if not isinstance(pipe, StableDiffusionXLPipeline):
         cond = _encode_sd(pipe, prompts, clip_skip).to(dtype)
