@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from studio.memory import parameter_of
+
 
 MAX_GRAPHS = 8
 _DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
@@ -137,9 +139,10 @@ class UNetGraphs:
                 or kwargs.get("cross_attention_kwargs") or not on_gpu(sample.device) or encoder_hidden_states is None
                 or not all(isinstance(v, torch.Tensor) for v in extra.values())):
             return self.forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(sample.shape[0]) if t.ndim == 0 else t  # (B,), as the UNet makes it
-        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states,
+        t = torch.as_tensor(timestep)  # (), or (B,); a number, or on the host under `host_timesteps`
+        number = t.device.type == "cpu" and t.ndim == 0
+        inputs = {"sample": sample, "timestep": t.expand(sample.shape[0]) if t.ndim == 0 else t,  # (B,)
+                  "encoder_hidden_states": encoder_hidden_states,
                   **{f"added.{k}": v for k, v in sorted(extra.items())}}
         composer = None if self.recordable is None else (self.recordable.token, self.recordable.key())
         key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), _adapter_state(self.layers),
@@ -159,7 +162,10 @@ class UNetGraphs:
         self.graphs.move_to_end(key)
         graph, static, out = self.graphs[key]
         for name, value in inputs.items():
-            static[name].copy_(value)
+            if name == "timestep" and number:
+                static[name].fill_(t.item())  # a number in the launch: no copy from the host to wait for
+            else:
+                static[name].copy_(value)
         graph.replay()
         self.replays += 1
         out = out.clone()  # (B, C, h, w): the next replay overwrites the recorded output
@@ -181,7 +187,8 @@ class UNetGraphs:
                             added_cond_kwargs=added or None, return_dict=False)[0]
 
     def _record(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]:
-        static = {k: v.clone() for k, v in inputs.items()}
+        device = inputs["sample"].device
+        static = {k: v.to(device, copy=True) for k, v in inputs.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the default stream, as recording requires
@@ -195,13 +202,37 @@ class UNetGraphs:
 
 
 @contextlib.contextmanager
+def host_timesteps(scheduler: Any) -> Iterator[None]:
+    """DDIM's timesteps kept on the host within the block, whatever device the pipeline asks for. diffusers puts them
+    on the pipeline's device, and DDIM's `step` indexes its table of alphas (on the host) with the timestep and
+    compares it with 0: on a GPU, four reads back per step, each waiting for the recorded step to finish before the
+    host can queue the next one. On the host the same arithmetic runs on the same numbers, and the recorder writes
+    each timestep into its input as a number. Euler and DPM-Solver++ index their tables by a step counter already."""
+    from diffusers import DDIMScheduler
+
+    if type(scheduler) is not DDIMScheduler:
+        yield
+        return
+    set_timesteps = scheduler.set_timesteps
+
+    def on_host(*args: Any, device: Any = None, **kwargs: Any) -> None:
+        set_timesteps(*args, **kwargs)
+
+    scheduler.set_timesteps = on_host
+    try:
+        yield
+    finally:
+        del scheduler.set_timesteps
+
+
+@contextlib.contextmanager
 def graphed_unet(pipe: Any, enabled: bool = True) -> Iterator[UNetGraphs | None]:
     """Within the block, the pipeline's UNet steps replay recorded CUDA graphs where `eligible`, or where an
     installed composer declared its steps `recordable`; yields the recorder (None when off: disabled, not on CUDA,
     or neither)."""
     unet = getattr(pipe, "unet", None)
     entry = None if unet is None else unet.__dict__.get("_studio_recordable")
-    if (not enabled or unet is None or not on_gpu(unet.device)
+    if (not enabled or unet is None or not on_gpu(parameter_of(unet).device)
             or (entry is None and eligible(unet) is not None)):
         yield None
         return
@@ -210,15 +241,16 @@ def graphed_unet(pipe: Any, enabled: bool = True) -> Iterator[UNetGraphs | None]
         graphs = unet.__dict__["_studio_graphs"] = UNetGraphs(unet, types.MethodType(type(unet).forward, unet))
     graphs.layers = tuner_layers(unet)  # a walk of the whole tree at every step was 3 ms of host time (2 CPU cores)
     graphs.weights = addresses(unet)
-    if entry is not None:  # the composer's wrapper stays and calls the recorder for its step (`step_runner`)
-        graphs.recordable, entry.runner = entry, graphs
+    with host_timesteps(getattr(pipe, "scheduler", None)):
+        if entry is not None:  # the composer's wrapper stays and calls the recorder for its step (`step_runner`)
+            graphs.recordable, entry.runner = entry, graphs
+            try:
+                yield graphs
+            finally:
+                graphs.recordable, entry.runner = None, None
+            return
+        unet.forward = graphs  # an instance attribute: nn.Module.__call__ finds it before the class's forward
         try:
             yield graphs
         finally:
-            graphs.recordable, entry.runner = None, None
-        return
-    unet.forward = graphs  # an instance attribute: nn.Module.__call__ finds it before the class's forward
-    try:
-        yield graphs
-    finally:
-        del unet.forward
+            del unet.forward

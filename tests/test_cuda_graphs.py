@@ -36,6 +36,27 @@ def test_off_the_gpu_nothing_is_recorded() -> None:
         assert graphs is None and "forward" not in pipe.unet.__dict__
 
 
+def test_ddim_steps_read_nothing_back_from_the_device_within_recorded_generation() -> None:
+    """Within `host_timesteps` (entered by `graphed_unet`), DDIM's timesteps stay on the host whatever device the
+    pipeline names, and its steps read nothing back: samples on the meta device (no values to read) go through a
+    whole schedule, where with the timesteps on that device the first step fails reading one back."""
+    from diffusers import DDIMScheduler
+
+    from studio.cuda_graphs import host_timesteps
+
+    scheduler = DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    z = torch.zeros(1, 4, 8, 8, device="meta")
+    with host_timesteps(scheduler):
+        scheduler.set_timesteps(4, device="meta")
+        assert scheduler.timesteps.device.type == "cpu"
+        for t in scheduler.timesteps:
+            z = scheduler.step(z, t, z).prev_sample
+    assert "set_timesteps" not in scheduler.__dict__
+    scheduler.set_timesteps(4, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        scheduler.step(z, scheduler.timesteps[0], z)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_graphed_steps_equal_plain_launches_also_when_adapters_change(kind: str, tiny_dirs: dict) -> None:
