@@ -36,25 +36,27 @@ def test_off_the_gpu_nothing_is_recorded() -> None:
         assert graphs is None and "forward" not in pipe.unet.__dict__
 
 
-def test_ddim_steps_read_nothing_back_from_the_device_within_recorded_generation() -> None:
-    """Within `host_timesteps` (entered by `graphed_unet`), DDIM's timesteps stay on the host whatever device the
-    pipeline names, and its steps read nothing back: samples on the meta device (no values to read) go through a
-    whole schedule, where with the timesteps on that device the first step fails reading one back."""
-    from diffusers import DDIMScheduler
+def test_a_recorded_generation_reads_nothing_back_from_the_device(tiny_dirs: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole call (prompt encoding, recorded DDIM steps, decoding) with the pipeline on the meta device, which holds
+    no values: any read back (`.item()`, a tensor in an `if`, a copy to the host) raises. On a GPU each would make the
+    host wait for the step to finish before queueing the next. With plain launches DDIM's step reads its device
+    timestep back (`host_timesteps` keeps them on the host while steps are recorded)."""
+    import graph_tape
 
-    from studio.cuda_graphs import host_timesteps
+    import studio.cuda_graphs as cuda_graphs
+    from studio.models import load_pipeline
 
-    scheduler = DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
-    z = torch.zeros(1, 4, 8, 8, device="meta")
-    with host_timesteps(scheduler):
-        scheduler.set_timesteps(4, device="meta")
-        assert scheduler.timesteps.device.type == "cpu"
-        for t in scheduler.timesteps:
-            z = scheduler.step(z, t, z).prev_sample
-    assert "set_timesteps" not in scheduler.__dict__
-    scheduler.set_timesteps(4, device="meta")
-    with pytest.raises(RuntimeError, match="meta"):
-        scheduler.step(z, scheduler.timesteps[0], z)
+    graph_tape.install(monkeypatch)
+    monkeypatch.setattr(cuda_graphs, "on_gpu", lambda device: device.type == "meta")
+    model = str(tiny_dirs["sd1"])
+    pipe = load_pipeline(model).to("meta")  # its own copy: the cached pipeline stays on the CPU
+    config = GenerateConfig(prompt="a large red star on the left", model=model, steps=3)
+    images = generate(config, pipe=pipe, output_type="pt", free_memory=2**34).images
+    assert images.device.type == "meta" and pipe.unet.__dict__["_studio_graphs"].replays == 3
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+    with pytest.raises(RuntimeError, match="meta tensors"):
+        generate(dataclasses.replace(config, cuda_graphs=False), pipe=pipe, output_type="pt", free_memory=2**34)
 
 
 @pytest.mark.gpu
