@@ -283,21 +283,27 @@ def _sample_within_memory(
     that says what to lower."""
     from studio.memory import savers_offered
 
-    slicing, tiling = savers_offered(pipe)
+    ran_out = object()
+
+    def within(attempt: MemoryPlan) -> Any:
+        try:
+            return sample(attempt)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            release_memory(plan.device)
+            return ran_out
+
+    if (images := within(plan)) is not ran_out:
+        return images, plan
+    slicing, tiling = savers_offered(pipe)  # a walk of the UNet's processors: only once memory ran out
     retry = dataclasses.replace(
         plan,
         attention_slicing=plan.attention_slicing or (config.attention_slicing is None and slicing),
         vae_tiling=plan.vae_tiling or (config.vae_tiling is None and tiling),
     )
-    for attempt in (plan, retry):
-        if attempt is retry and retry == plan:
-            break
-        try:
-            return sample(attempt), attempt
-        except Exception as err:
-            if not is_out_of_memory(err):
-                raise
-            release_memory(plan.device)
+    if retry != plan and (images := within(retry)) is not ran_out:
+        return images, retry
     on = [f"--{n}" for n, v in (("attention-slicing", retry.attention_slicing), ("vae-tiling", retry.vae_tiling)) if v]
     off = [f"--{n}" for n, v, ok in (("attention-slicing", retry.attention_slicing, slicing),
                                       ("vae-tiling", retry.vae_tiling, tiling)) if ok and not v]
