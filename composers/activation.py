@@ -25,7 +25,8 @@ def activate(model: torch.nn.Module, weights: dict[str, float]) -> None:
         if not isinstance(module, BaseTunerLayer):
             continue
         present = [n for n in weights if any(n in getattr(module, a) for a in module.adapter_layer_names)]
-        module.set_adapter(present, inference_mode=True)
+        if list(module.active_adapters) != present:  # PEFT's switch also sets every adapter's requires_grad
+            module.set_adapter(present, inference_mode=True)
         for name in present:
             module.set_scale(name, float(weights[name]))
 

@@ -11,6 +11,9 @@ Diffusion Models", arXiv:2403.11627 (composers.md section 2).
   paper wins here), `phi_i` decaying linearly from `step_size` to half of it (the paper; the code takes a square
   root), stopped when the loss rises after the first tenth of the steps or at half of them (the code's 5 and 25 of
   50 steps, as fractions of any schedule).
+An installation (region embeddings, masks, stacked deltas, processors) is kept on the pipeline for the next call
+with the same adapter tensors, weights and settings: that call hooks it in again, and on a GPU replays the steps
+recorded by the first (`studio.cuda_graphs.recordable`).
 Adapters without a box (and style adapters) act everywhere, as the paper's background LoRA replaces the base model.
 The studio's adapters also adapt the UNet's convolutions, feed-forward and self-attention (trainers/methods/
 dreambooth_lora.py: the emblem's identity lives there), which the paper's ED-LoRAs do not: with `spatial_lora` (on
@@ -34,6 +37,7 @@ multidiffusion 0.94); time per image 1.22x one adapter (multidiffusion 2.33x, co
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +52,7 @@ from composers.handle import Handle
 from composers.region_attention import IsolatedSelfAttnProcessor, RegionCrossAttnProcessor, RegionState
 from composers.region_lora import (
     BoxedConfig,
+    BoxedSet,
     LatentEdit,
     RegionMasks,
     boxed_set,
@@ -55,11 +60,12 @@ from composers.region_lora import (
     input_scale,
     install_region_deltas,
     set_scales,
+    stack_deltas,
 )
 from composers.region_norm import install_isolated_norms
 from composers.regions import Box, attention_levels
 from studio.configs import check_numbers
-from studio.cuda_graphs import recordable, step_runner
+from studio.cuda_graphs import Recordable, forget_recordings, recordable, step_runner
 from studio.errors import StudioError
 
 
@@ -166,34 +172,59 @@ def losses(state: RegionState, size: tuple[int, int], tokens: list[list[int]], l
     return total
 
 
-def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig) -> Handle:
-    config = config.for_prompt("")  # region prompts not filled from a prompt: the trigger words alone
+@dataclass
+class _Installation:
+    """What LoRA-Composer computes before it hooks anything: the region prompts' embeddings, the masks and shared
+    state, the processors, the boxed adapters' stacked deltas, the norms' box statistics, the token groups, and the
+    entry its recorded steps are filed under. Kept on the pipeline (`_KEPT`) for the next call with the same inputs
+    (`_inputs`), which then sets nothing up and, on a GPU, replays the steps this one recorded (a fresh installation's
+    tensors live elsewhere, so its steps would be recorded again)."""
+
+    inputs: tuple
+    concepts: BoxedSet
+    regions: RegionMasks
+    state: RegionState
+    processors: dict[str, Any]
+    stacked: dict[int, Any] | None
+    norms: dict[tuple, Any]
+    groups: list[list[int]]
+    lasts: list[int]
+    entry: Recordable
+
+
+_KEPT: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()  # pipeline -> its last one
+
+
+def _inputs(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig) -> tuple:
+    """What an installation depends on: the set (names, weights, kinds), the settings, and where, at which version,
+    the text encoders' weights and the set's UNet adapter tensors are (an adapter loaded afresh, a model moved or
+    changed in place, makes a new installation). One walk of the UNet's PEFT layers."""
+    from studio.cuda_graphs import tuner_layers
+
+    names = set(adapters.names)
+    tensors = [t for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
+               for t in getattr(pipe, c).parameters()]
+    for _, layer in tuner_layers(pipe.unet):
+        for attr in layer.adapter_layer_names:
+            holder = getattr(layer, attr)
+            tensors += [t for n in names if n in holder for t in holder[n].parameters()]
+    where = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+    return tuple(adapters.names), tuple(adapters.weights), tuple(adapters.kinds or ()), repr(config), where
+
+
+def _install(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig, inputs: tuple) -> _Installation:
     concepts = boxed_set(pipe, adapters, config.boxes, config.region_prompts, "lora_composer")
-    boxed, free, weights = concepts.boxed, concepts.free, concepts.weights
+    boxed, weights = concepts.boxed, concepts.weights
     embeds = [e.prompt_embeds for e in concepts.region_embeds]  # P^n through concept n's text encoder (Eq. 2)
     unet = pipe.unet
-    handle = Handle("lora_composer", [lambda: activate(unet, weights)])
-    for model in concepts.text_encoders:  # the global prompt went through the base text encoder (plus background)
-        handle.add(lambda model=model: activate(model, weights))
-    activate(unet, free)
-    set_scales(unet, {n: weights[n] for n in boxed})
     regions = RegionMasks([config.boxes[n] for n in boxed])
-    handle.add(regions.track(unet))
     levels = attention_levels(unet)
     state = RegionState(boxed, regions, embeds, 0, levels)
     processors = {n: RegionCrossAttnProcessor(state, n) for n in levels if ".attn2." in n}
     if config.isolation:
         processors.update({n: IsolatedSelfAttnProcessor(state, n) for n in levels if ".attn1." in n})
-    from composers.attention import install_processors
-
-    handle.add(install_processors(unet, processors).remove)
-    if config.isolate_norms:
-        handle.add(install_isolated_norms(unet, regions).remove)
-    cross_only = (".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")
-    if config.spatial_lora:
-        deltas = install_region_deltas(unet, boxed, regions, lambda n: n.endswith(cross_only))
-        handle.add(deltas.remove)
-        state.stacked = deltas.state  # the isolated self-attention projects through the fused kernel with them
+    set_scales(unet, {n: weights[n] for n in boxed})
+    stacked = stack_deltas(unet, boxed) if config.spatial_lora else None
     tokenizer = pipe.tokenizer
     groups, lasts = [], []
     for name in boxed:
@@ -202,6 +233,42 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
         keys = concept.keys if concept is not None else []
         groups.append(token_group(tokenizer, text, keys) or [1])
         lasts.append(len(tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids) - 1)
+    entry = Recordable(lambda: (state.uncond, state.level, state.capture))
+    return _Installation(inputs, concepts, regions, state, processors, stacked, {}, groups, lasts, entry)
+
+
+def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig) -> Handle:
+    config = config.for_prompt("")  # region prompts not filled from a prompt: the trigger words alone
+    unet = pipe.unet
+    inputs = _inputs(pipe, adapters, config)
+    kept = _KEPT.get(pipe)
+    if kept is not None and kept.inputs == inputs:
+        for model in kept.concepts.text_encoders:  # as `boxed_set` leaves them: the unboxed adapters only
+            activate(model, kept.concepts.free)
+    else:
+        if kept is not None:
+            forget_recordings(unet, kept.entry)
+        _KEPT.pop(pipe, None)
+        kept = _KEPT[pipe] = _install(pipe, adapters, config, inputs)
+    concepts, regions, state, groups, lasts = kept.concepts, kept.regions, kept.state, kept.groups, kept.lasts
+    boxed, free, weights = concepts.boxed, concepts.free, concepts.weights
+    levels = state.levels
+    handle = Handle("lora_composer", [lambda: activate(unet, weights)])
+    for model in concepts.text_encoders:  # the global prompt went through the base text encoder (plus background)
+        handle.add(lambda model=model: activate(model, weights))
+    activate(unet, free)
+    set_scales(unet, {n: weights[n] for n in boxed})
+    handle.add(regions.track(unet))
+    from composers.attention import install_processors
+
+    handle.add(install_processors(unet, kept.processors).remove)
+    if config.isolate_norms:
+        handle.add(install_isolated_norms(unet, regions, kept.norms).remove)
+    cross_only = (".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")
+    if kept.stacked is not None:
+        deltas = install_region_deltas(unet, boxed, regions, lambda n: n.endswith(cross_only), kept.stacked)
+        handle.add(deltas.remove)
+        state.stacked = deltas.state  # the isolated self-attention projects through the fused kernel with them
     edit = LatentEdit()
     handle.add(edit.remove)
     run = {"loss": math.inf, "guiding": True}
@@ -257,7 +324,7 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
 
     handle.add(wrap_forward(unet, forward))
     if not config.guidance:  # the step itself reads only tensors fixed for the generation, and these numbers
-        handle.add(recordable(unet, lambda: (state.uncond, state.level, state.capture)))
+        handle.add(recordable(unet, kept.entry))
     handle.state = state
     return handle
 

@@ -247,16 +247,25 @@ class StackedDeltas:
         return F.linear(z * self.masks(regions, z), up)  # (B, L, out)
 
 
-def install_region_deltas(
-    unet: torch.nn.Module, names: Sequence[str], regions: RegionMasks, skip: Callable[[str], bool] = lambda n: False
-) -> Handle:
-    """Add concept n's LoRA delta inside its box only, on every adapted UNet layer `skip` does not name (with the
-    adapters' scales as they are now)."""
+def stack_deltas(unet: torch.nn.Module, names: Sequence[str]) -> dict[int, StackedDeltas]:
+    """id(layer) -> the concepts' `StackedDeltas` for every PEFT layer of `unet` where they fit (with the adapters'
+    scales as they are now)."""
     stacked: dict[int, StackedDeltas] = {}
     for module in unet.modules():
         held = [n for n in names if n in getattr(module, "lora_A", {})]
         if isinstance(module, BaseTunerLayer) and held and StackedDeltas.fits(module, held):
             stacked[id(module)] = StackedDeltas(module, held, [list(names).index(n) for n in held])
+    return stacked
+
+
+def install_region_deltas(
+    unet: torch.nn.Module, names: Sequence[str], regions: RegionMasks, skip: Callable[[str], bool] = lambda n: False,
+    stacked: dict[int, StackedDeltas] | None = None,
+) -> Handle:
+    """Add concept n's LoRA delta inside its box only, on every adapted UNet layer `skip` does not name (with the
+    adapters' scales as they are now). `stacked`: `stack_deltas(unet, names)` made earlier, for an installation
+    kept across calls (its tensors stay where a recorded step reads them)."""
+    stacked = stack_deltas(unet, names) if stacked is None else stacked
 
     def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if id(module) in stacked:

@@ -56,12 +56,14 @@ def isolated_group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor, inside: torch
     return y
 
 
-def install_isolated_norms(unet: torch.nn.Module, regions: RegionMasks) -> Handle:
+def install_isolated_norms(unet: torch.nn.Module, regions: RegionMasks,
+                           cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Handle:
     """Every GroupNorm of `unet` normalises each box by statistics without the other boxes (while installed).
 
     Each norm's `forward` is replaced for the time (not a forward hook, which would compute the plain GroupNorm
-    first and throw it away)."""
-    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    first and throw it away). `cache` holds the boxes' statistics per feature-map size (an installation kept for
+    the next call passes its own: a recorded step reads them where they are)."""
+    cache = {} if cache is None else cache
 
     def forward(module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or len(regions.boxes) < 2 or regions.latent_hw is None:

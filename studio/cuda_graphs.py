@@ -98,19 +98,28 @@ class Recordable:
     runner: Any = None
 
 
-def recordable(unet: nn.Module, key: Callable[[], tuple]) -> Callable[[], None]:
-    """Declare the installed composer's steps recordable (`Recordable`); returns the undo, which also drops the
-    recordings made meanwhile (they read the composer's tensors)."""
-    entry = unet.__dict__["_studio_recordable"] = Recordable(key)
+def recordable(unet: nn.Module, key: Callable[[], tuple] | Recordable) -> Callable[[], None]:
+    """Declare the installed composer's steps recordable (`Recordable`); returns the undo. Given a key function, the
+    undo also drops the recordings made meanwhile (they read the composer's tensors); given the `Recordable` of an
+    installation kept across calls (its tensors kept too), they stay for its next call until `forget_recordings`."""
+    kept = isinstance(key, Recordable)
+    entry = key if isinstance(key, Recordable) else Recordable(key)
+    unet.__dict__["_studio_recordable"] = entry
 
     def undo() -> None:
         if unet.__dict__.get("_studio_recordable") is entry:
             del unet.__dict__["_studio_recordable"]
-        graphs = unet.__dict__.get("_studio_graphs")
-        if graphs is not None:
-            graphs.forget(entry.token)
+        if not kept:
+            forget_recordings(unet, entry)
 
     return undo
+
+
+def forget_recordings(unet: nn.Module, entry: Recordable) -> None:
+    """Drop the recordings made for the composer installation `entry`."""
+    graphs = unet.__dict__.get("_studio_graphs")
+    if graphs is not None:
+        graphs.forget(entry.token)
 
 
 def step_runner(unet: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:

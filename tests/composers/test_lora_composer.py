@@ -261,8 +261,9 @@ def test_isolated_self_attention_through_the_fused_projection_equals_the_hooked_
 
 def test_recorded_steps_compose_as_plain_launches_and_go_with_the_composer(monkeypatch: pytest.MonkeyPatch) -> None:
     """LoRA-Composer's steps recorded as CUDA graphs (emulated as operator tapes on the CPU, `graph_tape`: Python
-    frozen at the recording, host syncs refused) compose what plain launches do, one recording per step shape; its
-    recordings go when the composer is removed, and with latent guidance (autograd) nothing is recorded."""
+    frozen at the recording, host syncs refused) compose what plain launches do, one recording per step shape. The
+    installation is kept for the next call with the same inputs, which replays the recording; other settings make a
+    new installation and the old one's recordings go; with latent guidance (autograd) nothing is recorded."""
     import graph_tape
 
     graph_tape.install(monkeypatch)
@@ -274,10 +275,30 @@ def test_recorded_steps_compose_as_plain_launches_and_go_with_the_composer(monke
         return composers.compose(run, AdapterSet.parse("qa,qb"), "lora_composer", _config(**kw), pipe=pipe,
                                  output_type="np").images
 
-    plain, recorded = composed(False), composed(True)
+    plain, recorded = composed(False), composed(True)  # the second call keeps the first one's installation
     recorder = pipe.unet.__dict__["_studio_graphs"]
-    assert recorder.replays == 4 and not recorder.graphs and not recorder.failed  # 4 steps; dropped at removal
+    assert recorder.replays == 4 and len(recorder.graphs) == 1 and not recorder.failed  # 4 steps
     np.testing.assert_allclose(recorded, plain, atol=1e-6)
     assert "_studio_recordable" not in pipe.unet.__dict__ and "forward" not in pipe.unet.__dict__
+    np.testing.assert_allclose(composed(True), plain, atol=1e-6)
+    assert recorder.replays == 8 and len(recorder.graphs) == 1  # the same recording, replayed
     composed(True, guidance=True)
-    assert recorder.replays == 4  # guided steps run plain
+    assert recorder.replays == 8 and not recorder.graphs  # guided steps run plain; the old recording went
+
+
+def test_an_installation_is_kept_only_for_the_same_adapter_tensors() -> None:
+    """What decides whether a LoRA-Composer installation serves the next call: the set, the settings, and the
+    adapters' tensors where and as they are (an adapter changed in place, e.g. trained further, is new)."""
+    from composers.lora_composer import _inputs
+
+    pipe = _pipe()
+    load_adapters(pipe, ["qa", "qb"], [1.0, 1.0])
+    pair, config = AdapterSet.parse("qa,qb"), _config()
+    first = _inputs(pipe, pair, config)
+    assert _inputs(pipe, pair, config) == first
+    assert _inputs(pipe, AdapterSet.parse("qa:0.5,qb"), config) != first
+    assert _inputs(pipe, pair, dataclasses.replace(config, isolate_norms=False)) != first
+    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    with torch.no_grad():
+        layer.lora_B["qb"].weight.mul_(2)
+    assert _inputs(pipe, pair, config) != first
