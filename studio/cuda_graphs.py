@@ -214,7 +214,7 @@ class UNetGraphs:
 def host_timesteps(scheduler: Any) -> Iterator[None]:
     """DDIM's timesteps kept on the host within the block, whatever device the pipeline asks for. diffusers puts them
     on the pipeline's device, and DDIM's `step` indexes its table of alphas (on the host) with the timestep and
-    compares it with 0: on a GPU, four reads back per step, each waiting for the recorded step to finish before the
+    compares it with 0: on a GPU, five reads back per step, each waiting for the recorded step to finish before the
     host can queue the next one. On the host the same arithmetic runs on the same numbers, and the recorder writes
     each timestep into its input as a number. Euler and DPM-Solver++ index their tables by a step counter already."""
     from diffusers import DDIMScheduler
