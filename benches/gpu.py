@@ -135,8 +135,9 @@ def _random_adapters(model: str, root: str, n: int) -> list[str]:
 def composition(model: str, device: str, runs: int, steps: int, jobs: int = 16) -> dict:
     """Milliseconds per image, side by side: one adapter by its tag (batch 1), kept warm between calls and loaded
     afresh each call; two adapters in their boxes with LoRA-Composer (batch 1), its steps recorded as CUDA graphs
-    (on a GPU) and with plain launches; `jobs` one-image jobs with four adapters, one batched call (`studio batch
-    --group`) and one call per job."""
+    (on a GPU) and with plain launches, without the latent re-initialisation, and its installation and removal
+    alone (where a regional call's time goes beside sampling); `jobs` one-image jobs with four adapters, one batched
+    call (`studio batch --group`) and one call per job."""
     import os
 
     import composers
@@ -176,6 +177,15 @@ def composition(model: str, device: str, runs: int, steps: int, jobs: int = 16) 
             unrecorded = dataclasses.replace(two, cuda_graphs=False)  # its steps with plain launches
             regional_plain = timed(lambda: composers.compose(unrecorded, pair, "lora_composer", pipe=pipe,
                                                              output_type="pt"))
+            no_reinit = composers.LoraComposerConfig(reinit=False)  # without §3.5's extra forward at step 0
+            regional_no_reinit = timed(lambda: composers.compose(two, pair, "lora_composer", no_reinit, pipe=pipe,
+                                                                 output_type="pt"))
+
+            def set_up() -> None:  # what a regional call does beside sampling: install, then remove
+                config = composers.make_config("lora_composer").with_layout(two.prompt, pair)
+                composers.apply(pipe, pair, "lora_composer", config.for_prompt(two.prompt)).remove()
+
+            regional_set_up = timed(set_up)
             lines = [json.dumps({"prompt": f"a large {TRIGGERS[i % 4]} emblem <lora:{names[i % 4]}:{0.5 + i % 3 / 4}>",
                                  "seed": i, "model": model, "steps": steps, "device": device}) for i in range(jobs)]
             job_file = Path(root) / "jobs.jsonl"
@@ -193,7 +203,9 @@ def composition(model: str, device: str, runs: int, steps: int, jobs: int = 16) 
     return {"single_ms": round(1000 * single, 1), "single_cold_ms": round(1000 * cold, 1),
             "warm_speedup": round(cold / single, 2), "lora_composer_ms": round(1000 * regional, 1),
             "lora_composer_ratio": round(regional / single, 2),
-            "lora_composer_plain_ms": round(1000 * regional_plain, 1), "jobs": jobs,
+            "lora_composer_plain_ms": round(1000 * regional_plain, 1),
+            "lora_composer_no_reinit_ms": round(1000 * regional_no_reinit, 1),
+            "lora_composer_set_up_ms": round(1000 * regional_set_up, 1), "jobs": jobs,
             "mixed_grouped_ms": round(1000 * grouped / jobs, 2), "mixed_alone_ms": round(1000 * alone / jobs, 2),
             "mixed_speedup": round(alone / grouped, 2)}
 
@@ -269,6 +281,9 @@ def markdown(report: dict) -> str:
                   "the warm one) |",
                   f"| two adapters in boxes (lora_composer) | {c['lora_composer_ms']} ({c['lora_composer_ratio']}x) |",
                   f"| the same, steps with plain launches | {c.get('lora_composer_plain_ms', '-')} |",
+                  f"| the same, no latent re-initialisation (one forward fewer) | "
+                  f"{c.get('lora_composer_no_reinit_ms', '-')} |",
+                  f"| its installation and removal alone (no sampling) | {c.get('lora_composer_set_up_ms', '-')} |",
                   "", f"{c['jobs']} one-image jobs, four adapters: {c['mixed_grouped_ms']} ms/image in one batched "
                   f"call, {c['mixed_alone_ms']} one call per job ({c['mixed_speedup']}x)."]
     t = report.get("training", {})

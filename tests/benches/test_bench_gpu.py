@@ -42,7 +42,8 @@ def test_the_composition_rows_run_side_by_side(tiny_dirs: dict) -> None:
     row = composition(str(tiny_dirs["sd1"]), "cpu", runs=1, steps=1, jobs=2)
     assert row["single_ms"] > 0 and row["lora_composer_ms"] > 0 and row["mixed_grouped_ms"] > 0
     assert abs(row["lora_composer_ratio"] - row["lora_composer_ms"] / row["single_ms"]) < 0.02
-    assert row["lora_composer_plain_ms"] > 0
+    assert row["lora_composer_plain_ms"] > 0 and row["lora_composer_no_reinit_ms"] > 0
+    assert 0 < row["lora_composer_set_up_ms"] < row["lora_composer_ms"]
     assert abs(row["warm_speedup"] - row["single_cold_ms"] / row["single_ms"]) < 0.02
     assert abs(row["mixed_speedup"] - row["mixed_alone_ms"] / row["mixed_grouped_ms"]) < 0.02
 
