@@ -13,7 +13,7 @@ Diffusion Models", arXiv:2403.11627 (composers.md section 2).
   50 steps, as fractions of any schedule).
 An installation (region embeddings, masks, stacked deltas, processors) is kept on the pipeline for the next call
 with the same adapter tensors, weights and settings: that call hooks it in again, and on a GPU replays the steps
-recorded by the first (`studio.cuda_graphs.recordable`).
+recorded by the first (`studio.cuda_graphs.recordable`), the re-initialisation's map-capturing forward included.
 Adapters without a box (and style adapters) act everywhere, as the paper's background LoRA replaces the base model.
 The studio's adapters also adapt the UNet's convolutions, feed-forward and self-attention (trainers/methods/
 dreambooth_lora.py: the emblem's identity lives there), which the paper's ED-LoRAs do not: with `spatial_lora` (on
@@ -233,7 +233,7 @@ def _install(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig, inputs
         keys = concept.keys if concept is not None else []
         groups.append(token_group(tokenizer, text, keys) or [1])
         lasts.append(len(tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids) - 1)
-    entry = Recordable(lambda: (state.uncond, state.level, state.capture))
+    entry = Recordable(lambda: (state.uncond, state.level, state.capture), outputs=state)  # maps when capturing
     return _Installation(inputs, concepts, regions, state, processors, stacked, {}, groups, lasts, entry)
 
 
@@ -278,8 +278,8 @@ def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerCon
         """One conditional forward on scaled latents z, capturing the maps; returns the (h, w) of the maps."""
         state.clear()
         state.capture, state.uncond = True, 0
-        try:
-            original(z, t, *args, **(cond_half(kw, batch) if cfg else kw))
+        try:  # recorded too where the steps are (not while guiding: autograd), its maps handed back at each replay
+            step_runner(unet, original)(z, t, *args, **(cond_half(kw, batch) if cfg else kw))
         finally:
             state.capture = False
         return regions.size_of(state.cross[0][0].shape[1])

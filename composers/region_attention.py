@@ -63,6 +63,14 @@ class RegionState:
         self.cross = [[] for _ in self.names]
         self.self_maps = []
 
+    def take(self) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """The captured maps, handed back by `put` after a recorded step replays (`studio.cuda_graphs.StepOutputs`)."""
+        return [list(maps) for maps in self.cross], list(self.self_maps)
+
+    def put(self, taken: tuple[list[list[torch.Tensor]], list[torch.Tensor]]) -> None:
+        cross, self_maps = taken
+        self.cross, self.self_maps = [list(maps) for maps in cross], list(self_maps)
+
     def context(self, n: int, negative: torch.Tensor) -> torch.Tensor:
         """Concept n's keys' source: the negative prompt for the uncond rows, its region prompt for the rest."""
         batch = negative.shape[0]

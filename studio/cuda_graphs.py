@@ -22,7 +22,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -96,6 +96,19 @@ class Recordable:
     key: Callable[[], tuple]
     token: object = field(default_factory=object)  # this installation: its recordings serve no other
     runner: Any = None
+    outputs: StepOutputs | None = None  # what its step leaves in Python beside the UNet's output
+
+
+class StepOutputs(Protocol):
+    """Python objects a recordable step leaves behind (a composer's captured attention maps): `clear()` before each
+    run while recording; `take()` after the recorded run returns them (they hold the recording's own tensors, which
+    every replay overwrites in place); `put(taken)` after each replay hands them back as if the step had run."""
+
+    def clear(self) -> None: ...
+
+    def take(self) -> Any: ...
+
+    def put(self, taken: Any) -> None: ...
 
 
 def recordable(unet: nn.Module, key: Callable[[], tuple] | Recordable) -> Callable[[], None]:
@@ -133,7 +146,7 @@ class UNetGraphs:
 
     def __init__(self, unet: nn.Module, forward: Callable[..., Any]) -> None:
         self.unet, self.forward = unet, forward
-        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]] = OrderedDict()
+        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor, Any]] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
         self.layers: list[tuple[str, nn.Module]] = []  # the PEFT layers, read by `graphed_unet` at every call
@@ -169,7 +182,7 @@ class UNetGraphs:
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
-        graph, static, out = self.graphs[key]
+        graph, static, out, taken = self.graphs[key]
         for name, value in inputs.items():
             if name == "timestep" and number:
                 static[name].fill_(t.item())  # a number in the launch: no copy from the host to wait for
@@ -177,6 +190,8 @@ class UNetGraphs:
                 static[name].copy_(value)
         graph.replay()
         self.replays += 1
+        if taken is not None:
+            self.recordable.outputs.put(taken)
         out = out.clone()  # (B, C, h, w): the next replay overwrites the recorded output
         if kwargs.get("return_dict", True):
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -195,19 +210,25 @@ class UNetGraphs:
         return self.forward(static["sample"], static["timestep"], static["encoder_hidden_states"],
                             added_cond_kwargs=added or None, return_dict=False)[0]
 
-    def _record(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]:
+    def _record(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor,
+                                                                Any]:
         device = inputs["sample"].device
         static = {k: v.to(device, copy=True) for k, v in inputs.items()}
+        outputs = None if self.recordable is None else self.recordable.outputs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the default stream, as recording requires
             for _ in range(2):
+                if outputs is not None:
+                    outputs.clear()
                 self._run(static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        if outputs is not None:
+            outputs.clear()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._run(static)
-        return graph, static, out
+        return graph, static, out, None if outputs is None else outputs.take()
 
 
 @contextlib.contextmanager

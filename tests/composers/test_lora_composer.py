@@ -261,29 +261,32 @@ def test_isolated_self_attention_through_the_fused_projection_equals_the_hooked_
 
 def test_recorded_steps_compose_as_plain_launches_and_go_with_the_composer(monkeypatch: pytest.MonkeyPatch) -> None:
     """LoRA-Composer's steps recorded as CUDA graphs (emulated as operator tapes on the CPU, `graph_tape`: Python
-    frozen at the recording, host syncs refused) compose what plain launches do, one recording per step shape. The
-    installation is kept for the next call with the same inputs, which replays the recording; other settings make a
-    new installation and the old one's recordings go; with latent guidance (autograd) nothing is recorded."""
+    frozen at the recording, host syncs refused) compose what plain launches do: the steps and the re-initialisation's
+    forward at step 0 (its attention maps handed back after each replay), one recording each. The installation is kept
+    for the next call with the same inputs, which replays them; other settings make a new installation and the old
+    one's recordings go; with latent guidance (autograd) nothing is recorded."""
     import graph_tape
 
     graph_tape.install(monkeypatch)
     pipe = _pipe()
     config = GenerateConfig(prompt=PROMPT, steps=4, size="32x32", num_images=2, seed=5)
 
-    def composed(graphs: bool, **kw: Any) -> np.ndarray:
-        run = dataclasses.replace(config, cuda_graphs=graphs)
+    def composed(graphs: bool, seed: int = 5, **kw: Any) -> np.ndarray:
+        run = dataclasses.replace(config, cuda_graphs=graphs, seed=seed)
         return composers.compose(run, AdapterSet.parse("qa,qb"), "lora_composer", _config(**kw), pipe=pipe,
                                  output_type="np").images
 
     plain, recorded = composed(False), composed(True)  # the second call keeps the first one's installation
     recorder = pipe.unet.__dict__["_studio_graphs"]
-    assert recorder.replays == 4 and len(recorder.graphs) == 1 and not recorder.failed  # 4 steps
+    assert recorder.replays == 5 and len(recorder.graphs) == 2 and not recorder.failed  # 4 steps, 1 capture
     np.testing.assert_allclose(recorded, plain, atol=1e-6)
     assert "_studio_recordable" not in pipe.unet.__dict__ and "forward" not in pipe.unet.__dict__
-    np.testing.assert_allclose(composed(True), plain, atol=1e-6)
-    assert recorder.replays == 8 and len(recorder.graphs) == 1  # the same recording, replayed
+    other = composed(False, seed=6)  # other latents: other maps, read from the replayed capture
+    np.testing.assert_allclose(composed(True, seed=6), other, atol=1e-6)
+    assert recorder.replays == 10 and len(recorder.graphs) == 2  # the same recordings, replayed
+    assert np.abs(other - plain).max() > 1e-3
     composed(True, guidance=True)
-    assert recorder.replays == 8 and not recorder.graphs  # guided steps run plain; the old recording went
+    assert recorder.replays == 10 and not recorder.graphs  # guided steps run plain; the old recordings went
 
 
 def test_an_installation_is_kept_only_for_the_same_adapter_tensors() -> None:
