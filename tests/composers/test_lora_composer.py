@@ -289,6 +289,30 @@ def test_recorded_steps_compose_as_plain_launches_and_go_with_the_composer(monke
     assert recorder.replays == 10 and not recorder.graphs  # guided steps run plain; the old recordings went
 
 
+def test_a_repeated_regional_call_reads_back_only_its_window_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA-Composer's recorded calls with the pipeline on the meta device (standing in for a GPU: no values, so a
+    read back or a copy from the host shows; `graph_tape` refuses both while a step is captured, as CUDA does). The
+    first call records its steps and its capture forward, nothing refused; the second, kept, reads back only the
+    re-initialisation's window per concept and image (§3.5: a place on the host) and replays everything else."""
+    import graph_tape
+
+    graph_tape.install(monkeypatch, meta=True)
+    pipe = _pipe()
+    load_adapters(pipe, ["qa", "qb"], [1.0, 1.0])  # into the CPU model, then all of it onto the meta device
+    pipe.to("meta")
+    config = GenerateConfig(prompt=PROMPT, steps=2, size="32x32", device="meta")
+    monkeypatch.setattr("studio.generate.resolve_device", lambda device: device)
+    reads = []
+    for _ in range(2):
+        with graph_tape.MetaReads() as audit:
+            composers.compose(config, AdapterSet.parse("qa,qb"), "lora_composer", _config(), pipe=pipe,
+                              output_type="pt")
+        reads.append(audit.places)
+    recorder = pipe.unet.__dict__["_studio_graphs"]
+    assert not recorder.failed and len(recorder.graphs) == 2 and recorder.replays == 6  # 2 steps + 1 capture, x2
+    assert len(reads[1]) == 2 and all(place.startswith("lora_composer.py") for place in reads[1])  # 2 concepts
+
+
 def test_an_installation_is_kept_only_for_the_same_adapter_tensors() -> None:
     """What decides whether a LoRA-Composer installation serves the next call: the set, the settings, and the
     adapters' tensors where and as they are (an adapter changed in place, e.g. trained further, is new)."""
