@@ -177,10 +177,10 @@ class _Installation:
     """What LoRA-Composer computes before it hooks anything: the region prompts' embeddings, the masks and shared
     state, the processors, the boxed adapters' stacked deltas, the norms' box statistics, the token groups, and the
     entry its recorded steps are filed under. Kept on the pipeline (`_KEPT`) for the next call with the same inputs
-    (`_inputs`), which then sets nothing up and, on a GPU, replays the steps this one recorded (a fresh installation's
+    (`_Inputs`), which then sets nothing up and, on a GPU, replays the steps this one recorded (a fresh installation's
     tensors live elsewhere, so its steps would be recorded again)."""
 
-    inputs: tuple
+    inputs: _Inputs
     concepts: BoxedSet
     regions: RegionMasks
     state: RegionState
@@ -195,24 +195,35 @@ class _Installation:
 _KEPT: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()  # pipeline -> its last one
 
 
-def _inputs(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig) -> tuple:
-    """What an installation depends on: the set (names, weights, kinds), the settings, and where, at which version,
-    the text encoders' weights and the set's UNet adapter tensors are (an adapter loaded afresh, a model moved or
-    changed in place, makes a new installation). One walk of the UNet's PEFT layers."""
-    from studio.cuda_graphs import tuner_layers
+class _Inputs:
+    """What an installation depends on: the set (names, weights, kinds), the settings, and the text encoders' weights
+    and the set's UNet adapter tensors, the very ones (held weakly: a tensor freed and another allocated at its
+    address, an adapter loaded afresh, is new) at the same versions (changed in place is new). One walk of the UNet's
+    PEFT layers."""
 
-    names = set(adapters.names)
-    tensors = [t for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
-               for t in getattr(pipe, c).parameters()]
-    for _, layer in tuner_layers(pipe.unet):
-        for attr in layer.adapter_layer_names:
-            holder = getattr(layer, attr)
-            tensors += [t for n in names if n in holder for t in holder[n].parameters()]
-    where = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
-    return tuple(adapters.names), tuple(adapters.weights), tuple(adapters.kinds or ()), repr(config), where
+    def __init__(self, pipe: Any, adapters: AdapterSet, config: LoraComposerConfig) -> None:
+        from studio.cuda_graphs import tuner_layers
+
+        names = set(adapters.names)
+        tensors = [t for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
+                   for t in getattr(pipe, c).parameters()]
+        for _, layer in tuner_layers(pipe.unet):
+            for attr in layer.adapter_layer_names:
+                holder = getattr(layer, attr)
+                tensors += [t for n in names if n in holder for t in holder[n].parameters()]
+        self.key = (tuple(adapters.names), tuple(adapters.weights), tuple(adapters.kinds or ()), repr(config))
+        self.tensors = [weakref.ref(t) for t in tensors]
+        self.versions = tuple(0 if t.is_inference() else t._version for t in tensors)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _Inputs) and self.key == other.key and self.versions == other.versions
+                and len(self.tensors) == len(other.tensors)
+                and all(a() is not None and a() is b() for a, b in zip(self.tensors, other.tensors)))
+
+    __hash__ = None  # type: ignore[assignment]
 
 
-def _install(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig, inputs: tuple) -> _Installation:
+def _install(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig, inputs: _Inputs) -> _Installation:
     concepts = boxed_set(pipe, adapters, config.boxes, config.region_prompts, "lora_composer")
     boxed, weights = concepts.boxed, concepts.weights
     embeds = [e.prompt_embeds for e in concepts.region_embeds]  # P^n through concept n's text encoder (Eq. 2)
@@ -240,7 +251,7 @@ def _install(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig, inputs
 def apply_lora_composer(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig) -> Handle:
     config = config.for_prompt("")  # region prompts not filled from a prompt: the trigger words alone
     unet = pipe.unet
-    inputs = _inputs(pipe, adapters, config)
+    inputs = _Inputs(pipe, adapters, config)
     kept = _KEPT.get(pipe)
     if kept is not None and kept.inputs == inputs:
         for model in kept.concepts.text_encoders:  # as `boxed_set` leaves them: the unboxed adapters only

@@ -315,17 +315,23 @@ def test_a_repeated_regional_call_reads_back_only_its_window_choice(monkeypatch:
 
 def test_an_installation_is_kept_only_for_the_same_adapter_tensors() -> None:
     """What decides whether a LoRA-Composer installation serves the next call: the set, the settings, and the
-    adapters' tensors where and as they are (an adapter changed in place, e.g. trained further, is new)."""
-    from composers.lora_composer import _inputs
+    adapters' very tensors as they are (an adapter changed in place, e.g. trained further, or a new tensor with the
+    same values, perhaps at a freed one's address, is new)."""
+    from composers.lora_composer import _Inputs
 
     pipe = _pipe()
     load_adapters(pipe, ["qa", "qb"], [1.0, 1.0])
     pair, config = AdapterSet.parse("qa,qb"), _config()
-    first = _inputs(pipe, pair, config)
-    assert _inputs(pipe, pair, config) == first
-    assert _inputs(pipe, AdapterSet.parse("qa:0.5,qb"), config) != first
-    assert _inputs(pipe, pair, dataclasses.replace(config, isolate_norms=False)) != first
-    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    first = _Inputs(pipe, pair, config)
+    assert _Inputs(pipe, pair, config) == first
+    assert _Inputs(pipe, AdapterSet.parse("qa:0.5,qb"), config) != first
+    assert _Inputs(pipe, pair, dataclasses.replace(config, isolate_norms=False)) != first
+    up = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q").lora_B["qb"]
     with torch.no_grad():
-        layer.lora_B["qb"].weight.mul_(2)
-    assert _inputs(pipe, pair, config) != first
+        up.weight.mul_(2)
+    second = _Inputs(pipe, pair, config)
+    assert second != first
+    up.weight = torch.nn.Parameter(up.weight.detach().clone(), requires_grad=False)  # the same values, a new tensor
+    with torch.no_grad():
+        up.weight.mul_(1)  # at the same version as the one it replaced
+    assert _Inputs(pipe, pair, config).versions == second.versions and _Inputs(pipe, pair, config) != second
