@@ -84,14 +84,14 @@ def test_draws_below_one_are_refused_before_any_work(tmp_path: Path) -> None:
 
 
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
-    """Two steps on 3 renders, 3 prompts per emblem and 2 pairs: the whole path (train two, merge by sum, judge alone,
-    summed and both), not its figures, which `studio bench merge` measures."""
+    """Two steps on 3 renders, 2 prompts per emblem at 2 draws and 2 pairs: the whole path (train two, merge by sum,
+    judge alone, summed and both), not its figures, which `studio bench merge` measures."""
     small = {"train_steps": 2, "sample_steps": 2, "batch_size": 1, "world_images": 3, "num_class_images": 2,
              "device": "cpu", "world_objects": 2}
-    report = run_bench(str(tiny_dirs["sd1"]), ["orthogonal"], tmp_path, steps=2, overrides=small, per_emblem=3,
+    report = run_bench(str(tiny_dirs["sd1"]), ["orthogonal"], tmp_path, steps=2, overrides=small, per_emblem=2,
                        n_both=2, draws=2)
     (row,) = report["rows"]
-    assert [e["images"] for e in row["emblems"]] == [6, 6]  # 3 prompts x 2 draws, alone and summed on the same seeds
+    assert [e["images"] for e in row["emblems"]] == [4, 4]  # 2 prompts x 2 draws, alone and summed on the same seeds
     assert all(0.0 <= e["drop_se"] <= 0.5 for e in row["emblems"])
     assert row["method"] == "orthogonal" and len(row["emblems"]) == 2 and 0.0 <= row["both"] <= 1.0
     assert 0.0 <= row["both_regional"] <= 1.0
