@@ -1,7 +1,8 @@
 """Per-UNet-call adapter activation and a thin, removable wrapper around the UNet's forward.
 
-Activation goes through PEFT's own switches on each tuner layer (`set_adapter` + `set_scale`, the same calls as
-`studio.library.load.set_weights`), restricted to the UNet: text encoders keep the weights the set was loaded with.
+Activation goes through PEFT's own switches on each tuner layer (`set_adapter` + `set_scale`:
+`studio.library.load.activate_in`, which `set_weights` runs on every component), one model at a time: a composer
+switches the UNet per call or step while the text encoders keep the weights the set was loaded with.
 The wrapper replaces `unet.forward` on the instance only; removing it restores the exact original method.
 """
 
@@ -12,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+
+from studio.library.load import activate_in
 
 
 # (original_forward, sample, timestep, *args, **kwargs) -> UNet output, same structure as the original's.
@@ -21,14 +23,7 @@ ForwardWrapper = Callable[..., Any]
 
 def activate(model: torch.nn.Module, weights: dict[str, float]) -> None:
     """Make exactly the adapters in `weights` active in `model`, each at its weight (scale = w * alpha / r)."""
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        present = [n for n in weights if any(n in getattr(module, a) for a in module.adapter_layer_names)]
-        if list(module.active_adapters) != present:  # PEFT's switch also sets every adapter's requires_grad
-            module.set_adapter(present, inference_mode=True)
-        for name in present:
-            module.set_scale(name, float(weights[name]))
+    activate_in(model, weights)
 
 
 def wrap_forward(module: torch.nn.Module, wrapper: ForwardWrapper) -> Callable[[], None]:

@@ -79,15 +79,22 @@ def set_weights(pipe: Any, weights: dict[str, float]) -> None:
     """Activate exactly the adapters in `weights`, each scaled by its weight (scale = weight * alpha / r)."""
     for component in COMPONENTS:
         model = getattr(pipe, component, None)
-        if not isinstance(model, torch.nn.Module):
-            continue
-        for _, layer in _tuner_layers(model):
-            present = [n for n in weights if any(n in getattr(layer, a) for a in layer.adapter_layer_names)]
+        if isinstance(model, torch.nn.Module):
+            activate_in(model, weights)
+
+
+def activate_in(model: torch.nn.Module, weights: dict[str, float]) -> None:
+    """Make exactly the adapters in `weights` active in `model`'s PEFT layers, each at its weight (PEFT's
+    `set_adapter` and `set_scale`). A layer whose active set is already right keeps it: PEFT's switch also sets
+    every adapter's `requires_grad`, most of the cost on a UNet of a few hundred layers."""
+    for _, layer in _tuner_layers(model):
+        present = [n for n in weights if any(n in getattr(layer, a) for a in layer.adapter_layer_names)]
+        if list(layer.active_adapters) != present:
             layer.set_adapter(present, inference_mode=True) if _accepts_inference(layer) else layer.set_adapter(
                 present
             )
-            for n in present:
-                layer.set_scale(n, float(weights[n]))
+        for n in present:
+            layer.set_scale(n, float(weights[n]))
 
 
 def _accepts_inference(layer: BaseTunerLayer) -> bool:
