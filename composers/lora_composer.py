@@ -172,29 +172,6 @@ def losses(state: RegionState, size: tuple[int, int], tokens: list[list[int]], l
     return total
 
 
-@dataclass
-class _Installation:
-    """What LoRA-Composer computes before it hooks anything: the region prompts' embeddings, the masks and shared
-    state, the processors, the boxed adapters' stacked deltas, the norms' box statistics, the token groups, and the
-    entry its recorded steps are filed under. Kept on the pipeline (`_KEPT`) for the next call with the same inputs
-    (`_Inputs`), which then sets nothing up and, on a GPU, replays the steps this one recorded (a fresh installation's
-    tensors live elsewhere, so its steps would be recorded again)."""
-
-    inputs: _Inputs
-    concepts: BoxedSet
-    regions: RegionMasks
-    state: RegionState
-    processors: dict[str, Any]
-    stacked: dict[int, Any] | None
-    norms: dict[tuple, Any]
-    groups: list[list[int]]
-    lasts: list[int]
-    entry: Recordable
-
-
-_KEPT: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()  # pipeline -> its last one
-
-
 class _Inputs:
     """What an installation depends on: the set (names, weights, kinds), the settings, and the text encoders' weights
     and the set's UNet adapter tensors, the very ones (held weakly: a tensor freed and another allocated at its
@@ -221,6 +198,29 @@ class _Inputs:
                 and all(a() is not None and a() is b() for a, b in zip(self.tensors, other.tensors)))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass
+class _Installation:
+    """What LoRA-Composer computes before it hooks anything: the region prompts' embeddings, the masks and shared
+    state, the processors, the boxed adapters' stacked deltas, the norms' box statistics, the token groups, and the
+    entry its recorded steps are filed under. Kept on the pipeline (`_KEPT`) for the next call with the same inputs
+    (`_Inputs`), which then sets nothing up and, on a GPU, replays the steps this one recorded (a fresh installation's
+    tensors live elsewhere, so its steps would be recorded again)."""
+
+    inputs: _Inputs
+    concepts: BoxedSet
+    regions: RegionMasks
+    state: RegionState
+    processors: dict[str, Any]
+    stacked: dict[int, Any] | None
+    norms: dict[tuple, Any]
+    groups: list[list[int]]
+    lasts: list[int]
+    entry: Recordable
+
+
+_KEPT: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()  # pipeline -> its last one
 
 
 def _install(pipe: Any, adapters: AdapterSet, config: LoraComposerConfig, inputs: _Inputs) -> _Installation:
