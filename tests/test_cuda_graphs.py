@@ -40,19 +40,28 @@ def test_a_recorded_generation_reads_nothing_back_from_the_device(tiny_dirs: dic
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole call (prompt encoding, recorded DDIM steps, decoding) with the pipeline on the meta device, which holds
     no values: any read back (`.item()`, a tensor in an `if`, a copy to the host) raises. On a GPU each would make the
-    host wait for the step to finish before queueing the next. With plain launches DDIM's step reads its device
+    host wait for the step to finish before queueing the next. A tagged call (the adapter loaded, merged in place and
+    taken out) reads nothing either and replays the same recording. With plain launches DDIM's step reads its device
     timestep back (`host_timesteps` keeps them on the host while steps are recorded)."""
     import graph_tape
+    from composer_helpers import add_random_adapter
 
     from studio.models import load_pipeline
 
     graph_tape.install(monkeypatch, meta=True)  # capture also refuses copies from the host
     model = str(tiny_dirs["sd1"])
-    pipe = load_pipeline(model).to("meta")  # its own copy: the cached pipeline stays on the CPU
+    pipe = load_pipeline(model)  # its own copy: the cached pipeline stays on the CPU
+    add_random_adapter(pipe, "meta-tag", seed=1)  # into the library
+    pipe.to("meta")
     config = GenerateConfig(prompt="a large red star on the left", model=model, steps=3)
     images = generate(config, pipe=pipe, output_type="pt", free_memory=2**34).images
-    assert images.device.type == "meta" and pipe.unet.__dict__["_studio_graphs"].replays == 3
+    recorder = pipe.unet.__dict__["_studio_graphs"]
+    assert images.device.type == "meta" and recorder.replays == 3
     assert "set_timesteps" not in pipe.scheduler.__dict__
+    tagged = dataclasses.replace(config, prompt=f"{config.prompt} <lora:meta-tag:0.8>")
+    with graph_tape.MetaReads() as reads:
+        generate(tagged, pipe=pipe, output_type="pt", free_memory=2**34)
+    assert reads.places == [] and recorder.replays == 6 and len(recorder.graphs) == 1
     with pytest.raises(RuntimeError, match="meta tensors"):
         generate(dataclasses.replace(config, cuda_graphs=False), pipe=pipe, output_type="pt", free_memory=2**34)
 
