@@ -156,8 +156,11 @@ def group_index(ranks: Sequence[int], device: torch.device | str = "cpu", modulo
 
 @functools.lru_cache(maxsize=256)
 def _group_index(ranks: tuple[int, ...], device: torch.device, modulo: int) -> torch.Tensor:
-    groups = torch.arange(len(ranks)).repeat_interleave(torch.tensor(ranks, dtype=torch.long))  # (R,)
-    return (groups % modulo if modulo else groups).to(device=device, dtype=torch.int32)
+    # A normal tensor even when the first call is in inference mode: a guided sampling step (or a training step)
+    # saves it for backward later, which autograd refuses for an inference tensor.
+    with torch.inference_mode(False):
+        groups = torch.arange(len(ranks)).repeat_interleave(torch.tensor(ranks, dtype=torch.long))  # (R,)
+        return (groups % modulo if modulo else groups).to(device=device, dtype=torch.int32)
 
 
 def lora_linear(

@@ -145,3 +145,14 @@ def test_bad_shapes_say_what_to_pass() -> None:
         reference.pack(weights, biases, factors)
     with pytest.raises(ValueError, match="use None"):
         reference.pack(weights, biases, [factors[0], factors[1][:2], factors[2]])
+
+
+def test_the_cached_group_index_can_be_saved_for_backward_after_an_inference_call() -> None:
+    """A regional composition's first UNet call runs in inference mode and its latent guidance differentiates later
+    through the Triton projection, which saves the group index for backward: autograd refuses an inference tensor."""
+    with torch.inference_mode():
+        groups = reference.group_index((3, 9, 1), "cpu")
+    assert not groups.is_inference()
+    x = torch.randn(4, 13, requires_grad=True)
+    (x.index_select(1, groups.long()) * groups).sum().backward()  # saves it for backward
+    assert x.grad is not None
