@@ -3,6 +3,7 @@
 `reference` is the specification in plain torch, `triton_lora` the same functions in Triton (CUDA), `dispatch`
 picks one per call (`STUDIO_KERNELS=reference|triton|auto`) and holds the diffusers attention processor, and
 `python -m lora_kernels.bench` times both against merged weights and per-adapter PEFT layers. DESIGN.md section 7.
+`group_norm` (with `triton_group_norm`) is GroupNorm with statistics per region, for regional composition.
 
 This package imports nothing of the project: only torch, the standard library and (lazily) triton.
 
@@ -22,6 +23,7 @@ from lora_kernels.dispatch import (
     projections,
     region_scales,
 )
+from lora_kernels.group_norm import region_group_norm
 from lora_kernels.reference import PackedProjections, column_scales, pack, token_scales
 
 
@@ -35,6 +37,7 @@ __all__ = [
     "lora_linear",
     "pack",
     "projections",
+    "region_group_norm",
     "region_scales",
     "token_scales",
 ]

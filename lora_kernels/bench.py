@@ -10,9 +10,10 @@ Per shape (batch 2, K = 4 adapters of rank 16 on each of q, k, v):
              per-adapter loop written by hand (peft/tuners/lora/layer.py, Linear.forward)
   loop       per-adapter loop with per-token S, kohya-style masked LoRA: the unfused path the kernel replaces
 Self-attention projects q|k|v of the hidden states; cross-attention q on the hidden states and k|v on the 77x2048
-context. CUDA: bf16, triton.testing.do_bench (median ms of eager calls, L2 flushed, host overhead included) and
-do_bench_cudagraph (replayed from a CUDA graph: GPU time, L2 warm). CPU: fp32, median of 7 runs after 2 warm-ups;
-CPU numbers check that everything runs and are not the bar. Writes DIR/kernel_bench.json and DIR/kernel_bench.md.
+context. Then GroupNorm with statistics per region beside GroupNorm (`lora_kernels.bench_norm`). CUDA: bf16,
+triton.testing.do_bench (median ms of eager calls, L2 flushed, host overhead included) and do_bench_cudagraph
+(replayed from a CUDA graph: GPU time, L2 warm). CPU: fp32, median of 7 runs after 2 warm-ups; CPU numbers check
+that everything runs and are not the bar. Writes DIR/kernel_bench.json and DIR/kernel_bench.md.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels import dispatch, reference
+from lora_kernels.bench_norm import norm_markdown, norm_rows
 
 
 N_ADAPTERS, RANK, BATCH, CONTEXT = 4, 16, 2, (77, 2048)
@@ -216,6 +218,7 @@ def run(quick: bool = False, device: torch.device | None = None) -> dict:
                     if row.get(f"merged_{unit}") and f"{name}_{unit}" in row:
                         row[f"{name}_{unit}_x"] = row[f"{name}_{unit}"] / row[f"merged_{unit}"]
         rows.append(row)
+    norms = norm_rows(device, dtype, timers, quick)
     probe = make_case("self", 640, 8, device, dtype)
     backend = dispatch.choose_backend(probe["x"], probe["weights"]["q"], [probe["adapters"]["q"][0][0]])
     try:
@@ -226,7 +229,7 @@ def run(quick: bool = False, device: torch.device | None = None) -> dict:
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "dtype": str(dtype).removeprefix("torch."), "fused_backend": backend, "torch": torch.__version__,
             "triton": _version("triton"), "peft": _version("peft"), "adapters": N_ADAPTERS, "rank": RANK,
-            "batch": BATCH, "quick": quick, "rows": rows, "accuracy": acc,
+            "batch": BATCH, "quick": quick, "rows": rows, "norm_rows": norms, "accuracy": acc,
             "note": note}  # fmt: skip
 
 
@@ -252,10 +255,12 @@ def markdown(result: dict) -> str:
                 ratio = f" ({row[f'{name}_{unit}_x']:.2f}x)" if f"{name}_{unit}_x" in row else ""
                 cells.append(f"{row[f'{name}_{unit}']:.3f}{ratio}" if f"{name}_{unit}" in row else "error")
             lines.append(f"| {row['shape']} | " + " | ".join(cells) + " |")
+    lines += norm_markdown(result.get("norm_rows", []), titles)
     lines += ["", "accuracy (relative Frobenius error):"]
     lines += [f"- {key}: {value:.3e}" if isinstance(value, float) else f"- {key}: {value}"
               for key, value in result["accuracy"].items()]  # fmt: skip
-    errors = [f"- {row['shape']} {k}: {v}" for row in result["rows"] for k, v in row.items() if k.endswith("_error")]
+    errors = [f"- {row['shape']} {k}: {v}" for row in result["rows"] + result.get("norm_rows", [])
+              for k, v in row.items() if k.endswith("_error")]
     if errors:
         lines += ["", "errors:", *errors]
     if result["note"]:

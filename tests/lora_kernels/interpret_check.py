@@ -32,7 +32,7 @@ if _patch_lang_tensor is not None:
     interpreter._patch_lang_tensor = _squeezing_patch
 from kernel_naive import adapters, rand  # noqa: E402
 
-from lora_kernels import dispatch, reference, triton_lora  # noqa: E402
+from lora_kernels import dispatch, group_norm, reference, triton_group_norm, triton_lora  # noqa: E402
 
 
 def rel(got: torch.Tensor | tuple, want: torch.Tensor | tuple) -> float:
@@ -78,6 +78,22 @@ def single_case() -> float:
     return rel(triton_lora.lora_linear(*cast((x, w, None, a, b), torch.float32), s, ranks), want)
 
 
+def norm_case(seed: int, shape: tuple[int, ...], groups: int, k: int, dtype, affine: bool = True,
+              channels_last: bool = False) -> float:
+    """triton_group_norm.region_group_norm in `dtype` against group_norm's reference in float64."""
+    g = torch.Generator().manual_seed(seed)
+    x = rand(g, *shape) * 2 + 0.5  # (B, C, H, W), off-centre like a feature map
+    weight, bias = (rand(g, shape[1]), rand(g, shape[1])) if affine else (None, None)
+    length = shape[2] * shape[3]
+    average, share = torch.rand(length, k, generator=g).double(), torch.rand(k, length, generator=g).double()
+    average, share = average / average.sum(0), share / share.sum(0)
+    want = group_norm.region_group_norm_reference(x, groups, weight, bias, 1e-5, average, share)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    got = triton_group_norm.region_group_norm(*cast((x, groups, weight, bias, 1e-5, average, share), dtype))
+    assert got.dtype == dtype and got.shape == want.shape
+    return rel(got, want)
+
+
 def backward_case() -> dict[str, float]:
     """Gradients of the Triton autograd.Function against the reference's autograd, fp32 against float64."""
     weights, biases, factors = layer(11, (24, 20, 28), 40, [4, 5, 3])
@@ -97,6 +113,23 @@ def backward_case() -> dict[str, float]:
     return {f"grad_{n}": rel(got, want) for n, want, got in zip(names, *grads)}
 
 
+def grad_after_inference_case() -> float:
+    """A call in inference mode first (a sampling step caches the group index), then one with a gradient asked (a
+    guided step): its backward against the reference's autograd."""
+    weights, biases, factors = layer(13, (24, 20, 28), 40, [6, 7, 2])  # ranks no other case uses: a fresh cache
+    g = torch.Generator().manual_seed(14)
+    x, s = rand(g, 2, 9, 40), torch.rand(2, 9, 3, generator=g, dtype=torch.float64)
+    w, b, f = cast((weights, biases, factors), torch.float32)
+    with torch.inference_mode():
+        triton_lora.fused_qkv(x.float(), w, b, f, s)
+    grads = []
+    for fn, dtype in ((reference.fused_qkv, torch.float64), (triton_lora.fused_qkv, torch.float32)):
+        leaf = x.to(dtype).requires_grad_(True)
+        out = fn(leaf, *cast((weights, biases, factors), dtype), s)
+        grads.append(torch.autograd.grad(sum((y * y).sum() for y in out), leaf)[0])
+    return rel(grads[1], grads[0])
+
+
 def main() -> None:
     cases = {
         "fp32_qkv_token": lambda: packed_case(0, (24, 20, 28), [4, 0, 8], (37,), "token", torch.float32),
@@ -106,6 +139,12 @@ def main() -> None:
         "fp16_qkv_token": lambda: packed_case(4, (24, 20, 28), [4, 5, 8], (2, 11), "token", torch.float16),
         "bf16_qkv_token": lambda: packed_case(5, (24, 20, 28), [4, 5, 8], (2, 11), "token", torch.bfloat16),
         "fp32_lora_linear_dense": single_case,
+        "grad_x_after_an_inference_call": grad_after_inference_case,
+        "fp32_norm_three_regions": lambda: norm_case(20, (2, 12, 5, 7), 4, 3, torch.float32),
+        "fp16_norm_two_regions": lambda: norm_case(21, (1, 64, 16, 16), 32, 2, torch.float16),
+        "bf16_norm_no_affine": lambda: norm_case(22, (2, 30, 3, 3), 3, 1, torch.bfloat16, affine=False),
+        "fp32_norm_wide_groups_channels_last": lambda: norm_case(23, (2, 160, 8, 8), 2, 5, torch.float32,
+                                                                 channels_last=True),
     }
     errors: dict[str, float | str] = {}
     for name, case in cases.items():
@@ -119,6 +158,7 @@ def main() -> None:
         errors["backward"] = f"{type(exc).__name__}: {exc}"
     x, w = torch.zeros(2, 8), torch.zeros(4, 8)
     errors["auto_backend_on_cpu"] = dispatch.choose_backend(x, w, [], backend="auto")
+    errors["norm_auto_backend_on_cpu"] = group_norm._why_not_triton(x, []) or "triton"
     print(json.dumps(errors))
 
 

@@ -125,3 +125,32 @@ def test_processor_triton_equals_reference_in_bf16(cross: bool) -> None:
         with torch.no_grad():
             outs[backend] = attn(x, encoder_hidden_states=context).float()
     assert _rel((outs["triton"],), (outs["reference"],)) < 2e-2
+
+
+NORM_CASES = {  # name: ((B, C, H, W), groups, K normalisers): SD1.5 and SDXL UNet GroupNorms, odd sizes
+    "sd-320-64x64": ((2, 320, 64, 64), 32, 3),
+    "sdxl-2560-32x32": ((2, 2560, 32, 32), 32, 3),
+    "odd-90-7x9": ((3, 90, 7, 9), 6, 5),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(NORM_CASES))
+def test_region_group_norm_matches_float64(name: str, dtype: torch.dtype) -> None:
+    from lora_kernels.group_norm import region_group_norm, region_group_norm_reference
+
+    shape, groups, k = NORM_CASES[name]
+    g = torch.Generator().manual_seed(5)
+    x, weight, bias = rand(g, *shape) * 2 + 0.5, rand(g, shape[1]), rand(g, shape[1])
+    length = shape[2] * shape[3]
+    average, share = torch.rand(length, k, generator=g).double(), torch.rand(k, length, generator=g).double()
+    args = (x, groups, weight, bias, 1e-5, average / average.sum(0), share / share.sum(0))
+    want = region_group_norm_reference(*_to(args, torch.float64))
+    got = region_group_norm(*_to(args, dtype), backend="triton")
+    ref = region_group_norm_reference(*_to(args, dtype))  # torch in the same dtype
+    assert got.dtype == dtype and torch.equal(region_group_norm(*_to(args, dtype)), got)  # "auto" picks Triton
+    err, torch_err = _rel((got,), (want,)), _rel((ref,), (want,))
+    assert err < {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype], (err, torch_err)
+    assert err < 2 * torch_err + 1e-5, (err, torch_err)
+    leaf = _to(x, dtype).requires_grad_(True)  # a gradient asked: the reference, with its autograd graph
+    assert region_group_norm(leaf, *_to(args[1:], dtype)).grad_fn is not None
