@@ -12,6 +12,9 @@
   optimizer step from a run of `--train-steps` steps and one a quarter as long (after a warm-up run that caches the
   class images), and a default-length run's seconds projected from them (class images from the cache).
 
+`--architecture sd1` (or sd2, sdxl) runs generation and composition on a base of that architecture with random
+weights (`benches.random_base`): real sizes, nothing downloaded.
+
 Writes `gpu-bench.json` and `gpu-bench.md` to `--out` after each section, in this order: a section that fails is
 recorded with its error while the others still run, and a run cut short keeps what it measured.
 """
@@ -225,17 +228,28 @@ def run(args: argparse.Namespace) -> int:
     """Each section in turn (generation, composition, training), the report rewritten after each: a section that
     fails is recorded with its error and the others still run, and a run cut short keeps what it measured. Exit 1
     when a section failed."""
-    import traceback
-
     from studio.errors import StudioError
 
     if not torch.cuda.is_available():
         raise StudioError("studio bench gpu needs a CUDA device; `studio bench generate` measures the CPU")
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": args.model, "steps": args.steps,
                               "runs": args.runs}
-    sections = [("generation", lambda: generation(args.model, args.batch, args.runs, args.steps))]
+    with tempfile.TemporaryDirectory() as folder:
+        model = args.model
+        if args.architecture:  # generation and composition at a published architecture's sizes (random weights)
+            from benches.random_base import random_base
+
+            model = str(random_base(args.architecture, Path(folder) / f"random-{args.architecture}"))
+            report["model"] = f"{args.architecture} architecture, random weights (training: {args.model})"
+        return _sections(args, model, report)
+
+
+def _sections(args: argparse.Namespace, model: str, report: dict[str, Any]) -> int:
+    import traceback
+
+    sections = [("generation", lambda: generation(model, args.batch, args.runs, args.steps))]
     if args.composition:
-        sections.append(("composition", lambda: composition(args.model, "cuda", args.runs, args.steps)))
+        sections.append(("composition", lambda: composition(model, "cuda", args.runs, args.steps, args.jobs)))
     if args.train_steps:
         sections.append(("training", lambda: training(args.model, args.train_steps)))
     out = Path(args.out)
@@ -262,7 +276,8 @@ def _write(out: Path, report: dict) -> None:
 
 def markdown(report: dict) -> str:
     """The report as Markdown tables; a failed section as its error."""
-    lines = [f"# studio bench gpu ({report['device']}, {report['steps']} steps, median of {report['runs']})"]
+    lines = [f"# studio bench gpu ({report['device']}, {report['model']}, {report['steps']} steps, median of "
+             f"{report['runs']})"]
     for name in ("generation", "composition", "training"):
         if isinstance(report.get(name), dict) and "error" in report[name]:
             lines += ["", f"{name.capitalize()} failed: {report[name]['error']}"]
@@ -306,6 +321,11 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-steps", type=int, default=60, help="training steps timed (0: no training)")
     parser.add_argument("--no-composition", dest="composition", action="store_false",
                         help="skip the composition rows (one adapter, two in boxes, a mixed batch)")
+    parser.add_argument("--jobs", type=int, default=16, help="one-image jobs of the mixed-adapter batch row")
+    parser.add_argument("--architecture", choices=("sd1", "sd2", "sdxl"), default=None,
+                        help="generation and composition on a base of this architecture with random weights (built "
+                             "in a temporary folder; SD1.5 sizes where studio-tiny is launch-bound); training keeps "
+                             "--model")
     parser.add_argument("--out", default="bench-out/gpu")
     parser.set_defaults(func=lambda args: run(argparse.Namespace(**{**vars(args),
                                                                     "batch": args.batch or DEFAULT_BATCHES})))

@@ -86,3 +86,29 @@ def test_a_failed_section_is_reported_and_the_others_run(tmp_path: Path, monkeyp
     text = (tmp_path / "gpu-bench.md").read_text()
     assert "| two adapters in boxes (lora_composer) | 36.0 (1.2x) |" in text
     assert "| the same, steps with plain launches | 90.0 |" in text
+
+
+def test_an_architecture_is_timed_on_random_weights_and_training_keeps_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--architecture sd1`: generation and composition get the folder `random_base` wrote (and `--jobs`), training
+    `--model`."""
+    import benches.gpu as gpu
+    import benches.random_base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test device")
+    built, seen = [], {}
+    monkeypatch.setattr(benches.random_base, "random_base", lambda family, out: built.append((family, out)) or out)
+    rows = [{"batch": 1, "graphs": 2.0, "plain": 5.0, "speedup": 2.5}]
+    monkeypatch.setattr(gpu, "generation", lambda model, *a: seen.update(generation=model) or rows)
+    monkeypatch.setattr(gpu, "composition", lambda model, *a: seen.update(composition=model, jobs=a[-1]) or {})
+    monkeypatch.setattr(gpu, "training", lambda model, *a: seen.update(training=model) or {})
+    assert main(["bench", "gpu", "--architecture", "sd1", "--model", "studio-tiny", "--jobs", "4", "--out",
+                 str(tmp_path)]) == 0
+    [(family, folder)] = built
+    assert family == "sd1" and seen == {"generation": str(folder), "composition": str(folder), "jobs": 4,
+                                        "training": "studio-tiny"}
+    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert report["model"] == "sd1 architecture, random weights (training: studio-tiny)"
+    assert "sd1 architecture, random weights" in (tmp_path / "gpu-bench.md").read_text()
