@@ -62,6 +62,23 @@ def timer(device: torch.device, graph: bool = False) -> Callable[[Callable[[], A
     return cpu
 
 
+def time_paths(fns: dict[str, Callable[[], Any]], timers: dict[str, Callable]) -> dict[str, Any]:
+    """ms of each path per timer (`{path}_{unit}`), and each path's ratio to the first, the floor (`{path}_{unit}_x`);
+    a path that fails gives its error and the others still their numbers."""
+    row: dict[str, Any] = {}
+    floor = next(iter(fns))
+    for unit, bench in timers.items():
+        for name, fn in fns.items():
+            try:
+                row[f"{name}_{unit}"] = bench(fn)
+            except Exception as exc:  # keep the other paths' numbers; say what failed
+                row[f"{name}_{unit}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        for name in list(fns)[1:]:
+            if row.get(f"{floor}_{unit}") and f"{name}_{unit}" in row:
+                row[f"{name}_{unit}_x"] = row[f"{name}_{unit}"] / row[f"{floor}_{unit}"]
+    return row
+
+
 def make_case(kind: str, d: int, tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
     """Random weights, adapters (nonzero A and B) and inputs for one attention layer; everything in `dtype`."""
     g = torch.Generator().manual_seed(seed)
@@ -208,17 +225,9 @@ def run(quick: bool = False, device: torch.device | None = None) -> dict:
         shape = f"{kind} d={d} N={tokens // shrink}" + (" ctx=77x2048" if kind == "cross" else "")
         row: dict[str, Any] = {"shape": shape, "peft": "peft" if layers is not None else "hand-written"}
         with torch.no_grad():
-            for unit, bench in timers.items():
-                for name in PATHS:
-                    try:
-                        row[f"{name}_{unit}"] = bench(fns[name])
-                    except Exception as exc:  # keep the other paths' numbers; say what failed
-                        row[f"{name}_{unit}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                for name in PATHS[1:]:
-                    if row.get(f"merged_{unit}") and f"{name}_{unit}" in row:
-                        row[f"{name}_{unit}_x"] = row[f"{name}_{unit}"] / row[f"merged_{unit}"]
+            row.update(time_paths({name: fns[name] for name in PATHS}, timers))
         rows.append(row)
-    norms = norm_rows(device, dtype, timers, quick)
+    norms = norm_rows(device, dtype, lambda fns: time_paths(fns, timers), quick)
     probe = make_case("self", 640, 8, device, dtype)
     backend = dispatch.choose_backend(probe["x"], probe["weights"]["q"], [probe["adapters"]["q"][0][0]])
     try:

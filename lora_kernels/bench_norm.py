@@ -41,8 +41,9 @@ def _case(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> t
     return tuple(t.to(device) for t in (x, weight, bias, average, share))
 
 
-def norm_rows(device: torch.device, dtype: torch.dtype, timers: dict[str, Callable], quick: bool = False) -> list:
-    """One row per shape: ms of each path per timer, its ratio to GroupNorm, and the region path's error."""
+def norm_rows(device: torch.device, dtype: torch.dtype, measure: Callable[[dict], dict], quick: bool = False) -> list:
+    """One row per shape: `measure(paths)` (`lora_kernels.bench.time_paths`: ms per timer and the ratio to GroupNorm)
+    and the region path's error."""
     rows = []
     for label, shape in SHAPES[:2] if quick else SHAPES:
         x64, w64, b64, average, share = _case(shape, device, dtype)
@@ -55,15 +56,7 @@ def norm_rows(device: torch.device, dtype: torch.dtype, timers: dict[str, Callab
         }
         row: dict[str, Any] = {"shape": f"{label} {tuple(shape)}"}
         with torch.no_grad():
-            for unit, bench in timers.items():
-                for name in PATHS:
-                    try:
-                        row[f"{name}_{unit}"] = bench(fns[name])
-                    except Exception as exc:  # keep the other paths' numbers; say what failed
-                        row[f"{name}_{unit}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                for name in PATHS[1:]:
-                    if row.get(f"group_norm_{unit}") and f"{name}_{unit}" in row:
-                        row[f"{name}_{unit}_x"] = row[f"{name}_{unit}"] / row[f"group_norm_{unit}"]
+            row.update(measure(fns))
             try:
                 want = region_group_norm_reference(x64, GROUPS, w64, b64, 1e-5, average, share)
                 row["region_vs_float64"] = float((fns["region"]().double() - want).norm() / want.norm())

@@ -15,6 +15,7 @@ states and k, v fused on the encoder states, since they read different inputs. t
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import os
@@ -36,18 +37,17 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache
-def _triton_module() -> tuple[Any, str | None]:
-    """(lora_kernels.triton_lora or None, why not); imported once, on first need."""
+def triton_module(name: str = "triton_lora") -> tuple[Any, str | None]:
+    """(lora_kernels.<name> or None, why not): a Triton module, imported once, on first need."""
     try:
-        from lora_kernels import triton_lora
+        return importlib.import_module(f"lora_kernels.{name}"), None
     except Exception as exc:  # ImportError, or a triton that fails to initialise
         return None, f"triton does not import ({type(exc).__name__}: {exc})"
-    return triton_lora, None
 
 
 def _why_not_triton(x: torch.Tensor, weight: torch.Tensor, operands: Sequence[torch.Tensor | None]) -> str | None:
     """The first check the Triton backend fails for these operands, or None when it can run them."""
-    module, reason = _triton_module()
+    module, reason = triton_module()
     if module is None:
         return reason
     if x.device.type != "cuda" and not module.interpreting():
@@ -91,7 +91,7 @@ def _log_once(reason: str) -> None:
 
 
 def _module(name: str) -> Any:
-    return reference if name == "reference" else _triton_module()[0]
+    return reference if name == "reference" else triton_module()[0]
 
 
 def lora_linear(

@@ -26,26 +26,19 @@ import functools
 import logging
 import math
 import os
-from typing import Any
 
 import torch
 
-from lora_kernels.dispatch import BACKENDS, ENV_VAR
+from lora_kernels.dispatch import BACKENDS, ENV_VAR, triton_module
 
 
 logger = logging.getLogger(__name__)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def region_group_norm_reference(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    average: torch.Tensor,
-    share: torch.Tensor,
-) -> torch.Tensor:
+def region_group_norm_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                                bias: torch.Tensor | None, eps: float, average: torch.Tensor,
+                                share: torch.Tensor) -> torch.Tensor:
     """(3) for x (B, C, *spatial) with L spatial positions, in x's dtype; `average` (L, K), `share` (K, L)."""
     b, c = x.shape[:2]
     xg = x.reshape(b, num_groups, c // num_groups, -1)  # (B, g, C / g, L)
@@ -63,17 +56,8 @@ def region_group_norm_reference(
     return y if bias is None else y + bias.reshape(view)
 
 
-@functools.cache
-def _triton_module() -> tuple[Any, str | None]:
-    try:
-        from lora_kernels import triton_group_norm
-    except Exception as exc:  # ImportError, or a triton that fails to initialise
-        return None, f"triton does not import ({type(exc).__name__}: {exc})"
-    return triton_group_norm, None
-
-
 def _why_not_triton(x: torch.Tensor, operands: list[torch.Tensor | None]) -> str | None:
-    module, reason = _triton_module()
+    module, reason = triton_module("triton_group_norm")
     if module is None:
         return reason
     if x.device.type != "cuda" and not module.interpreting():
@@ -93,17 +77,9 @@ def _log_once(reason: str) -> None:
     logger.info("region GroupNorm: using the torch reference (%s)", reason)
 
 
-def region_group_norm(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    average: torch.Tensor,
-    share: torch.Tensor,
-    *,
-    backend: str | None = None,
-) -> torch.Tensor:
+def region_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      eps: float, average: torch.Tensor, share: torch.Tensor, *,
+                      backend: str | None = None) -> torch.Tensor:
     """(3) on the chosen backend (module docstring): x (B, C, *spatial), `average` (L, K), `share` (K, L)."""
     name = (backend or os.environ.get(ENV_VAR) or "auto").lower()
     if name not in BACKENDS:
@@ -119,4 +95,4 @@ def region_group_norm(
         if reason is not None:
             _log_once(reason)
         return region_group_norm_reference(x, num_groups, weight, bias, eps, average, share)
-    return _triton_module()[0].region_group_norm(x, num_groups, weight, bias, eps, average, share)
+    return triton_module("triton_group_norm")[0].region_group_norm(x, num_groups, weight, bias, eps, average, share)

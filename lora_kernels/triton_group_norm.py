@@ -77,15 +77,8 @@ def _region_norm_kernel(
         tl.store(y_rows + pos[None, :] * stride_yl, y.to(y_ptr.dtype.element_ty), mask=cl_ok)
 
 
-def region_group_norm(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    average: torch.Tensor,
-    share: torch.Tensor,
-) -> torch.Tensor:
+def region_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      eps: float, average: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
     """`lora_kernels.group_norm.region_group_norm_reference` in one launch: x (B, C, *spatial), `average` (L, K),
     `share` (K, L)."""
     b, c = x.shape[:2]
