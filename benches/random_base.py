@@ -22,13 +22,11 @@ def random_base(family: str, out: Path, *, dtype: torch.dtype = torch.float16, d
                 overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write a `family` pipeline with random weights to `out` (safetensors in `dtype`); `overrides` change config
     entries per component (small sizes for tests). Returns `out`."""
-    import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from studio.errors import StudioError
-    from studio.models.single_file import shipped_config
-    from studio.models.tokenizer import clip_tokenizer
+    from studio.models.single_file import shipped_config, shipped_scheduler, shipped_tokenizer
 
     if family not in FAMILIES:
         raise StudioError(f"unknown architecture {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -37,11 +35,6 @@ def random_base(family: str, out: Path, *, dtype: torch.dtype = torch.float16, d
     def config(component: str) -> dict[str, Any]:
         return {**shipped_config(family, component), **overrides.get(component, {})}
 
-    def tokenizer(component: str) -> Any:
-        settings, made = config(component), clip_tokenizer()
-        made.pad_token = settings.get("pad_token", made.pad_token)
-        return made
-
     torch.manual_seed(0)
     texts = {"text_encoder": CLIPTextModel} | ({"text_encoder_2": CLIPTextModelWithProjection} if family == "sdxl"
                                                 else {})  # fmt: skip
@@ -49,11 +42,9 @@ def random_base(family: str, out: Path, *, dtype: torch.dtype = torch.float16, d
         parts: dict[str, Any] = {name: cls(CLIPTextConfig.from_dict(config(name))) for name, cls in texts.items()}
         parts["unet"] = UNet2DConditionModel.from_config(config("unet"))
         parts["vae"] = AutoencoderKL.from_config(config("vae"))
-    scheduler = config("scheduler")
-    parts["scheduler"] = getattr(diffusers, scheduler["_class_name"]).from_config(scheduler)
-    parts["tokenizer"] = tokenizer("tokenizer")
+    parts["scheduler"], parts["tokenizer"] = shipped_scheduler(family), shipped_tokenizer(family)
     if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(**parts, tokenizer_2=tokenizer("tokenizer_2"))
+        pipe = StableDiffusionXLPipeline(**parts, tokenizer_2=shipped_tokenizer(family, "tokenizer_2"))
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

@@ -4,7 +4,7 @@ Per shape (a UNet GroupNorm's input, 32 groups, K = 3 normalisers: two boxes and
 composition of two concepts):
   group_norm  torch's GroupNorm (F.group_norm): the floor
   region      lora_kernels.group_norm.region_group_norm (Triton on CUDA, else the reference)
-  reference   the reference in plain torch (about 15 operator calls)
+  reference   the reference in plain torch (16 operator calls)
 Timed like the projection rows (`lora_kernels.bench.timer`), and the region path's error against float64.
 """
 

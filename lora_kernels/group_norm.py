@@ -10,7 +10,7 @@ group g:
     sigma_k  = sqrt(E_k[x^2] - mu_k^2 + eps)                                                    (2)
     y[c, p]  = gamma_c sum_k share[k, p] (x[c, p] - mu_k) / sigma_k + beta_c                    (3)
 
-With K = 1, average = 1/L and share = 1 this is GroupNorm. The reference below is about 15 operator calls; the
+With K = 1, average = 1/L and share = 1 this is GroupNorm. The reference below is 16 operator calls; the
 Triton kernel (`lora_kernels.triton_group_norm`) is one launch that reads x twice and writes y once, as a GroupNorm
 kernel does, which matters where a step is recorded as a CUDA graph of small kernels: regional composition runs
 one per GroupNorm of the UNet (33 a step on studio-tiny, 61 on SD1.5).
@@ -85,8 +85,11 @@ def region_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | N
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r} (from backend= or ${ENV_VAR}); use one of {BACKENDS}")
     c, length = x.shape[1], math.prod(x.shape[2:])
-    if c % num_groups or average.shape != (length, share.shape[0]) or share.shape[1] != length:
-        raise ValueError(f"x {tuple(x.shape)} in {num_groups} groups does not fit average {tuple(average.shape)} and "
+    if c % num_groups:
+        raise ValueError(f"x has {c} channels, which {num_groups} groups do not divide; pass the GroupNorm's own "
+                         "num_groups")
+    if average.shape != (length, share.shape[0]) or share.shape[1] != length:
+        raise ValueError(f"x {tuple(x.shape)} does not fit average {tuple(average.shape)} and "
                          f"share {tuple(share.shape)}; they must be (L, K) and (K, L) with L = {length}")
     reason = None if name == "reference" else _why_not_triton(x, [weight, bias, average, share])
     if name == "reference" or reason is not None:

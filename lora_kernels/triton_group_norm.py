@@ -7,7 +7,7 @@ One program per (sample, group) makes two passes over the group's (C / g, L) blo
 2. per position scale = sum_k share[k, p] / sigma_k and shift = -sum_k share[k, p] mu_k / sigma_k, and
    y = (x scale + shift) gamma_c + beta_c written once (Eq. 3).
 
-So x is read twice and y written once, as a GroupNorm kernel does, in one launch instead of the reference's ~15.
+So x is read twice and y written once, as a GroupNorm kernel does, in one launch instead of the reference's 16.
 Inputs fp16, bf16 or fp32; output in x's dtype, contiguous. No backward (the dispatcher falls back to the reference
 when a gradient is asked). Runs under TRITON_INTERPRET=1 on CPU tensors, as `lora_kernels.triton_lora`.
 """

@@ -217,7 +217,9 @@ def _vae(path: Path, family: str, state: dict, meta: dict, dtype: torch.dtype) -
     return _load_strict(path, "VAE", model, converted, dtype)
 
 
-def _scheduler(family: str, meta: dict, prediction_type: str | None) -> Any:
+def shipped_scheduler(family: str, meta: dict | None = None, prediction_type: str | None = None) -> Any:
+    """The family's scheduler from its shipped config (with a file's `meta` settings over it)."""
+    meta = meta or {}
     import diffusers
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -231,7 +233,9 @@ def _scheduler(family: str, meta: dict, prediction_type: str | None) -> Any:
     return cls.from_config(config)
 
 
-def _tokenizer(family: str, component: str, meta: dict) -> CLIPTokenizer:
+def shipped_tokenizer(family: str, component: str = "tokenizer", meta: dict | None = None) -> CLIPTokenizer:
+    """CLIP's tokenizer, built offline, with the family's shipped settings for `component`."""
+    meta = meta or {}
     settings = {**shipped_config(family, component), **meta.get(component, {})}
     tokenizer = clip_tokenizer()
     tokenizer.pad_token = settings.get("pad_token", tokenizer.pad_token)
@@ -277,12 +281,12 @@ def _build(
     parts: dict[str, Any] = {
         "unet": _unet(path, family, state, meta, dtype, text_2_dim),
         "vae": _vae(path, family, state, meta, dtype),
-        "scheduler": _scheduler(family, meta, prediction_type),
-        "tokenizer": _tokenizer(family, "tokenizer", meta),
+        "scheduler": shipped_scheduler(family, meta, prediction_type),
+        "tokenizer": shipped_tokenizer(family, "tokenizer", meta),
         **texts,
     }
     if family == "sdxl":
-        return StableDiffusionXLPipeline(**parts, tokenizer_2=_tokenizer(family, "tokenizer_2", meta))
+        return StableDiffusionXLPipeline(**parts, tokenizer_2=shipped_tokenizer(family, "tokenizer_2", meta))
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

@@ -57,6 +57,8 @@ def test_the_dispatcher_runs_the_reference_on_a_cpu_and_says_why_not_triton() ->
         region_group_norm(x, 4, weight, bias, 1e-5, average, share, backend="triton")
     with pytest.raises(ValueError, match=r"must be \(L, K\) and \(K, L\) with L = 35"):
         region_group_norm(x, 4, weight, bias, 1e-5, average[:30], share)
+    with pytest.raises(ValueError, match="12 channels, which 5 groups do not divide"):
+        region_group_norm(x, 5, weight, bias, 1e-5, average, share)
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         region_group_norm(x, 4, weight, bias, 1e-5, average, share, backend="cuda")
     x.requires_grad_(True)  # the reference keeps the autograd graph (latent guidance differentiates through it)
