@@ -6,11 +6,11 @@ import argparse
 import json
 import os
 
+from studio.cli import COMMANDS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "batch", help="run a JSONL job file (one `studio generate` per line); resumable, shardable with accelerate"
-    )
+    parser = subparsers.add_parser("batch", help=COMMANDS[__name__])
     parser.add_argument("jobs", help='JSONL file, one job per line: {"prompt": "a red star", "seed": 3, ...}')
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default=None, help="override every job's device (default: the process's own)")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from studio.cli import COMMANDS
 from studio.cli.options import add_dataclass_arguments, from_namespace
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from studio.generate import GenerateConfig
 
-    parser = subparsers.add_parser("compose", help="generate with several adapters composed (merge, switch, ...)")
+    parser = subparsers.add_parser("compose", help=COMMANDS[__name__])
     add_dataclass_arguments(parser, GenerateConfig, required=("prompt",))
     parser.add_argument(
         "--adapters",

@@ -8,6 +8,8 @@ import os
 import platform
 import sys
 
+from studio.cli import COMMANDS
+
 
 PACKAGES = ["torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "safetensors", "gradio",
             "open_clip_torch", "pillow", "triton"]
@@ -46,7 +48,7 @@ def report() -> dict[str, object]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("env", help="print versions, devices and paths for bug reports")
+    parser = subparsers.add_parser("env", help=COMMANDS[__name__])
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from studio.cli import COMMANDS
 from studio.cli.options import add_dataclass_arguments, from_namespace
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from studio.generate import GenerateConfig
 
-    parser = subparsers.add_parser("generate", help="generate images from a prompt")
+    parser = subparsers.add_parser("generate", help=COMMANDS[__name__])
     add_dataclass_arguments(parser, GenerateConfig, required=("prompt",))
     parser.add_argument("--out", required=True, help="output FILE.png (several images: FILE-000.png... + grid)")
     parser.set_defaults(func=run)

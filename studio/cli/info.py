@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from studio.cli import COMMANDS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="print the parameters stored in a generated PNG")
+    parser = subparsers.add_parser("info", help=COMMANDS[__name__])
     parser.add_argument("file", help="a PNG written by the studio (or A1111)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of A1111 text")
     parser.set_defaults(func=run)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from studio.cli import COMMANDS
 from studio.configs import finite
 from studio.errors import StudioError
 
@@ -159,7 +160,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     from studio.library.meta import EXPORT_FORMATS, FORMATS, KINDS  # light: `studio library list` starts without torch
 
-    parser = subparsers.add_parser("library", help="the adapter library: list, import, export, merge, edit")
+    parser = subparsers.add_parser("library", help=COMMANDS[__name__])
     sub = parser.add_subparsers(dest="library_command", metavar="ACTION")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 

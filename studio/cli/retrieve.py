@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from studio.cli import COMMANDS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("retrieve", help="rank library adapters by a prompt (AutoLoRA retrieval)")
+    parser = subparsers.add_parser("retrieve", help=COMMANDS[__name__])
     parser.add_argument("prompt", nargs="?", help="what you want, in words, e.g. 'a yellow star inside a purple ring'")
     parser.add_argument("--k", type=int, default=3, help="how many adapters to list (default 3)")
     parser.add_argument("--weights-only", action="store_true", help="rank by the adapters' weights alone (no card, "

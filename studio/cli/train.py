@@ -13,6 +13,8 @@ import signal
 import threading
 import typing
 
+from studio.cli import COMMANDS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from studio.cli.options import add_dataclass_arguments
@@ -21,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "train",
-        help="train an adapter (DreamBooth-LoRA, DiffuseKronA, ...)",
+        help=COMMANDS[__name__],
         description="Train an adapter on images or a Shapes World concept and add it to the library.",
     )
     parser.add_argument("--method", required=True, choices=list(METHODS), help="adapter method")

@@ -14,6 +14,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from studio.cli import COMMANDS
 from studio.configs import finite_type
 from studio.errors import StudioError
 
@@ -119,7 +120,7 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("world", help="Shapes World: render, evaluate, train its VAE and CLIP")
+    parser = subparsers.add_parser("world", help=COMMANDS[__name__])
     sub = parser.add_subparsers(dest="world_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
