@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks of the fused kernels and of the studio's GPU speed, in two parts that each fit ten minutes:
+# The GPU checks of the fused kernels and of the studio's GPU speed, in parts that each fit a ten-minute run:
 #   benches/gpu_check.sh OUT tiny   the test files that hold CUDA tests (every verdict, no -x), the kernel bench
 #                                   (fused projection and region GroupNorm against the base GEMM and GroupNorm) and
 #                                   `studio bench gpu` on studio-tiny (generation batch 1/16/128, composition,
 #                                   training s/step)
 #   benches/gpu_check.sh OUT sd1    `studio bench gpu` generation and composition on a random-weight SD1.5-architecture
 #                                   base at 512x512 (the regional bar at a published size)
+#   benches/gpu_check.sh OUT suite  the whole test suite with the GPU visible (it must pass there too), on 8 pytest
+#                                   workers when pytest-xdist is installed
 # Each part writes its logs and reports under OUT (tests.log, kernel.log, bench-*.log, gpu/, gpu-sd1/) and keeps
 # going past a failed step; read OUT/gpu*/gpu-bench.md even when the exit status is 1. Needs torch with CUDA and
 # the project's packages importable (`pip install -e .`, or PYTHONPATH with the repository root).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: benches/gpu_check.sh OUT tiny|sd1}
+out=${1:?usage: benches/gpu_check.sh OUT tiny|sd1|suite}
 part=${2:-tiny}
 py=${PYTHON:-python3}
 mkdir -p "$out"
@@ -40,8 +42,12 @@ case "$part" in
     step 540 bench-sd1.log "$py" -m studio bench gpu --architecture sd1 --batch 1 --runs 3 --jobs 4 --train-steps 0 \
       --out "$out/gpu-sd1"
     ;;
+  suite)
+    workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8 --maxprocesses 8" || echo "-n 0")
+    step 540 suite.log "$py" -m pytest -q -p no:cacheprovider $workers tests
+    ;;
   *)
-    echo "unknown part '$part': tiny or sd1" >&2
+    echo "unknown part '$part': tiny, sd1 or suite" >&2
     exit 2
     ;;
 esac
