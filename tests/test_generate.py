@@ -22,16 +22,8 @@ def _pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    """`studio ARGS` in a fresh process with this process's torch thread count: a float sum split over another number
-    of threads rounds differently, and other test modules set one thread at import."""
-    import torch
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run([sys.executable, "-m", "studio", *args], capture_output=True, text=True, env=env)
-
-
 KINDS = ("sd1", "sd2", "sdxl")
+SINGLE_FILE_ARGS = ["generate", "--prompt", "a small green triangle", "--seed", "3", "--steps", "3"]
 
 
 def _identity_args(model: Path) -> list[str]:
@@ -40,20 +32,25 @@ def _identity_args(model: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def other_process(tiny_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each kind's image made by `studio generate` in one other process (a process's start, torch and diffusers
-    imported, is about 10 s of the suite)."""
+def other_process(
+    tiny_dirs: dict, tiny_single_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Each kind's image, and the single-file checkpoint's, made by `studio generate` in one other process (a
+    process's start, torch and diffusers imported, is about 10 s of the suite)."""
     import json
 
     import torch
 
     out = tmp_path_factory.mktemp("other-process")
     calls = [[*_identity_args(tiny_dirs[kind]), "--out", str(out / f"{kind}.png")] for kind in KINDS]
+    calls.append([*SINGLE_FILE_ARGS, "--model", str(tiny_single_file), "--out", str(out / "single-file.png")])
     code = "import json, sys; from studio.cli import main; sys.exit(max(main(a) for a in json.loads(sys.argv[1])))"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as `_cli`
+    # this process's torch thread count: a float sum split over another number of threads rounds differently, and
+    # other test modules set one thread at import
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run([sys.executable, "-c", code, json.dumps(calls)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    return {kind: out / f"{kind}.png" for kind in KINDS}
+    return {kind: out / f"{kind}.png" for kind in (*KINDS, "single-file")}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -78,15 +75,13 @@ def test_generate_is_identical_across_processes(kind: str, tiny_dirs: dict, othe
 
 
 def test_original_layout_single_file_generates_like_its_folder(tiny_dirs: dict, tiny_single_file: Path,
-                                                               tmp_path: Path, capsys) -> None:
-    args = ["generate", "--prompt", "a small green triangle", "--seed", "3", "--steps", "3"]
+                                                               other_process: dict, tmp_path: Path, capsys) -> None:
+    args = SINGLE_FILE_ARGS
     assert main([*args, "--model", str(tiny_single_file), "--out", str(tmp_path / "file.png")]) == 0
-    other = _cli([*args, "--model", str(tiny_single_file), "--out", str(tmp_path / "file2.png")])
-    assert other.returncode == 0, other.stderr
     assert main([*args, "--model", str(tiny_dirs["sd1"]), "--out", str(tmp_path / "folder.png")]) == 0
     single = _pixels(tmp_path / "file.png")
     assert single.std() > 0
-    assert np.array_equal(single, _pixels(tmp_path / "file2.png"))
+    assert np.array_equal(single, _pixels(other_process["single-file"]))  # loaded in another process
     assert np.array_equal(single, _pixels(tmp_path / "folder.png"))
     assert read_parameters(tmp_path / "file.png")["model"] == str(tiny_single_file)
     capsys.readouterr()
