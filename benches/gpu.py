@@ -16,7 +16,8 @@
 weights (`benches.random_base`): real sizes, nothing downloaded.
 
 Writes `gpu-bench.json` and `gpu-bench.md` to `--out` after each section, in this order: a section that fails is
-recorded with its error while the others still run, and a run cut short keeps what it measured.
+recorded with its error while the others still run, and a run cut short keeps what it measured. Both open with the
+speed goals (`GOALS`) that the run measured, each with its figure and whether it is met.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ from studio.models import DEFAULT_MODEL
 
 
 DEFAULT_BATCHES = [1, 16, 128]
+# The studio's GPU speed goals: (section, what is measured, the most it may be). Generation and training are goals on
+# the embedded base (20 steps; the default-length emblem run, whose fidelity `studio bench adapters --device cuda`
+# checks); the regional ratio holds on any base.
+GOALS = (
+    ("generation", f"{DEFAULT_MODEL}, batch 1, 20 steps, CUDA graphs: ms per image", 60.0),
+    ("training", f"{DEFAULT_MODEL}, DreamBooth-LoRA emblem, default run: projected s (the faster step mode)", 30.0),
+    ("composition", "two adapters in their boxes (LoRA-Composer) over one adapter: time ratio", 1.25),
+)
 
 
 def _median_ms(config: Any, pipe: Any, runs: int) -> float:
@@ -233,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise StudioError("studio bench gpu needs a CUDA device; `studio bench generate` measures the CPU")
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": args.model, "steps": args.steps,
-                              "runs": args.runs}
+                              "runs": args.runs, "training_model": args.model}
     with tempfile.TemporaryDirectory() as folder:
         model = args.model
         if args.architecture:  # generation and composition at a published architecture's sizes (random weights)
@@ -262,6 +271,7 @@ def _sections(args: argparse.Namespace, model: str, report: dict[str, Any]) -> i
             traceback.print_exc()
             report[name] = {"error": f"{type(err).__name__}: {err}".strip().splitlines()[0]}
             failed.append(name)
+        report["goals"] = goals(report)
         _write(out, report)
     print(markdown(report))
     return 1 if failed else 0
@@ -274,10 +284,29 @@ def _write(out: Path, report: dict) -> None:
     write_text(out / "gpu-bench.md", markdown(report) + "\n")
 
 
+def goals(report: dict) -> list[dict]:
+    """Each goal of `GOALS` this report measured: {"goal", "measured", "most", "met"}. Generation counts only on the
+    embedded base at 20 steps, training only when it trained the embedded base."""
+    measured: dict[str, float] = {}
+    rows, c, t = report.get("generation"), report.get("composition"), report.get("training")
+    if isinstance(rows, list) and report.get("model") == DEFAULT_MODEL and report.get("steps") == 20:
+        measured.update({"generation": r["graphs"] for r in rows if r.get("batch") == 1})
+    if isinstance(c, dict) and "lora_composer_ratio" in c:
+        measured["composition"] = c["lora_composer_ratio"]
+    if isinstance(t, dict) and "speedup" in t and report.get("training_model") == DEFAULT_MODEL:
+        measured["training"] = min(t[mode]["projected_default_run_s"] for mode in ("graphs", "plain"))
+    return [{"goal": goal, "measured": measured[name], "most": most, "met": measured[name] <= most}
+            for name, goal, most in GOALS if name in measured]
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown tables; a failed section as its error."""
     lines = [f"# studio bench gpu ({report['device']}, {report['model']}, {report['steps']} steps, median of "
              f"{report['runs']})"]
+    if report.get("goals"):
+        lines += ["", "| goal | measured | at most | met |", "|---|---|---|---|"]
+        lines += [f"| {g['goal']} | {g['measured']} | {g['most']} | {'yes' if g['met'] else 'no'} |"
+                  for g in report["goals"]]
     for name in ("generation", "composition", "training"):
         if isinstance(report.get(name), dict) and "error" in report[name]:
             lines += ["", f"{name.capitalize()} failed: {report[name]['error']}"]

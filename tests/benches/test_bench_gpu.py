@@ -71,6 +71,9 @@ def test_a_failed_section_is_reported_and_the_others_run(tmp_path: Path, monkeyp
     assert report["composition"] == {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
     text = (tmp_path / "gpu-bench.md").read_text()
     assert "Composition failed: RuntimeError: CUDA error" in text and "| CUDA graphs | 0.01 | 9.0 | 2.0 |" in text
+    # the goals this run measured (not the failed composition's), the training one from the faster step mode
+    assert [(g["measured"], g["most"], g["met"]) for g in report["goals"]] == [(2.0, 60.0, True), (9.0, 30.0, True)]
+    assert "| studio-tiny, batch 1, 20 steps, CUDA graphs: ms per image | 2.0 | 60.0 | yes |" in text
 
     def stopped(*args: object) -> dict:
         raise KeyboardInterrupt  # a run cut short (Ctrl-C, a time limit)
@@ -86,6 +89,23 @@ def test_a_failed_section_is_reported_and_the_others_run(tmp_path: Path, monkeyp
     text = (tmp_path / "gpu-bench.md").read_text()
     assert "| two adapters in boxes (lora_composer) | 36.0 (1.2x) |" in text
     assert "| the same, steps with plain launches | 90.0 |" in text
+    assert report["goals"][-1] == {"goal": gpu.GOALS[2][1], "measured": 1.2, "most": 1.25, "met": True}
+
+
+def test_goals_count_only_what_they_are_set_for() -> None:
+    """Generation and training goals hold for the embedded base at 20 steps; the regional ratio for any base."""
+    from benches.gpu import goals
+
+    rows = [{"batch": 1, "graphs": 75.0, "plain": 300.0}, {"batch": 16, "graphs": 8.0, "plain": 40.0}]
+    training = {"graphs": {"projected_default_run_s": 41.0}, "plain": {"projected_default_run_s": 120.0},
+                "speedup": 2.9}
+    report = {"model": "studio-tiny", "steps": 20, "generation": rows, "composition": {"lora_composer_ratio": 1.3},
+              "training": training, "training_model": "studio-tiny"}
+    assert [(g["measured"], g["met"]) for g in goals(report)] == [(75.0, False), (41.0, False), (1.3, False)]
+    elsewhere = {**report, "model": "sd1 architecture, random weights (training: studio-tiny)",
+                 "composition": {"lora_composer_ratio": 1.1}, "training_model": "/my/model"}
+    assert [(g["measured"], g["met"]) for g in goals(elsewhere)] == [(1.1, True)]
+    assert goals({**report, "steps": 4, "composition": {"error": "x"}, "training": {"error": "y"}}) == []
 
 
 def test_an_architecture_is_timed_on_random_weights_and_training_keeps_the_model(
