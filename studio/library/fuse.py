@@ -37,34 +37,35 @@ def merge_exactly(model: nn.Module, names: Sequence[str], *, take_out: bool = Fa
     a merged PEFT layer computes its base module's forward alone (PEFT's merged branch), so the base module takes its
     place until the undo: a plain forward call instead of PEFT's per-call bookkeeping, and
     a CUDA graph recorded for the plain model replays it (its weights are the same tensors, merged in place)."""
-    saved: list[tuple[BaseTunerLayer, dict[str, torch.Tensor]]] = []
-    out: list[tuple[nn.Module, str, BaseTunerLayer]] = []
+    chosen: list[tuple[nn.Module, str, BaseTunerLayer, list[str]]] = []
     for _, parent, attr, module in tuner_children(model):
-        if module.disable_adapters:
-            continue
-        present = [n for n in _held(module) if n in names]
-        if not present:
-            continue
-        base = module.get_base_layer()
-        saved.append((module, {k: v.detach().clone() for k, v in base.named_parameters(recurse=False)}))
-        with torch.no_grad():
+        present = [n for n in _held(module) if n in names] if not module.disable_adapters else []
+        if present:
+            chosen.append((parent, attr, module, present))
+    layers = [module for *_, module, _ in chosen]
+    with torch.no_grad():  # the copies in a few multi-tensor launches on a GPU, not one per tensor
+        copies = [torch.empty_like(t) for t in _base_weights(layers)]
+        torch._foreach_copy_(copies, _base_weights(layers))
+        for *_, module, present in chosen:
             module.merge(adapter_names=present)
-        if take_out and module.merged:  # PEFT's merged branch: `base_layer(x)` alone
-            out.append((parent, attr, module))
-    for parent, attr, module in out:
+    out = [(parent, attr, module) for parent, attr, module, _ in chosen if take_out and module.merged]
+    for parent, attr, module in out:  # PEFT's merged branch is `base_layer(x)` alone
         setattr(parent, attr, module.get_base_layer())
 
     def undo() -> None:
         for parent, attr, module in out:
             setattr(parent, attr, module)
-        for module, params in saved:
-            base = module.get_base_layer()
-            with torch.no_grad():
-                for key, value in params.items():
-                    getattr(base, key).copy_(value)
+        with torch.no_grad():  # into the weights as they are now (a merge may have given them new tensors)
+            torch._foreach_copy_(_base_weights(layers), copies)
+        for module in layers:
             module.merged_adapters.clear()
 
     return undo
+
+
+def _base_weights(layers: list[BaseTunerLayer]) -> list[torch.Tensor]:
+    """The parameters of the layers' base modules, in a fixed order."""
+    return [p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)]
 
 
 def _held(module: BaseTunerLayer) -> list[str]:
