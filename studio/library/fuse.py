@@ -43,6 +43,8 @@ def merge_exactly(model: nn.Module, names: Sequence[str], *, take_out: bool = Fa
         if present:
             chosen.append((parent, attr, module, present))
     layers = [module for *_, module, _ in chosen]
+    if not layers:
+        return lambda: None
     with torch.no_grad():  # the copies in a few multi-tensor launches on a GPU, not one per tensor
         copies = [torch.empty_like(t) for t in _base_weights(layers)]
         torch._foreach_copy_(copies, _base_weights(layers))
