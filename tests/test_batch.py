@@ -51,6 +51,7 @@ def test_job_file_errors_name_the_line(tmp_path: Path) -> None:
     assert main(["batch", str(bad), "--out", str(tmp_path / "o"), "--group", "0"]) == 2  # says: at least 1
 
 
+@pytest.mark.heavy
 def test_two_processes_share_the_jobs_exactly_once(tiny_dirs: dict, tmp_path: Path) -> None:
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate's launcher is not installed beside this interpreter")

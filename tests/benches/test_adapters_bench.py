@@ -44,6 +44,7 @@ SMALL = {"train_steps": 2, "sample_steps": 2, "batch_size": 1, "world_images": 3
          "device": "cpu"}
 
 
+@pytest.mark.heavy
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     report = run_bench(str(tiny_dirs["sd1"]), ["dreambooth_lora", "kronecker"], tmp_path, steps=2, n_base=2,
                        n_texture=2, overrides=SMALL, n_emblems=1, n_emblem=3)

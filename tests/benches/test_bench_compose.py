@@ -86,6 +86,7 @@ def test_boxes_hold_their_emblems_and_both_right_needs_the_other_object() -> Non
     assert score_image(recoloured, case)["both_right"] == 0.0  # the leaked colour fails the other object
 
 
+@pytest.mark.heavy
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path, monkeypatch, capsys) -> None:
     library = tmp_path / "bench-lib"
     monkeypatch.setenv("STUDIO_LIBRARY", str(library))

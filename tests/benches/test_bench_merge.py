@@ -83,6 +83,7 @@ def test_draws_below_one_are_refused_before_any_work(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
+@pytest.mark.heavy
 def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     """Two steps on 3 renders, 2 prompts per emblem at 2 draws and 2 pairs: the whole path (train two, merge by sum,
     judge alone, summed and both), not its figures, which `studio bench merge` measures."""

@@ -6,9 +6,12 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from studio.cli import main
 
 
+@pytest.mark.heavy
 def test_bench_train_reports_each_method(tiny_dirs: dict, capsys) -> None:
     code = main(["bench", "train", "--model", str(tiny_dirs["sd1"]), "--steps", "3", "--threads", "1",
                  "--device", "cpu", "--method", "dreambooth_lora", "--method", "kronecker", "--num-class-images", "4"])

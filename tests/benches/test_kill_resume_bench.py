@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.heavy
 def test_kill_resume_bench_resumes_every_kill_to_the_same_weights(tiny_dirs: dict) -> None:
     # A process of its own: the bench forks, and a pytest worker may hold a CUDA context from an earlier test.
     done = subprocess.run([sys.executable, "-m", "studio", "bench", "kill-resume", "--model", str(tiny_dirs["sd1"]),

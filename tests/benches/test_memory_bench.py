@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from studio.cli import main
 
 
+@pytest.mark.heavy
 def test_memory_bench_measures_under_the_estimate_and_times_the_refusal(tiny_dirs: dict, capsys) -> None:
     code = main(["bench", "memory", "--models", str(tiny_dirs["sd1"]), "--sizes", "128x128", "--steps", "1",
                  "--threads", "1"])

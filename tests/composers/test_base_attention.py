@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from composers.attention import capture_attention, mass_inside, token_indices, word_maps
@@ -12,6 +13,7 @@ from studio.generate import GenerateConfig, cached_pipeline, generate
 PROMPT = "a large red circle on the left and a large blue square on the right on a white background"
 
 
+@pytest.mark.heavy
 def test_circle_attention_is_on_the_left_in_at_least_80_percent() -> None:
     pipe = cached_pipeline("studio-tiny", "cpu")
     circle = token_indices(pipe.tokenizer, PROMPT, "circle")

@@ -70,6 +70,7 @@ def test_studio_train_end_to_end(tiny_dirs: dict[str, Path], capsys: pytest.Capt
     assert "exactly one of --images" in capsys.readouterr().err
 
 
+@pytest.mark.heavy
 def test_two_gloo_processes_share_the_data_and_agree(tiny_dirs: dict, tmp_path: Path) -> None:
     """`accelerate launch -m studio train` on two CPU processes: both ranks ran, each on its own shard of the data,
     their final weights agree, and the library holds the adapter once."""

@@ -298,6 +298,7 @@ def check_library(page: Any, tmp_path: Path) -> None:
     expect(rows).to_have_count(3)
 
 
+@pytest.mark.heavy
 def test_generate_train_queue_library_and_errors_in_a_browser(
     tmp_path: Path, page: Any, serve: Any, hold_at_step_two: threading.Event, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -86,6 +86,7 @@ def test_bad_settings_are_refused_before_anything_is_queued() -> None:
     assert jobs.jobs() == []
 
 
+@pytest.mark.heavy
 def test_train_cancel_resume_and_the_result_in_the_library(tiny_dirs: dict) -> None:
     jobs = JobQueue()
     form = _form(model=str(tiny_dirs["sd1"]), train_steps=12, save_every=0)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from benches.ui_load import Server, free_port, run
 from studio.ui import build_app, launch
 
@@ -17,6 +19,7 @@ def _start(queue_size: int, max_upload_mb: float) -> Server:
     return Server(f"http://127.0.0.1:{port}/", os.getpid(), demo.close)
 
 
+@pytest.mark.heavy
 def test_ui_load_bench_answers_every_request_cancels_and_limits(tiny_dirs: dict) -> None:
     report = run(str(tiny_dirs["sd1"]), 3, 2, "32x32", "64x64", 1, rounds=1, cancel_after_s=0.5, start=_start)
     assert report["ok"], json.dumps(report, default=str)  # whole: pytest shortens a dict's repr

@@ -61,6 +61,7 @@ def test_texture_decision() -> None:
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("k", [0, 1, 2])  # one emblem per test: about 20 s each, spread over the workers
 def test_bench_emblems_found_through_the_vae(k: int) -> None:
     """The adapter bench's 3 emblems at its 20 placements, through the shipped VAE as a generated image would be:
@@ -80,6 +81,7 @@ def test_bench_emblems_found_through_the_vae(k: int) -> None:
     assert not any(evaluate(img, sc, emblem=other)["subject_fidelity"] for img, sc in zip(imgs[:5], scenes[:5]))
 
 
+@pytest.mark.heavy
 def test_textured_emblem_decision() -> None:
     """An emblem filled with a texture, through the shipped VAE: found, in the asked texture; the same emblem solid or
     in another texture is still the subject but not in the asked style; another emblem in it is not the subject."""
