@@ -10,7 +10,8 @@
 #                                   workers when pytest-xdist is installed
 # Each part writes its logs and reports under OUT (tests.log, kernel.log, bench-*.log, gpu/, gpu-sd1/) and keeps
 # going past a failed step; read OUT/gpu*/gpu-bench.md even when the exit status is 1. Needs torch with CUDA and
-# the project's packages importable (`pip install -e .`, or PYTHONPATH with the repository root).
+# the project's packages importable (`pip install -e .`, or PYTHONPATH with the repository root); pytest runs
+# without the project's addopts, so an older pytest-xdist (or none) does not stop it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benches/gpu_check.sh OUT tiny|sd1|suite}
@@ -32,7 +33,7 @@ step() {  # step SECONDS LOG COMMAND...: run with a time limit, log to OUT/LOG, 
 case "$part" in
   tiny)
     # the files that hold CUDA tests, whole: their CPU tests also run with a GPU visible
-    step 200 tests.log "$py" -m pytest -q -p no:cacheprovider -n 0 tests/lora_kernels tests/test_cuda_graphs.py \
+    step 200 tests.log "$py" -m pytest -o addopts=-ra -q -p no:cacheprovider tests/lora_kernels tests/test_cuda_graphs.py \
       tests/test_mixed.py tests/trainers/test_graphs.py tests/trainers/test_loop.py tests/benches/test_bench_gpu.py \
       tests/composers/test_lora_composer.py
     step 90 kernel.log "$py" -m lora_kernels.bench --out "$out/kernel"
@@ -43,8 +44,8 @@ case "$part" in
       --out "$out/gpu-sd1"
     ;;
   suite)
-    workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8 --maxprocesses 8" || echo "-n 0")
-    step 540 suite.log "$py" -m pytest -q -p no:cacheprovider $workers tests
+    workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+    step 540 suite.log "$py" -m pytest -o addopts=-ra -q -p no:cacheprovider $workers tests
     ;;
   *)
     echo "unknown part '$part': tiny, sd1 or suite" >&2
