@@ -1,5 +1,5 @@
-"""A run's checkpoint file: written whole or not at all, read back with a clear error, and stale temporaries of a
-killed writer removed before a resume.
+"""A run's files: its checkpoint, written whole or not at all and read back with a clear error (stale temporaries of
+a killed writer are removed before a resume), its loss curve, and each process's record of what it trained on.
 
 The state is serialised in memory first and written as bytes (`studio.atomic.write_bytes`: temporary file, fsync,
 rename), so a SIGKILL during the write leaves the previous checkpoint, and a full disk surfaces as `DiskFull` with the
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from studio import atomic
-from studio.errors import StudioError
+from studio.errors import DiskFull, StudioError
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -25,6 +25,38 @@ def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return atomic.write_bytes(Path(run_dir) / CHECKPOINT, buffer.getvalue())
+
+
+def save_run(run_dir: Path, state: dict[str, Any], saved_step: int | None) -> None:
+    """The checkpoint of `state`, then `losses.json` and `loss.png`; on a full disk, an error naming the checkpoint
+    that is kept (`saved_step`'s: atomic writes leave it whole) and how to go on."""
+    from studio.plots import draw_loss, loss_series
+
+    try:
+        write_checkpoint(run_dir, state)
+        atomic.write_json(run_dir / "losses.json", state["losses"])
+        draw_loss(loss_series(state["losses"], checkpoint=state["step"]), run_dir / "loss.png",
+                  title="training loss (MSE)")
+    except DiskFull as err:
+        kept = (f"the checkpoint of step {saved_step} is kept in {run_dir}" if saved_step is not None
+                else "no checkpoint was written yet")
+        raise atomic.disk_full(err.path, f"the checkpoint of step {state['step']} was not written and training "
+                               f"stopped; {kept}", "continue with --resume latest") from None
+
+
+def record_rank(run_dir: Path, rank: int, world_size: int, status: str, step: int, positions: list[int],
+                trainable: dict[str, torch.nn.Parameter]) -> Path:
+    """`ranks/rank-N.json`: what process N trained on (the data positions of its micro-batches) and a digest of its
+    final weights, which every process of a run must agree on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in trainable.items():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    record = {"rank": rank, "world_size": world_size, "status": status, "step": step, "positions": positions,
+              "weights_sha256": digest.hexdigest()}
+    return atomic.write_json(Path(run_dir) / "ranks" / f"rank-{rank}.json", record)
 
 
 def read_checkpoint(run_dir: Path) -> dict[str, Any]:

@@ -30,16 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from studio import atomic
 from studio.distributed import wait_for_everyone
-from studio.errors import DiskFull, StudioError
+from studio.errors import StudioError
 from studio.schedulers import training_target
-from trainers.checkpoint import read_checkpoint, remove_stale_temporaries, restore, write_checkpoint
+from trainers.checkpoint import read_checkpoint, record_rank, remove_stale_temporaries, restore, save_run
 from trainers.config import TrainConfig
 from trainers.data import TrainData
+from trainers.frozen import cast_frozen, posterior, set_training_modes
 from trainers.graphs import recorder
 from trainers.method import Method
 from trainers.objective import diffusion_loss, min_snr_weights
+from trainers.previews import previews, save_grid
 from trainers.streams import accelerator, epoch_indices, seeded
 
 
@@ -123,7 +124,7 @@ class Loop:
 
         # Frozen-base work first: class images and the VAE posteriors of every training image (a stream's are
         # computed batch by batch).
-        self.instance = self._posterior(data.images) if data.stream is None else None
+        self.instance = posterior(self.models["vae"], data.images, self.device) if data.stream is None else None
         self.prior = None
         if data.class_prompts:
             from trainers.prior import class_images
@@ -137,7 +138,7 @@ class Loop:
                     steps=c.sample_steps,
                     progress=c.progress,
                 )
-            self.prior = self._posterior(images)
+            self.prior = posterior(self.models["vae"], images, self.device)
 
         torch.manual_seed(c.seed)  # the adapter's initialisation
         method.attach(pipe)
@@ -156,20 +157,11 @@ class Loop:
         self.lr_scheduler = get_scheduler(
             schedule, self.optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.train_steps
         )
-        self._cast_frozen()
-        text_models = [m for name, m in self.models.items() if name.startswith("text_encoder")]
+        if self.bf16:
+            cast_frozen(self.models, self.trainable)
         # A text encoder trains when a trained tensor is named for it (`text_encoder.<module>...`), injected or hooked.
         self.text_trainable = any(name.startswith("text_encoder") for name in self.trainable)
-        self.models["unet"].train()
-        for model in text_models:
-            model.train(self.text_trainable)
-        if c.gradient_checkpointing:
-            self.models["unet"].enable_gradient_checkpointing()
-            for model in text_models if self.text_trainable else []:
-                if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
-                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-                else:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_training_modes(self.models, self.text_trainable, c.gradient_checkpointing)
 
         self.graphs = recorder(method, pipe, self.device, c)  # `--cuda-graphs`, where it can follow
         self.step, self.losses, self.window, self.saved_step = 0, [], [], None
@@ -178,33 +170,10 @@ class Loop:
             self.load()
 
     # -- set-up helpers ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _posterior(self, images: torch.Tensor, chunk_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of q(z | x) for each image, on the CPU in fp32: (N, C, R/f, R/f) each, f the VAE factor."""
-        vae = self.models["vae"]
-        means, stds = [], []
-        for chunk in images.split(chunk_size):
-            dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
-        return torch.cat(means), torch.cat(stds)
-
     def autocast(self) -> torch.autocast:
         # a recording needs the weight-cast cache off (`torch.cuda.make_graphed_callables`)
         cache = not (self.config.cuda_graphs and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=cache)
-
-    def _cast_frozen(self) -> None:
-        """bf16 training keeps frozen weights in bf16 and trained tensors in fp32 (their optimizer needs them)."""
-        if not self.bf16:
-            return
-        keep = {id(p) for p in self.trainable.values()}
-        for model in self.models.values():
-            for p in model.parameters():
-                if id(p) not in keep:
-                    p.data = p.data.to(torch.bfloat16)
-        for p in self.trainable.values():
-            p.data = p.data.float()
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A CPU tensor on the run's device; to a GPU from pinned memory, since a copy from pageable memory makes the
@@ -242,7 +211,7 @@ class Loop:
             prompts = [self.data.prompts[i] for i in idx]
         else:
             images, prompts = self.data.stream(start, batch)  # (B, 3, R, R) in [-1, 1]
-            mean, std = self._posterior(images, chunk_size=len(images))
+            mean, std = posterior(self.models["vae"], images, self.device, len(images))
         if self.prior is not None:
             cidx = epoch_indices(c.seed, _CLASS, start, batch, len(self.prior[0]))
             mean, std = torch.cat([mean, self.prior[0][cidx]]), torch.cat([std, self.prior[1][cidx]])
@@ -352,7 +321,8 @@ class Loop:
         self._settle()
         if status == "cancelled":
             self.save()
-        self._record_rank(status)
+        acc = self.accelerator
+        record_rank(self.run_dir, acc.process_index, acc.num_processes, status, self.step, self.seen, self.trainable)
         result = LoopResult(status, self.step, list(self.losses), self.run_dir)
         result.sample_prompts = list(self.data.sample_prompts)
         if status == "done" and self.data.sample_prompts:
@@ -361,41 +331,14 @@ class Loop:
             cb.on_done(result)
         return result
 
-    def _record_rank(self, status: str) -> None:
-        """`ranks/rank-N.json`: what this process trained on and a digest of its final weights (ranks must agree)."""
-        import hashlib
-
-        acc = self.accelerator
-        digest = hashlib.sha256()
-        for name, p in self.trainable.items():
-            digest.update(name.encode())
-            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        record = {"rank": acc.process_index, "world_size": acc.num_processes, "status": status, "step": self.step,
-                  "positions": self.seen, "weights_sha256": digest.hexdigest()}
-        atomic.write_json(self.run_dir / "ranks" / f"rank-{acc.process_index}.json", record)
-
     def preview(self) -> list[Any]:
         """Fixed-seed previews of the sample prompts with the adapter as it is now (seed + i for prompt i)."""
-        from studio.generate import GenerateConfig, generate, make_grid
-
-        c, modes = self.config, {name: m.training for name, m in self.models.items()}
-        for model in self.models.values():
-            model.eval()
-        images, prompts = [], list(self.data.sample_prompts)
-        if prompts:
-            config = GenerateConfig(prompt=prompts[0], seed=c.seed, steps=c.sample_steps, num_images=len(prompts),
-                                    size=f"{self.resolution}x{self.resolution}")
-            with self.autocast():
-                images = generate(config, pipe=self.pipe, prompts=prompts).images  # one batch, seed + i for prompt i
-            for i, (image, prompt) in enumerate(zip(images, prompts)):
-                image.info.update(prompt=prompt, seed=c.seed + i, step=self.step)  # what the preview shows
-        for name, model in self.models.items():
-            model.train(modes[name])
+        c = self.config
+        with self.autocast():
+            images = previews(self.pipe, self.models.values(), list(self.data.sample_prompts), c.seed, c.sample_steps,
+                              self.resolution, self.step)
         if images and self.accelerator.is_main_process:
-            grid = make_grid(images)
-            atomic.atomic_write(
-                self.run_dir / "samples" / f"step-{self.step:06d}.png", lambda tmp: grid.save(tmp, format="png")
-            )
+            save_grid(images, self.run_dir / "samples" / f"step-{self.step:06d}.png")
         if images and self.callbacks.on_sample:
             self.callbacks.on_sample(self.step, images)
         return images
@@ -403,8 +346,6 @@ class Loop:
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def save(self) -> None:
         """Checkpoint the current state, if it is good: the loss of the next micro-step with it is finite."""
-        from studio.plots import draw_loss, loss_series
-
         self._settle()
         with torch.no_grad():  # a pure function of (seed, m): probing it changes nothing
             probe = self.micro_loss(self.step * self.config.grad_accum + len(self.window))
@@ -422,16 +363,7 @@ class Loop:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "grads": grads if self.window else {},
             }
-            try:
-                write_checkpoint(self.run_dir, state)
-                atomic.write_json(self.run_dir / "losses.json", self.losses)
-                series = loss_series(self.losses, checkpoint=self.step)
-                draw_loss(series, self.run_dir / "loss.png", title="training loss (MSE)")
-            except DiskFull as err:  # the previous checkpoint is whole (atomic writes); stop and say where it is
-                kept = (f"the checkpoint of step {self.saved_step} is kept in {self.run_dir}" if self.saved_step
-                        is not None else "no checkpoint was written yet")
-                raise atomic.disk_full(err.path, f"the checkpoint of step {self.step} was not written and training "
-                                       f"stopped; {kept}", "continue with --resume latest") from None
+            save_run(self.run_dir, state, self.saved_step)
         self.saved_step = self.step
         if self.callbacks.on_checkpoint and self.accelerator.is_main_process:
             self.callbacks.on_checkpoint(self.step)
