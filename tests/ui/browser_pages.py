@@ -1,4 +1,4 @@
-"""Reading the page back in the browser test: displayed pixels, a chart's axes, keyboard focus, layout at a width.
+"""Reading the page back in the browser tests: displayed pixels, a chart's axes, keyboard focus, layout at a width.
 
 Each helper returns what the page shows (not what the server meant to send), so the checks built on them fail when
 the page gets it wrong.
@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TIMEOUT_MS = 60_000
+CHROMIUM = Path("/usr/bin/chromium")
 # each tab's main button: it must be reachable with the keyboard and on screen at a phone's width
 MAIN_BUTTONS = {
     "Generate": "gen-button",
@@ -35,6 +37,17 @@ KEYBOARD_PATHS = {
     "Compose": ["compose-button", "compose-sweep"],
     "Batch": ["batch-start"],
 }
+
+
+def browser_api() -> Any:
+    """playwright's sync API with its waits at TIMEOUT_MS, or a skip (of the calling test module when called at its
+    top) when Debian's chromium or playwright is missing."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (./dev test does, as root)",
+                    allow_module_level=True)
+    api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    api.expect.set_options(timeout=TIMEOUT_MS)
+    return api
 
 
 def shot(page: Any, name: str, full_page: bool = True) -> Path:

@@ -1,5 +1,5 @@
-"""The web UI in a real browser (Playwright driving Debian's chromium): generate, train, queue, library, errors, auth,
-keyboard, and the page at a phone's width.
+"""The web UI in a real browser (Playwright driving Debian's chromium): generate, train, queue, library, errors,
+keyboard, and the page at a phone's width (login and the benchmarks tab: test_browser_tabs.py).
 
 Skipped when /usr/bin/chromium is missing (`./dev test` installs it on Debian when it can). Screenshots of each
 stage are saved under test-artifacts/ (desktop 1400 px wide, and `-390` ones at 390 px).
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from browser_pages import (
     KEYBOARD_PATHS,
     MAIN_BUTTONS,
     TIMEOUT_MS,
+    browser_api,
     captions_below,
     chart_axes,
     check_inside,
@@ -39,68 +38,9 @@ from browser_pages import (
 from PIL import Image
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PROMPT = "a large red star on the left on a white background"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (./dev test does, as root)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
-expect = sync_api.expect
-expect.set_options(timeout=TIMEOUT_MS)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.set_default_timeout(TIMEOUT_MS)
-    # offline: anything but the app itself (web fonts, CDNs) is refused at once
-    context.route("**/*", lambda route: route.continue_() if "//127.0.0.1" in route.request.url else route.abort())
-    page = context.new_page()
-    yield page
-    context.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    """serve(auth=None) -> (url, demo): the app on 127.0.0.1 and a free port, closed after the test."""
-    from studio.ui import build_app, launch
-
-    demos = []
-
-    def start(auth: tuple[str, str] | None = None) -> tuple[str, Any]:
-        demo = build_app()
-        port = _free_port()
-        launch(demo, "127.0.0.1", port, auth, prevent_thread_lock=True, quiet=True)
-        demos.append(demo)
-        return f"http://127.0.0.1:{port}/", demo
-
-    yield start
-    for demo in demos:
-        demo.close()
+expect = browser_api().expect
 
 
 def start_training(page: Any, name: str, emblem: int) -> None:
@@ -427,57 +367,3 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     for name, button in MAIN_BUTTONS.items():
         open_tab(page, name)
         check_on_screen(page, button)
-
-
-def test_with_auth_a_wrong_password_is_refused_in_a_browser(page: Any, serve: Any) -> None:
-    url, _ = serve(auth=("ann", "secret"))
-    page.goto(url)
-    page.get_by_label("username").fill("ann")
-    page.get_by_label("password").fill("wrong")
-    page.get_by_role("button", name="Login").click()
-    expect(page.get_by_text("Incorrect Credentials")).to_be_visible()
-    shot(page, "8-auth-refused")
-    assert page.locator("#gen-button").count() == 0
-    page.get_by_label("username").fill("ann")
-    page.get_by_label("password").fill("secret")
-    page.get_by_role("button", name="Login").click()
-    expect(page.locator("#gen-button")).to_be_visible()
-
-
-def test_benchmarks_tab_shows_the_latest_report_and_queues_a_quick_run(
-    tmp_path: Path, page: Any, serve: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The latest report's figures and tables (a synthetic quick report, written by the report's own code), and a
-    quick run that waits in the training queue behind a running job, cancelled while it waits."""
-    from report_parts import write_report
-
-    monkeypatch.setenv("STUDIO_BENCH_OUT", str(tmp_path))
-    folder = tmp_path / "report-quick"
-    report = write_report(folder)
-    url, demo = serve()
-    page.goto(url)
-    page.locator("#tab-benchmarks-button").click()
-    expect(page.locator("#bench-figures img")).to_have_count(len(report["figures"]))
-    shown = displayed_pixels(page, "#bench-figures img")  # the first figure, as the page shows it
-    expected = np.asarray(Image.open(folder / report["figures"][0]).convert("RGB"))
-    assert shown.shape == expected.shape and np.abs(shown.astype(int) - expected.astype(int)).max() <= 2
-    tables = page.locator("#bench-tables")
-    expect(tables).to_contain_text("Benchmark report (QUICK)")
-    expect(tables.locator("table").nth(0)).to_contain_text("sara")  # the headline: trainers, then composers
-    expect(tables.locator("table").nth(1)).to_contain_text("lora_composer")
-    shot(page, "9-benchmarks")
-
-    # A training run holds the queue: the quick report waits behind it, and is cancelled before it starts.
-    release = threading.Event()
-    demo.jobs.submit("emblem-hold", 1, lambda job: (release.wait(TIMEOUT_MS / 1000), ("done", "held"))[1])
-    page.locator("#bench-start").click()
-    status = page.locator("#bench-status textarea")
-    expect(status).to_have_value("queued: quick benchmark report waits for 1 job(s) ahead of it")
-    assert [j.label for j in demo.jobs.unfinished()] == ["emblem-hold", "quick benchmark report"]
-    shot(page, "9-benchmarks-queued")
-    page.locator("#bench-cancel").click()
-    expect(status).to_have_value("cancelled: cancelled before it started")
-    release.set()
-    page.set_viewport_size({"width": 390, "height": 844})
-    check_on_screen(page, "bench-start")
-    check_inside(page, "#bench-figures")
