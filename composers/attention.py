@@ -18,6 +18,7 @@ import torch
 
 from composers.handle import Handle
 from composers.regions import attention_levels, level_size
+from lora_kernels.frame import AttentionFrame, attention, heads
 
 
 def install_processors(unet: torch.nn.Module, replacements: dict[str, Any]) -> Handle:
@@ -74,62 +75,25 @@ class AttentionStore:
         return {self.levels[name] for name in self.maps}
 
 
-class CaptureAttnProcessor:
+class CaptureAttnProcessor(AttentionFrame):
     """Cross-attention with explicit probabilities, which it records in an `AttentionStore`."""
 
-    # Adapted from diffusers.models.attention_processor.AttnProcessor2_0 (diffusers 0.42): same signature and
-    # projections; softmax(QK^T * scale) is materialised instead of calling SDPA.
     def __init__(self, store: AttentionStore, name: str) -> None:
         self.store = store
         self.name = name
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)  # (B, HW, C)
-        batch, _, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    def attend(self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None,
+               attention_mask: torch.Tensor | None) -> torch.Tensor:
         query = attn.to_q(hidden_states)
-        if encoder_hidden_states is not None and attn.norm_cross:
+        if context is None:
+            context = hidden_states
+        elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, Lq, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, Lk, d)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, Lk, d)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        scores = query @ key.transpose(-1, -2) * attn.scale  # (B, heads, Lq, Lk)
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(dim=-1)  # (B, heads, Lq, Lk)
-        self.store.add(self.name, probs.mean(dim=1))  # (B, Lq, Lk)
-        hidden_states = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, Lq, C)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        record: list[torch.Tensor] = []
+        out = attention(attn, heads(attn, query), heads(attn, attn.to_k(context)), heads(attn, attn.to_v(context)),
+                        attention_mask, record)  # (B, Lq, C)
+        self.store.add(self.name, record[0])  # (B, Lq, Lk), averaged over heads
+        return attn.to_out[0](out)
 
 
 def capture_attention(unet: torch.nn.Module, levels: Iterable[int] | None = None) -> Handle:

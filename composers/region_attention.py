@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from composers.region_lora import RegionMasks, lora_delta
+from lora_kernels.frame import AttentionFrame, attention, heads
 
 
 class RegionState:
@@ -95,60 +95,15 @@ class RegionState:
         return torch.zeros(tokens, tokens).masked_fill(block, float("-inf"))  # (L, L)
 
 
-def _heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
-    batch = x.shape[0]
-    return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # (B, heads, L, d)
+class _Base(AttentionFrame):
+    """diffusers' frame (`lora_kernels.frame`) around LoRA-Composer's attention; the pipeline's attention mask is
+    not used (the UNet's prompts carry none)."""
 
-
-def _attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-            record: list | None) -> torch.Tensor:
-    """Attention over heads, (B, heads, L, d) inputs -> (B, L, heads * d); explicit probabilities when recorded."""
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    if record is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q))
-    else:
-        scores = q @ k.transpose(-1, -2) * attn.scale  # (B, heads, Lq, Lk)
-        if mask is not None:
-            scores = scores + mask.to(scores)
-        probs = scores.softmax(-1)  # (B, heads, Lq, Lk)
-        record.append(probs.mean(1))  # (B, Lq, Lk), graph kept for the losses
-        out = probs @ v
-    return out.transpose(1, 2).reshape(q.shape[0], -1, q.shape[1] * q.shape[-1])  # (B, L, C)
-
-
-class _Base:
-    # Adapted from diffusers.models.attention_processor.AttnProcessor2_0 (diffusers 0.42): the same projections,
-    # norms, residual and rescale; only the attention in between differs.
     def __init__(self, state: RegionState, name: str) -> None:
         self.state, self.name = state, name
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 **kwargs: Any) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        shape = hidden_states.shape
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        out = self.attend(attn, hidden_states, encoder_hidden_states)  # (B, L, C) after to_out[0]
-        out = attn.to_out[1](out)
-        if len(shape) == 4:
-            out = out.transpose(-1, -2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
     def record(self, target: list) -> list | None:
         return target if self.state.capture and self.state.levels[self.name] == self.state.level else None
-
-    def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class RegionCrossAttnProcessor(_Base):
@@ -159,14 +114,15 @@ class RegionCrossAttnProcessor(_Base):
         self._kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._base_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         assert context is not None, "a cross-attention processor needs encoder_hidden_states"
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        q = _heads(attn, attn.to_q(hs))  # (B, heads, L, d): the base (and global adapters') query
+        q = heads(attn, attn.to_q(hs))  # (B, heads, L, d): the base (and global adapters') query
         if self.record(self.state.cross[0]) is None:
             return self.attend_cells(attn, q, context)
-        h0 = _attend(attn, q, _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context)), None, None)
+        h0 = attention(attn, q, heads(attn, attn.to_k(context)), heads(attn, attn.to_v(context)), None, None)
         out0 = attn.to_out[0](h0)  # (B, L, C): the global prompt, base weights
         masks = self.state.regions.for_output(out0)  # (N, 1, L, 1), overlaps averaged
         out = out0 * (1 - masks.sum(0))  # outside every box: h0
@@ -185,8 +141,8 @@ class RegionCrossAttnProcessor(_Base):
         ctx = self.state.context(n, context)  # (B, 77, D): P^n (uncond rows: the negative prompt)
         k, v = attn.to_k(ctx), attn.to_v(ctx)
         dk, dv = lora_delta(attn.to_k, name, ctx), lora_delta(attn.to_v, name, ctx)
-        k = _heads(attn, k if dk is None else k + dk)  # K_n = (W_K + dW_K^n) tau_n(P^n), Eq. 2
-        v = _heads(attn, v if dv is None else v + dv)  # V_n = (W_V + dW_V^n) tau_n(P^n)
+        k = heads(attn, k if dk is None else k + dk)  # K_n = (W_K + dW_K^n) tau_n(P^n), Eq. 2
+        v = heads(attn, v if dv is None else v + dv)  # V_n = (W_V + dW_V^n) tau_n(P^n)
         if not torch.is_grad_enabled():
             self._kv[key] = (context, k, v)
         return k, v
@@ -194,7 +150,7 @@ class RegionCrossAttnProcessor(_Base):
     def concept(self, attn: Any, q: torch.Tensor, context: torch.Tensor, n: int, record: list | None) -> torch.Tensor:
         """h_n = (W_O + dW_O^n) softmax(Q K_n^T / sqrt(d)) V_n (Eq. 2-3) for the queries `q` (B, heads, L', d)."""
         name = self.state.names[n]
-        h = _attend(attn, q, *self.keys_values(attn, context, n), None, record)
+        h = attention(attn, q, *self.keys_values(attn, context, n), None, record)
         do = lora_delta(attn.to_out[0], name, h)
         return attn.to_out[0](h) if do is None else attn.to_out[0](h) + do  # (B, L', C)
 
@@ -203,7 +159,7 @@ class RegionCrossAttnProcessor(_Base):
         held = self._base_kv
         if held is not None and held[0] is context:
             return held[1], held[2]
-        k, v = _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context))
+        k, v = heads(attn, attn.to_k(context)), heads(attn, attn.to_v(context))
         if not torch.is_grad_enabled():
             self._base_kv = (context, k, v)
         return k, v
@@ -214,7 +170,7 @@ class RegionCrossAttnProcessor(_Base):
         outside, boxes = self.state.cells(q.shape[2], q)  # (L0,), [((L_n,), (L_n, 1))]
         out = q.new_zeros(q.shape[0], q.shape[2], attn.to_out[0].out_features)  # (B, L, C)
         if len(outside):
-            h0 = _attend(attn, q[:, :, outside], *self.base_keys_values(attn, context), None, None)
+            h0 = attention(attn, q[:, :, outside], *self.base_keys_values(attn, context), None, None)
             out[:, outside] = attn.to_out[0](h0)
         for n, (cells, share) in enumerate(boxes):
             h = self.concept(attn, q[:, :, cells], context, n, None)  # (B, L_n, C)
@@ -238,19 +194,20 @@ class IsolatedSelfAttnProcessor(_Base):
         super().__init__(state, name)
         self._packs: dict[tuple, tuple[Any, Any] | None] = {}
 
-    def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, attn: Any, hs: torch.Tensor, context: torch.Tensor | None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = self.state.isolation(hs.shape[1], hs)  # (L, L)
         record = self.record(self.state.self_maps)
         packs = self._fused(attn, hs)
         if packs is None:
-            q, k, v = (_heads(attn, f(hs)) for f in (attn.to_q, attn.to_k, attn.to_v))
-            return attn.to_out[0](_attend(attn, q, k, v, mask, record))
+            q, k, v = (heads(attn, f(hs)) for f in (attn.to_q, attn.to_k, attn.to_v))
+            return attn.to_out[0](attention(attn, q, k, v, mask, record))
         from lora_kernels.dispatch import projections
 
         regions = self.state.regions
         s = regions.at(regions.size_of(hs.shape[1]), hs).flatten(1).T[None]  # (1, L, N): S, overlaps averaged
-        q, k, v = (_heads(attn, t) for t in projections(hs, packs[0], s))
-        (out,) = projections(_attend(attn, q, k, v, mask, record), packs[1], s)
+        q, k, v = (heads(attn, t) for t in projections(hs, packs[0], s))
+        (out,) = projections(attention(attn, q, k, v, mask, record), packs[1], s)
         return out
 
     def _fused(self, attn: Any, like: torch.Tensor) -> tuple[Any, Any] | None:

@@ -4,6 +4,7 @@
 picks one per call (`STUDIO_KERNELS=reference|triton|auto`) and holds the diffusers attention processor, and
 `python -m lora_kernels.bench` times both against merged weights and per-adapter PEFT layers. DESIGN.md section 7.
 `group_norm` (with `triton_group_norm`) is GroupNorm with statistics per region, for regional composition.
+`frame` is diffusers' attention-processor frame around an `attend` method, which the project's processors share.
 
 This package imports nothing of the project: only torch, the standard library and (lazily) triton.
 

@@ -7,9 +7,10 @@ and the reference otherwise, logging the reason once. "triton" raises the failin
 back.
 The checks follow diffusers' attention dispatcher (diffusers/models/attention_dispatch.py, constraints per backend).
 
-`FusedLoRAAttnProcessor` is diffusers' `AttnProcessor2_0` (diffusers 0.42) with the projections replaced:
-self-attention computes q, k and v in one fused call (x read once); cross-attention computes q alone on the hidden
-states and k, v fused on the encoder states, since they read different inputs. to_out[0] goes through the same op.
+`FusedLoRAAttnProcessor` is diffusers' `AttnProcessor2_0` (diffusers 0.42; its frame: `lora_kernels.frame`) with the
+projections replaced: self-attention computes q, k and v in one fused call (x read once); cross-attention computes q
+alone on the hidden states and k, v fused on the encoder states, since they read different inputs. to_out[0] goes
+through the same op.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels import reference
+from lora_kernels.frame import AttentionFrame, attention, heads
 from lora_kernels.reference import Factor, PackedProjections
 
 
@@ -192,7 +194,7 @@ def _linear_of(layer: torch.nn.Module, name: str) -> torch.nn.Linear:
     return base
 
 
-class FusedLoRAAttnProcessor:
+class FusedLoRAAttnProcessor(AttentionFrame):
     """`AttnProcessor2_0` with q/k/v (and to_out[0]) computed by the fused adapter projection.
 
     `scales` apply to the hidden-state tokens: q, the k and v of self-attention, and to_out. `context_scales` apply
@@ -237,32 +239,9 @@ class FusedLoRAAttnProcessor:
     def _scales(self, scales: Scales, batch: int, tokens: int) -> torch.Tensor | float:
         return scales(batch, tokens) if callable(scales) else scales
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)  # (B, HW, C)
+    def attend(self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None,
+               attention_mask: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape
-        context = encoder_hidden_states
-        if attention_mask is not None:
-            length = tokens if context is None else context.shape[1]
-            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # (B, h, Lq, Lk)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
         dtype = hidden_states.dtype
         s = self._scales(self.scales, batch, tokens)  # (K,), (B, K) or (B, N, K)
         if context is None:  # self-attention: q, k, v from one read of the hidden states
@@ -274,30 +253,11 @@ class FusedLoRAAttnProcessor:
                 context = attn.norm_encoder_hidden_states(context)
             s_ctx = self._context_scales(s, batch, context.shape[1])
             key, value = projections(context, self._pack(attn, "k|v", context.dtype), s_ctx, backend=self.backend)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, Lq, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, Lk, d)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, Lk, d)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        # Like AttnProcessor2_0: SDPA's default scale 1 / sqrt(d), not attn.scale.
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, Lq, C)
-        hidden_states = hidden_states.to(query.dtype)
-
+        out = attention(attn, heads(attn, query), heads(attn, key), heads(attn, value), attention_mask)  # (B, L, C)
         if self.factors.out is None:
-            hidden_states = attn.to_out[0](hidden_states)
-        else:
-            (hidden_states,) = projections(hidden_states, self._pack(attn, "out", dtype), s, backend=self.backend)
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            return attn.to_out[0](out)
+        (out,) = projections(out, self._pack(attn, "out", dtype), s, backend=self.backend)
+        return out
 
     def _context_scales(self, s: torch.Tensor | float, batch: int, tokens: int) -> torch.Tensor | float:
         if self.context_scales is not None:

@@ -238,12 +238,12 @@ def test_isolated_self_attention_through_the_fused_projection_equals_the_hooked_
 
     attend, worst, fused = IsolatedSelfAttnProcessor.attend, [], []
 
-    def both(self, attn, hs, context):  # noqa: ANN001, ANN202
-        out = attend(self, attn, hs, context)
+    def both(self, attn, hs, context, mask):  # noqa: ANN001, ANN202
+        out = attend(self, attn, hs, context, mask)
         fused.append(self._fused(attn, hs) is not None)
         packs, self._packs = self._packs, {(hs.dtype, hs.device): None}  # the hooked layers for once
         try:
-            hooked = attend(self, attn, hs, context)
+            hooked = attend(self, attn, hs, context, mask)
         finally:
             self._packs = packs
         worst.append(float((out - hooked).abs().max() / hooked.abs().max()))
