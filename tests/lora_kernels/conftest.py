@@ -1,4 +1,5 @@
-"""Kernel tests: the repository's `kernels` package first on sys.path, one torch thread, float64 where exact."""
+"""Kernel tests: the repository root on sys.path (so `lora_kernels` imports without an install, as on a bare GPU
+machine), one torch thread, float64 where exact."""
 
 from __future__ import annotations
 
@@ -9,13 +10,8 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parents[2]
-# Hugging Face's `kernels` (a transformers requirement) has the same top-level name; ours must be the one imported.
-if sys.path[0] != str(ROOT):
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-_loaded = sys.modules.get("kernels")
-if _loaded is not None and not str(getattr(_loaded, "__file__", "")).startswith(str(ROOT)):
-    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
-        del sys.modules[name]
 
 
 @pytest.fixture(autouse=True)
