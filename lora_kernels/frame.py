@@ -75,7 +75,8 @@ class AttentionFrame:
             out = out.transpose(-1, -2).reshape(shape)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        # x / 1.0 is x, bit for bit: no kernel launched for it (the UNet's factors are 1.0; a VAE's may not be)
+        return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
 
     def attend(self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None,
                attention_mask: torch.Tensor | None) -> torch.Tensor:
