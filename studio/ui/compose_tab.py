@@ -5,7 +5,7 @@ Adapters come from the adapters field (`NAME[:W],...`) and from `<lora:name:w>` 
 the first adapter's weights down the rows and the second's across, with the same seed everywhere. LoRA-Composer
 takes typed boxes (`NAME:x0,y0,x1,y1`, one per line, image fractions), or with none the boxes of the prompt's
 position words (`composers.layout`); the layout is drawn over a blank canvas before composing and over the first
-image after.
+image after. The form shows only the options the chosen composer takes.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from studio.ui.errors import shows_errors
 
 
 SWEEP_WEIGHTS = (0.0, 0.5, 1.0)
+# the form's composer options, each with the config field of the composers that take it
+OPTION_FIELDS = {"tau": "tau", "order": "order", "cache": "cache", "concept_masks": "place_masks", "boxes": "boxes"}
 FRAME = (200, 200, 200)
 LAYOUT_COLOURS = ("#e6194b", "#3cb4e6", "#f0a000", "#3cb44b", "#911eb4", "#808080")
 
@@ -49,6 +51,12 @@ def draw_layout(boxes_text: str | None, image: Image.Image | None = None, size: 
         draw.rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=colour, width=3)
         draw.text((x0 * size + 5, y0 * size + 4), name, fill=colour)
     return canvas
+
+
+def shown_options(composer: str | None) -> dict[str, bool]:
+    """Which of the form's composer options `composer` takes: the tab shows those and hides the rest."""
+    takes = {f.name for f in dataclasses.fields(composers.make_config(composer or "merge"))}
+    return {name: field in takes for name, field in OPTION_FIELDS.items()}
 
 
 def compose_options(fields: dict[str, Any]) -> tuple[str, composers.AdapterSet, Any]:
@@ -132,6 +140,7 @@ def run_sweep(
 def build_compose_tab() -> dict[str, Any]:
     with gr.Row():
         with gr.Column():
+            shown = shown_options("merge")  # the options of the composer selected first; the others hidden
             form = {
                 "model": gr.Textbox(DEFAULT_MODEL, label="Model", elem_id="compose-model"),
                 "prompt": gr.Textbox("", label="Prompt (<lora:name:weight> tags add adapters)", lines=2,
@@ -139,22 +148,27 @@ def build_compose_tab() -> dict[str, Any]:
                 "adapters": gr.Textbox("", label="Adapters NAME[:W],NAME[:W]...", elem_id="compose-adapters"),
                 "composer": gr.Radio(list(composers.COMPOSERS), value="merge", label="Composer",
                                      elem_id="compose-composer"),
-                "tau": gr.Number(5, label="Switch: steps per adapter (tau)", precision=0),
+                "tau": gr.Number(5, label="Switch: steps per adapter (tau)", precision=0, visible=shown["tau"],
+                                 elem_id="compose-tau"),
                 "order": gr.Textbox("", label="Switch: order a,b,... (empty: subject, style, then the rest); "
-                                    "CMLoRA: integration order (empty: measured by Fourier profiling)"),
-                "cache": gr.Checkbox(True, label="CMLoRA: reuse non-dominant adapters' deep features (faster)"),
+                                    "CMLoRA: integration order (empty: measured by Fourier profiling)",
+                                    visible=shown["order"], elem_id="compose-order"),
+                "cache": gr.Checkbox(True, label="CMLoRA: reuse non-dominant adapters' deep features (faster)",
+                                     visible=shown["cache"], elem_id="compose-cache"),
                 "concept_masks": gr.Checkbox(False, label="CLoRA: masks from each subject's own words (the paper's) "
-                                             "instead of its position words"),
+                                             "instead of its position words", visible=shown["concept_masks"],
+                                             elem_id="compose-concept-masks"),
                 "boxes": gr.Textbox("", lines=2, label="Boxes (MultiDiffusion, LoRA-Composer): NAME:x0,y0,x1,y1 per "
                                     "line (fractions, origin top-left; empty: from the prompt's places, such as "
-                                    "'on the left'; CLoRA needs none)", elem_id="compose-boxes"),
+                                    "'on the left')", elem_id="compose-boxes",
+                                    visible=shown["boxes"]),
                 "seed": gr.Number(0, label="Seed", precision=0, elem_id="compose-seed"),
                 "steps": gr.Slider(1, 100, 20, step=1, label="Steps", elem_id="compose-steps"),
             }
             with gr.Row():
                 button = gr.Button("Compose", variant="primary", elem_id="compose-button")
                 sweep = gr.Button("Weight sweep of two adapters", elem_id="compose-sweep")
-                preview = gr.Button("Preview layout", elem_id="compose-preview")
+                preview = gr.Button("Preview layout", elem_id="compose-preview", visible=shown["boxes"])
             by_prompt = gr.Button("Compose by prompt (AutoLoRA: retrieve the adapters, fuse them with gates)",
                                   elem_id="compose-by-prompt")
         with gr.Column():
@@ -166,7 +180,7 @@ def build_compose_tab() -> dict[str, Any]:
             files = gr.File(label="PNG files at their own size (with their parameters)", file_count="multiple",
                             elem_id="compose-files")
             layout = gr.Image(label="Layout: the boxes (over the first image after composing)", type="pil",
-                              format="png", elem_id="compose-layout")
+                              format="png", elem_id="compose-layout", visible=shown["boxes"])
             grid = gr.Image(label=f"Sweep: rows first adapter, columns second, weights {SWEEP_WEIGHTS}",
                             type="pil", format="png", elem_id="compose-grid", elem_classes=[PIXELATED])
 
@@ -195,6 +209,12 @@ def build_compose_tab() -> dict[str, Any]:
     def on_sweep(values: dict, progress: gr.Progress = gr.Progress()) -> Image.Image:  # noqa: B008
         return display_image(run_sweep(values_of(values), progress=lambda s, t: progress((s, t), desc="sweep")))
 
+    def on_composer(composer: str) -> list:
+        shown = shown_options(composer)
+        return [gr.update(visible=v) for v in (*shown.values(), shown["boxes"], shown["boxes"])]
+
+    form["composer"].change(on_composer, inputs=form["composer"],
+                            outputs=[*(form[n] for n in OPTION_FIELDS), preview, layout], api_name=False)
     shared = {"concurrency_id": "pipeline", "concurrency_limit": 1}  # the pipeline cache is shared with Generate
     button.click(on_compose, inputs=set(form.values()), outputs=[gallery, info, files, layout], api_name="compose",
                  **shared)

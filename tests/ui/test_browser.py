@@ -261,6 +261,10 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     fill(page, "compose-adapters", "emblem-a:0.8")
     fill(page, "compose-steps", 4)
     page.locator("#compose-composer").get_by_label("switch").check()
+    for option in ("#compose-tau", "#compose-order"):  # the form shows the chosen composer's options alone
+        expect(page.locator(option)).to_be_visible()
+    for option in ("#compose-boxes", "#compose-preview", "#compose-cache", "#compose-concept-masks"):
+        expect(page.locator(option)).to_be_hidden()
     page.locator("#compose-button").click()
     expect(page.locator("#compose-gallery img")).to_have_count(1)
     info = page.locator("#compose-info textarea")
@@ -272,6 +276,8 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     fill(page, "compose-prompt", "a large sks emblem on the left and a small blue circle on the right")
     fill(page, "compose-adapters", "emblem-a")
     page.locator("#compose-composer").get_by_label("lora_composer").check()
+    expect(page.locator("#compose-tau")).to_be_hidden()
+    expect(page.locator("#compose-boxes")).to_be_visible()
     page.locator("#compose-preview").click()
     page.wait_for_function("() => document.querySelector('#compose-layout img')?.naturalWidth > 0")
     drawn = displayed_pixels(page, "#compose-layout img").astype(int)  # (256, 256, 3): the middle of the left half

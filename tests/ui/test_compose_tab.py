@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from composer_helpers import add_random_adapter
 
+import composers
 from studio.errors import StudioError
 from studio.generate import cached_pipeline
 from studio.pnginfo import read_parameters
@@ -84,3 +85,12 @@ def test_clora_concept_masks_checkbox_reaches_the_composer(two_adapters: str, tm
         assert read_parameters(paths[0])["composer_config"]["place_masks"] is (not ticked)
     paths, _ = run_compose({**fields, "composer": "merge", "concept_masks": True}, out_dir=tmp_path / "merge")
     assert read_parameters(paths[0])["composer"] == "merge"  # the checkbox belongs to CLoRA alone
+
+
+def test_the_form_shows_each_composer_its_own_options() -> None:
+    from studio.ui.compose_tab import shown_options
+
+    shown = {c: {name for name, v in shown_options(c).items() if v} for c in composers.COMPOSERS}
+    assert shown == {"merge": set(), "composite": set(), "autolora": set(), "switch": {"tau", "order"},
+                     "cmlora": {"order", "cache"}, "clora": {"concept_masks"}, "lora_composer": {"boxes"},
+                     "multidiffusion": {"boxes"}}
