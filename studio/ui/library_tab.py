@@ -216,8 +216,8 @@ def build_library_tab() -> gr.Tab:
                 card = gr.Markdown(elem_id="lib-card")
                 previews = gr.Gallery(label="previews", columns=4, height=200, format="png", elem_id="lib-previews",
                                       elem_classes=[PIXELATED])  # fmt: skip
-                loss = gr.Image(label="loss curve", show_label=False, type="filepath", format="png",
-                                elem_id="lib-loss")  # fmt: skip  (the PNG has its own title)
+                # labelled: before an adapter is chosen the frame is empty, and says what it will show
+                loss = gr.Image(label="loss curve", type="filepath", format="png", elem_id="lib-loss")
                 with gr.Accordion("metadata (JSON)", open=False):
                     summary = gr.JSON(label="metadata")
             with gr.Column():
