@@ -230,7 +230,8 @@ def run_bench(model: str, methods: list[str], out: Path, *, steps: int = 20, n_b
     report = {"model": model, "device": _device_name(device), "threads": torch.get_num_threads(), "steps": steps,
               "base_accuracy": base_accuracy,
               "bars": {"found": FOUND_BAR, "place": PLACE_BAR, "drift": DRIFT_BAR, "seconds": SECONDS_BAR},
-              "rows": rows, "passed": passed}
+              "rows": rows, "passed": passed,
+              "overrides": {k: v for k, v in overrides.items() if k != "device"}}  # training settings changed
     if b_rows:
         report["b_lora"] = b_rows
         report["passed"]["b_lora"] = not any(r["missed"] for r in b_rows)
@@ -275,7 +276,8 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
     base = report["base_accuracy"]
     lines += ["", f"Base single-object accuracy (mean of {', '.join(ACCURACY_KEYS)}): {base['mean']:.3f}; drift is "
               f"its drop with the adapter loaded and the trigger absent. {report['device']}, "
-              f"{report['steps']} sampling steps.", "",
+              f"{report['steps']} sampling steps."
+              + (f" Training overrides: {_overrides(report['overrides'])}." if report.get("overrides") else ""), "",
               *(f"- {m}: {'passes' if ok else 'misses'} the bar" for m, ok in report["passed"].items())]
     if "b_lora" in report:
         from benches.b_lora import bar_table
@@ -283,6 +285,12 @@ def _write(out: Path, report: dict, grid: dict[str, list[torch.Tensor]]) -> None
         lines += ["", "B-LoRA (one image, content and style entries):", "", *bar_table(report["b_lora"])]
     write_text(out / "adapters-bench.md", "\n".join(lines) + "\n")
     save_grid(out / "adapters-bench-grid.png", list(grid.values()))
+
+
+def _overrides(overrides: dict) -> str:
+    """`{"train_steps": 175, "batch_size": 8}` as the CLI flags that set them: `--train-steps 175 --batch-size 8`."""
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}")
+                    for k, v in overrides.items())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
         sweep(args.model, Path(args.out), train_steps=args.train_steps or 600, n=args.sweep_prompts, steps=args.steps)
         print((Path(args.out) / "b-lora-sweep.md").read_text())
         return 0
-    overrides = {"train_steps": args.train_steps} if args.train_steps else {}
+    overrides = {k: v for k, v in (("train_steps", args.train_steps), ("batch_size", args.batch_size),
+                                   ("lr", args.lr)) if v}
     if args.cuda_graphs:
         overrides["cuda_graphs"] = True
     from trainers import METHODS
@@ -313,6 +322,9 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", action="append", help="a method (repeatable; default: every method)")
     parser.add_argument("--texture", default="stripes", choices=list(TEXTURES[1:]), help="the style adapter's texture")
     parser.add_argument("--train-steps", type=int, default=None, help="override the default steps (not the bar)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="override the default training batch (not the bar; e.g. a GPU's larger batch)")
+    parser.add_argument("--lr", type=float, default=None, help="override the method's learning rate (not the bar)")
     parser.add_argument("--base-prompts", type=int, default=50, help="single-object prompts for the drift check")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--threads", type=int, default=2)

@@ -70,4 +70,29 @@ def test_bench_runs_end_to_end(tiny_dirs: dict, tmp_path: Path) -> None:
     assert alone["base_accuracy"] is given and emblem["drift"] == round(0.5 - emblem["single_accuracy"]["mean"], 4)
     table = (tmp_path / "adapters-bench.md").read_text()
     assert table.count("| dreambooth_lora |") == 2 and "misses the bar" in table  # 2 steps on random weights
+    assert report["overrides"] == {k: v for k, v in SMALL.items() if k != "device"}  # the run says what it changed
+    assert "Training overrides: --train-steps 2 --sample-steps 2 --batch-size 1 --world-images 3" in table
     assert (tmp_path / "adapters-bench-grid.png").is_file() and (tmp_path / "adapters-bench.json").is_file()
+
+
+def test_the_cli_overrides_reach_the_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import argparse
+
+    import benches.adapters as bench
+
+    seen = {}
+
+    def fake_run_bench(model: str, methods: list[str], out: Path, **kw: object) -> dict:
+        seen.update(kw["overrides"])
+        (out / "adapters-bench.md").parent.mkdir(parents=True, exist_ok=True)
+        (out / "adapters-bench.md").write_text("table\n")
+        return {"passed": {}}
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    monkeypatch.setattr(bench.torch, "set_num_threads", lambda n: None)  # the other tests' threads stay as they are
+    parser = argparse.ArgumentParser().add_subparsers()
+    bench.register_bench(parser)
+    args = parser.choices["adapters"].parse_args(["--train-steps", "175", "--batch-size", "8", "--lr", "2e-3",
+                                                  "--threads", "1", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    assert seen == {"train_steps": 175, "batch_size": 8, "lr": 2e-3}
