@@ -16,6 +16,10 @@ adapter also turned prompts without its trigger into the emblem (the base's sing
 text-encoder LoRA (on by default here) gives the trigger a meaning of its own, which took the hardest bench emblem
 from 55% found to 75% (800 steps, 4 + 4 images a step); 1200 steps of 2 + 2: 100%, accuracy 0.98; 700 steps of
 2 + 2 (the 5-minute budget on two CPU cores): 85-100%, accuracy within 3 points.
+Fewer, larger steps (a GPU's launch-bound step costs about the same at a larger batch) lose part of the emblem
+(`studio bench adapters --emblems 1 --no-texture --train-steps K --batch-size B --lr LR`, the bench's first emblem,
+20 prompts, CPU): 700 steps of 2 + 2 at 1e-3 found it in 90%; 350 of 8 + 8 at 2e-3 80%, 350 of 4 + 4 at 2e-3 75%,
+250 of 8 + 8 at 3e-3 70%, 175 of 8 + 8 at 2e-3 and 4e-3 60% and 75% (drift at most 3 points), so the defaults stay.
 `--target-modules to_q,to_k,to_v,to_out.0 --rank 4 --lr 1e-4 --no-train-text-encoder` gives the script's README
 recipe back.
 """
