@@ -1,4 +1,5 @@
-"""The Batch tab: `studio batch` on an uploaded JSONL job file, with progress; the images come back as one zip."""
+"""The Batch tab: `studio batch` on an uploaded JSONL job file, with progress; the images come back as one zip, and
+in the page each under its file name, job, seed and prompt."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import gradio as gr
 
 from studio.batch import read_jobs, run_batch
+from studio.errors import StudioError
+from studio.pnginfo import read_parameters
 from studio.ui.cancel import cancellable
 from studio.ui.display import PIXELATED, display_copy
 from studio.ui.errors import shows_errors
@@ -42,6 +45,19 @@ def run_batch_file(
     return files, f"{counts['made']} of {counts['jobs']} jobs made {len(files)} PNG files", archive
 
 
+def batch_caption(path: str | Path) -> str:
+    """`00003.png · job 3 · seed 7 · a red star`: which job made the image, read back from its PNG (a PNG without
+    parameters by its name alone)."""
+    name = Path(path).name
+    try:
+        params = read_parameters(path)
+    except StudioError:
+        return name
+    parts = [name, f"job {params['job']}" if "job" in params else "", f"seed {params['seed']}" if "seed" in params
+             else "", str(params.get("prompt") or "")]
+    return " · ".join(p for p in parts if p)
+
+
 def build_batch_tab() -> None:
     gr.Markdown(
         "One job per line, keys are the long flags of `studio generate` without dashes, e.g. "
@@ -66,7 +82,7 @@ def build_batch_tab() -> None:
             files, text, archive = run_batch_file(
                 path, progress=lambda done, total: progress((done, total), desc="images"), cancel=cancel
             )
-            return [display_copy(f) for f in files], text, archive
+            return [(display_copy(f), batch_caption(f)) for f in files], text, archive
 
         yield from cancellable(work, (gr.skip(), gr.skip(), gr.skip()))
 

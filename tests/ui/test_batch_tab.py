@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 
 from studio.pnginfo import read_parameters
-from studio.ui.batch_tab import run_batch_file
+from studio.ui.batch_tab import batch_caption, run_batch_file
 from studio.ui.errors import shows_errors
 
 
@@ -27,6 +27,10 @@ def test_a_job_file_gives_its_images_and_a_zip(tiny_dirs: dict, tmp_path: Path) 
     assert summary == "2 of 2 jobs made 4 PNG files" and seen[-1] == (3, 3)  # images, not grids
     assert sorted(zipfile.ZipFile(archive).namelist()) == names
     assert read_parameters(tmp_path / "images" / "00000.png")["job"] == 0
+    captions = {Path(f).name: batch_caption(f) for f in files}  # what the page shows under each image
+    assert captions["00000.png"] == "00000.png · job 0 · seed 1 · a red star"
+    assert captions["ring-001.png"] == "ring-001.png · job 1 · seed 1 · a blue ring"  # image i: seed + i
+    assert captions["ring-grid.png"].startswith("ring-grid.png")
 
 
 def test_a_bad_job_file_is_an_error_in_the_page(tmp_path: Path) -> None:

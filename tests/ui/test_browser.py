@@ -333,6 +333,7 @@ def test_generate_train_queue_library_and_errors_in_a_browser(
     page.locator("#batch-start").click()
     expect(page.locator("#batch-summary textarea")).to_have_value("2 of 2 jobs made 2 PNG files")
     expect(page.locator("#batch-gallery img")).to_have_count(2)
+    expect(page.locator("#batch-gallery")).to_contain_text(f"00001.png · job 1 · seed 2 · {PROMPT}")  # its caption
     expect(page.locator('#batch-zip a[href$="/batch.zip"]')).to_be_visible()
     shot(page, "6-batch")
 
