@@ -302,7 +302,10 @@ def run(args: argparse.Namespace) -> int:
         print((Path(args.out) / "b-lora-sweep.md").read_text())
         return 0
     overrides = {k: v for k, v in (("train_steps", args.train_steps), ("batch_size", args.batch_size),
-                                   ("lr", args.lr)) if v}
+                                   ("lr", args.lr)) if v is not None}
+    from trainers import TrainConfig
+
+    TrainConfig(trigger="sks", name="bench", world_emblem=1, **overrides)  # refused now, not after the base is judged
     if args.cuda_graphs:
         overrides["cuda_graphs"] = True
     from trainers import METHODS

@@ -14,6 +14,7 @@ from benches.adapters import (
     texture_prompts,
     verdict,
 )
+from studio.errors import StudioError
 
 
 def test_prompts_cover_every_position_and_background() -> None:
@@ -96,3 +97,9 @@ def test_the_cli_overrides_reach_the_training(monkeypatch: pytest.MonkeyPatch, t
                                                   "--threads", "1", "--out", str(tmp_path)])
     assert args.func(args) == 0
     assert seen == {"train_steps": 175, "batch_size": 8, "lr": 2e-3}
+    seen.clear()
+    for flag, value in (("--batch-size", "0"), ("--lr", "0"), ("--train-steps", "0")):  # refused before any work
+        with pytest.raises(StudioError, match=f"{flag} must be"):
+            args = parser.choices["adapters"].parse_args([flag, value, "--out", str(tmp_path)])
+            args.func(args)
+    assert seen == {}
