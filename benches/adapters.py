@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         from benches.b_lora import sweep
 
-        sweep(args.model, Path(args.out), train_steps=args.train_steps or 600, n=args.sweep_prompts, steps=args.steps)
+        sweep(args.model, Path(args.out), train_steps=600 if args.train_steps is None else args.train_steps,
+              n=args.sweep_prompts, steps=args.steps)
         print((Path(args.out) / "b-lora-sweep.md").read_text())
         return 0
     overrides = {k: v for k, v in (("train_steps", args.train_steps), ("batch_size", args.batch_size),

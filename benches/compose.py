@@ -168,7 +168,7 @@ def prepare(model: str, library: Path, steps: int | None, names: list[str] | Non
                 raise StudioError(f"{library} holds {name} trained with --world-objects {held}, not {objects}: give "
                                   "another --library, or remove it (studio library remove) to train it again")
             continue
-        options = {**(overrides or {}), **({"train_steps": steps} if steps else {})}
+        options = {**(overrides or {}), **({"train_steps": steps} if steps is not None else {})}
         if "world_emblem" in source:
             options["world_objects"] = objects
         run_dir = str(library / ".runs" / name)  # an interrupted preparation starts that adapter over

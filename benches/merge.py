@@ -237,7 +237,7 @@ def _plot_crosstalk(path: Path, rows: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    overrides = {"train_steps": args.train_steps} if args.train_steps else {}
+    overrides = {"train_steps": args.train_steps} if args.train_steps is not None else {}  # 0: refused, not ignored
     if args.world_objects > 1:
         overrides["world_objects"] = args.world_objects
     report = run_bench(args.model, args.method or ["orthogonal", "dreambooth_lora"], Path(args.out),
