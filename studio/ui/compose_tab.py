@@ -60,25 +60,28 @@ def shown_options(composer: str | None) -> dict[str, bool]:
 
 
 def compose_options(fields: dict[str, Any]) -> tuple[str, composers.AdapterSet, Any]:
-    """The form as `composers.from_options` reads it: (prompt without tags, adapter set, composer config)."""
+    """The form as `composers.from_options` reads it: (prompt without tags, adapter set, composer config). The form
+    holds every composer's options; each goes only to the composers that take it (the tab shows them), so a value
+    left in a hidden field cannot fail another composer."""
     composer = fields.get("composer") or "merge"
-    # the form always holds tau (Switch's) and order (Switch's and CMLoRA's): each goes to the composers that take it
-    takes = {f.name for f in dataclasses.fields(composers.make_config(composer))}
+    shown = shown_options(composer)
     return composers.from_options(
         fields["prompt"], fields.get("adapters") or "", composer,
-        tau=int(fields["tau"]) if "tau" in takes and fields.get("tau") else None,
-        order=(fields.get("order") or None) if "order" in takes else None,
-        no_cache=composer == "cmlora" and fields.get("cache") is False,
-        boxes=box_lines(fields.get("boxes")) or None,
-        concept_masks=composer == "clora" and bool(fields.get("concept_masks")),
+        tau=int(fields["tau"]) if shown["tau"] and fields.get("tau") else None,
+        order=(fields.get("order") or None) if shown["order"] else None,
+        no_cache=shown["cache"] and fields.get("cache") is False,
+        boxes=(box_lines(fields.get("boxes")) or None) if shown["boxes"] else None,
+        concept_masks=shown["concept_masks"] and bool(fields.get("concept_masks")),
     )
 
 
 def layout_lines(fields: dict[str, Any]) -> str:
     """The boxes a composition used, typed or read from the prompt's position words, as the boxes field writes
     them ("" for a composer without boxes)."""
+    if not shown_options(fields.get("composer"))["boxes"]:
+        return ""
     typed = box_lines(fields.get("boxes"))
-    if typed or not hasattr(composers.make_config(fields.get("composer") or "merge"), "with_layout"):
+    if typed:
         return "\n".join(typed)
     boxes = compose_options(fields)[2].boxes
     return "\n".join(f"{n}:{','.join(f'{v:g}' for v in box)}" for n, box in boxes.items())

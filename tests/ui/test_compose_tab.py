@@ -87,10 +87,17 @@ def test_clora_concept_masks_checkbox_reaches_the_composer(two_adapters: str, tm
     assert read_parameters(paths[0])["composer"] == "merge"  # the checkbox belongs to CLoRA alone
 
 
-def test_the_form_shows_each_composer_its_own_options() -> None:
-    from studio.ui.compose_tab import shown_options
+def test_the_form_shows_each_composer_its_own_options(two_adapters: str) -> None:
+    from studio.ui.compose_tab import compose_options, shown_options
 
     shown = {c: {name for name, v in shown_options(c).items() if v} for c in composers.COMPOSERS}
     assert shown == {"merge": set(), "composite": set(), "autolora": set(), "switch": {"tau", "order"},
                      "cmlora": {"order", "cache"}, "clora": {"concept_masks"}, "lora_composer": {"boxes"},
                      "multidiffusion": {"boxes"}}
+    # what a hidden field still holds goes to no composer that does not take it
+    left = {"model": two_adapters, "prompt": "a alpha emblem", "adapters": "alpha,beta", "tau": 3, "order": "beta",
+            "cache": False, "concept_masks": True, "boxes": "alpha:0,0,0.5,1"}
+    for composer in ("merge", "composite", "switch", "cmlora", "clora", "lora_composer"):
+        config = compose_options({**left, "composer": composer})[2]
+        assert getattr(config, "boxes", None) in (None, {"alpha": (0.0, 0.0, 0.5, 1.0)})
+    assert compose_options({**left, "composer": "switch"})[2].tau == 3
