@@ -63,7 +63,8 @@ def make_config(composer: str, values: dict[str, Any] | None = None) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     extra = sorted(set(values or {}) - names)
     if extra:
-        flag = {"cache": "no-cache", "place_masks": "concept-masks"}.get(extra[0], extra[0].replace("_", "-"))
+        flag = {"cache": "no-cache", "place_masks": "concept-masks", "boxes": "box", "regions": "region"}.get(
+            extra[0], extra[0].replace("_", "-"))
         raise StudioError(f"--{flag} does not apply to --composer {composer}")
     return cls(**(values or {}))
 

@@ -46,6 +46,8 @@ def test_compose_cli_writes_pngs_that_record_adapters_and_composer(tiny_dirs, tm
         (["--adapters", "alpha", "--composer", "blend"], "unknown composer 'blend'"),
         (["--adapters", "alpha", "--composer", "merge", "--fused", "--schedule", "linear:1:0"], "fused merge"),
         (["--adapters", "alpha", "--concept-masks"], "--concept-masks does not apply to --composer merge"),
+        (["--adapters", "alpha", "--box", "alpha:0,0,1,1"], "--box does not apply to --composer merge"),
+        (["--adapters", "alpha", "--region", "a red star:0,0,1,1"], "--region does not apply to --composer merge"),
     ]:
         assert main(["compose", *common, "--prompt", "x", *flags, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
