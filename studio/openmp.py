@@ -8,13 +8,16 @@ Measured on 2 cores (studio-tiny, 2 threads, medians; 2026-12-05):
 | DreamBooth-LoRA training step | 0.203 s | 0.459 s | 0.246 s |
 | 20-step image with guidance | 0.65 s | 1.55 s | 0.87 s |
 
-With a second training beside it, spinning threads wait on each other's time slices: 0.66 s a step with stalls of
-17 s (1.16 s at GOMP_SPINCOUNT=10000), against 0.42 s sleeping; 10-step images took 11.5 s each spinning at load
-4.5-5 against 0.40-0.48 s sleeping. Neither policy wins both, so the CLI reads the load: the last minute's load
-average before this process started shows whether other work holds the cores. A process started within about a
-minute of another one's end still sees that one's load and sleeps: slower, never stalled. The web UI always sleeps
-(it runs jobs side by side in one process), as does the test suite (its workers share the cores).
-`OMP_WAIT_POLICY=ACTIVE` or `PASSIVE` in the environment is kept as given.
+With a second training beside it, spinning threads wait on each other's time slices: 0.66 s a step with stalls of 17 s
+(1.16 s at GOMP_SPINCOUNT=10000), against 0.42 s sleeping; 10-step images took 11.5 s each spinning at load 4.5-5
+against 0.40-0.48 s sleeping. Neither policy wins both, so the CLI looks at what runs now: the kernel's count of
+runnable threads (/proc/loadavg's fourth field), read 5 times 10 ms apart, its median less this process's own thread.
+The 1-minute load average, the fallback where that count cannot be read, still holds processes that ended a minute ago:
+100 DreamBooth-LoRA steps started while it read 1.2-1.7 from runs just ended took 22-26 s spinning, as the count
+chooses, against 46-53 s sleeping, as the load average chose (`studio train`, 2 runs each, 2026-12-06); with another
+training running beside it the count chose to sleep in 5 of 5 starts. The web UI always sleeps (it runs jobs side by
+side in one process), as does the test suite (its workers share the cores). `OMP_WAIT_POLICY=ACTIVE` or `PASSIVE` in
+the environment is kept as given.
 """
 
 from __future__ import annotations
@@ -24,20 +27,41 @@ from collections.abc import MutableMapping
 
 
 BUSY_LOAD = 0.5  # the last minute's load average from which other work is taken to hold a core
+LOADAVG = "/proc/loadavg"  # "0.52 0.58 0.59 2/114 20259": the fourth field is runnable/all threads
+
+
+def others_running(path: str | None = None, samples: int = 5, interval_s: float = 0.01) -> float | None:
+    """Runnable threads of other processes now: the median of `samples` reads of the kernel's count, less this
+    process's one thread (the CLI reads it before torch starts any other); None where it cannot be read."""
+    import statistics
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open(path or LOADAVG) as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return max(0.0, statistics.median(counts) - 1)
 
 
 def wait_policy(load: float | None) -> str | None:
-    """None (OpenMP's default: spin a while at a barrier, then sleep) when no other work holds a core (`load`: the
-    1-minute load average), else PASSIVE (sleep at once). An unreadable load average sleeps: slower on free cores,
-    never stalled on busy ones."""
+    """None (OpenMP's default: spin a while at a barrier, then sleep) when no other work holds a core (`load`: other
+    processes' runnable threads, or the 1-minute load average), else PASSIVE (sleep at once). An unreadable load
+    sleeps: slower on free cores, never stalled on busy ones."""
     return None if load is not None and load < BUSY_LOAD else "PASSIVE"
 
 
 def choose_wait_policy(environ: MutableMapping[str, str] = os.environ, load: float | None = None) -> str:
-    """Set OMP_WAIT_POLICY=PASSIVE in `environ` when the cores are busy (`load`, default this machine's 1-minute
-    load average) unless the policy is set already; returns the policy in force ("default": OpenMP's own). Call it
-    before torch is imported."""
+    """Set OMP_WAIT_POLICY=PASSIVE in `environ` when the cores are busy (`load`, default the runnable threads of other
+    processes now, else this machine's 1-minute load average) unless the policy is set already; returns the policy in
+    force ("default": OpenMP's own). Call it before torch is imported."""
     if "OMP_WAIT_POLICY" not in environ:
+        if load is None:
+            load = others_running()
         if load is None:
             try:
                 load = os.getloadavg()[0]
