@@ -8,10 +8,10 @@ in `studio/ui/`.
 
 from __future__ import annotations
 
-import os
+from studio.openmp import choose_ui_policy
 
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP sleeps: the UI runs jobs side by side (studio.openmp)
+choose_ui_policy()  # OpenMP spins briefly, or sleeps where other processes run: jobs run side by side (studio.openmp)
 
 from studio.ui import build_app, launch, main, parse_args  # noqa: E402 (after the OpenMP setting, before torch)
 

@@ -52,3 +52,25 @@ def test_the_cli_sets_the_policy_before_torch_and_keeps_a_users() -> None:
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "ACTIVE"
+
+
+def test_the_web_ui_spins_briefly_on_free_cores_and_sleeps_beside_other_processes() -> None:
+    from studio.openmp import UI_SPINCOUNT, choose_ui_policy
+
+    environ: dict[str, str] = {}
+    assert choose_ui_policy(environ, load=0) == f"GOMP_SPINCOUNT={UI_SPINCOUNT}"
+    assert environ == {"GOMP_SPINCOUNT": UI_SPINCOUNT}
+    environ = {}
+    assert choose_ui_policy(environ, load=1) == "PASSIVE" and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for given in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300"}):  # a user's setting is kept
+        assert choose_ui_policy(dict(given), load=0) in ("ACTIVE", "GOMP_SPINCOUNT=300")
+
+
+def test_importing_app_sets_a_policy() -> None:
+    code = "import os, app, sys; print(os.environ.get('GOMP_SPINCOUNT') or os.environ['OMP_WAIT_POLICY'], " \
+           "'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    policy, _ = out.stdout.split()
+    assert policy in ("10000", "PASSIVE")  # which one: what other workers of the suite run at that moment
