@@ -72,7 +72,10 @@ def wait_policy(load: float | None) -> str | None:
 def choose_wait_policy(environ: MutableMapping[str, str] = os.environ, load: float | None = None) -> str:
     """Set OMP_WAIT_POLICY=PASSIVE in `environ` when the cores are busy (`load`, default the runnable threads of other
     processes now, else this machine's 1-minute load average) unless the policy is set already; returns the policy in
-    force ("default": OpenMP's own). Call it before torch is imported."""
+    force ("default": OpenMP's own). Call it before torch is imported. A spin count in `environ` (a user's, or the
+    web UI's: `choose_ui_policy`, whose page imports the CLI's modules) is a choice made: it is kept as it is."""
+    if "GOMP_SPINCOUNT" in environ and "OMP_WAIT_POLICY" not in environ:
+        return f"GOMP_SPINCOUNT={environ['GOMP_SPINCOUNT']}"
     if "OMP_WAIT_POLICY" not in environ:
         if load is None:
             load = others_running()

@@ -60,6 +60,9 @@ def test_the_web_ui_spins_briefly_on_free_cores_and_sleeps_beside_other_processe
     environ: dict[str, str] = {}
     assert choose_ui_policy(environ, load=0) == f"GOMP_SPINCOUNT={UI_SPINCOUNT}"
     assert environ == {"GOMP_SPINCOUNT": UI_SPINCOUNT}
+    # the page imports the CLI's modules, whose own choice then keeps the UI's, whatever runs by then
+    assert choose_wait_policy(environ, load=2) == f"GOMP_SPINCOUNT={UI_SPINCOUNT}"
+    assert environ == {"GOMP_SPINCOUNT": UI_SPINCOUNT}
     environ = {}
     assert choose_ui_policy(environ, load=1) == "PASSIVE" and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
     for given in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300"}):  # a user's setting is kept
